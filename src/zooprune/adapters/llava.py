@@ -1,0 +1,117 @@
+"""LLaVA-1.5 layout: ``LlavaForConditionalGeneration`` (CLIP-style tower, MLP projector).
+
+Every image gives N = (side / patch)^2 tokens (576 for LLaVA-1.5), the projector input is
+the selected vision layer's hidden states (CLS dropped under the ``"default"`` strategy),
+and each visual token fills one ``<image>`` placeholder of the prompt, in order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+from transformers import LlavaForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from zooprune.adapters.base import Adapter, EncodedImages, square_grid
+
+
+def _cls_attention_and_keys(attention: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor]:
+    """CLS-row attention (summed over heads) and head-averaged keys of a CLIP attention layer.
+
+    Computed from the layer's own projections, so the tower may keep running SDPA.
+
+    Args:
+        hidden: ``[B, T, D]`` the layer's (normalised) input, CLS at position 0.
+
+    Returns:
+        ``[B, T]`` attention from CLS to every token, ``[B, T, head_dim]`` keys.
+    """
+    batch, length, _ = hidden.shape
+    heads, head_dim = attention.num_heads, attention.head_dim
+    q = attention.q_proj(hidden[:, :1]).view(batch, 1, heads, head_dim).transpose(1, 2)
+    k = attention.k_proj(hidden).view(batch, length, heads, head_dim).transpose(1, 2)
+    logits = (q.float() @ k.float().transpose(-1, -2)) * attention.scale  # [B, H, 1, T]
+    return logits.softmax(dim=-1).sum(dim=1)[:, 0], k.float().mean(dim=1)
+
+
+class LlavaAdapter(Adapter):
+    name = "llava"
+    model_classes = (LlavaForConditionalGeneration,)
+    provides = frozenset({"cls_attention"})
+    image_input_names = (
+        "pixel_values",
+        "image_sizes",
+        "vision_feature_layer",
+        "vision_feature_select_strategy",
+    )
+
+    def image_token_id(self, model: nn.Module) -> int:
+        return model.config.image_token_id
+
+    def projector(self, model: nn.Module) -> nn.Module:
+        return model.model.multi_modal_projector
+
+    def _attention_layer(self, model: nn.Module, feature_layer: Any) -> nn.Module:
+        if not isinstance(feature_layer, int):
+            raise ValueError(
+                f"CLS attention needs a single vision_feature_layer, got {feature_layer!r}"
+            )
+        tower = model.model.vision_tower
+        tower = getattr(tower, "vision_model", tower)  # older layouts nest the encoder
+        layers = tower.encoder.layers
+        # hidden_states[j] is the output of layers[j - 1]; negative j counts from the end.
+        index = feature_layer if feature_layer < 0 else feature_layer - 1
+        if feature_layer == 0 or not -len(layers) <= index < len(layers):
+            raise ValueError(f"vision_feature_layer {feature_layer} has no attention layer")
+        return layers[index].self_attn
+
+    def encode(
+        self, model: nn.Module, image_inputs: dict[str, Any], needs: frozenset[str]
+    ) -> EncodedImages:
+        config = model.config
+        layer = image_inputs.get("vision_feature_layer")
+        layer = config.vision_feature_layer if layer is None else layer
+        strategy = image_inputs.get("vision_feature_select_strategy")
+        strategy = config.vision_feature_select_strategy if strategy is None else strategy
+        captured: dict[str, Tensor] = {}
+
+        def on_projector(module: nn.Module, args: tuple, output: Tensor) -> None:
+            captured["features"], captured["projected"] = args[0], output
+
+        def on_attention(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured["attention_input"] = kwargs.get("hidden_states", args[0] if args else None)
+
+        hooks = [self.projector(model).register_forward_hook(on_projector)]
+        if "cls_attention" in needs:
+            attention = self._attention_layer(model, layer)
+            hooks.append(attention.register_forward_pre_hook(on_attention, with_kwargs=True))
+        try:
+            output = model.model.get_image_features(
+                pixel_values=image_inputs["pixel_values"],
+                vision_feature_layer=layer,
+                vision_feature_select_strategy=strategy,
+                image_sizes=image_inputs.get("image_sizes"),
+                return_dict=True,
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
+        features, projected = captured["features"], captured["projected"]
+        cls_attention = keys = None
+        if "cls_attention" in needs:
+            attn, k = _cls_attention_and_keys(attention, captured["attention_input"])
+            # Align with the feature tokens: without CLS under "default", with it otherwise.
+            skip = 1 if strategy == "default" else 0
+            cls_attention, keys = list(attn[:, skip:]), list(k[:, skip:])
+        return EncodedImages(
+            features=list(features),
+            projected=list(projected),
+            grids=[square_grid(f.shape[0]) for f in features],
+            cls_attention=cls_attention,
+            keys=keys,
+            encoder_output=output,
+        )
+
+    def encoder_output(self, encoded: EncodedImages, kept_tokens: list[Tensor]) -> Any:
+        return BaseModelOutputWithPooling(pooler_output=kept_tokens)

@@ -1,0 +1,51 @@
+"""Budget semantics: how many visual tokens of an image are kept.
+
+``keep=K`` keeps K tokens of every image; ``ratio=r`` keeps ``int(r * N)`` of an image of
+N tokens (the authors' rounding: LLaVA-1.5 ratios 0.3334 / 0.2223 / 0.1112 give 192 / 128
+/ 64 of 576). The count is a pure function of N, so equal inputs always keep equal counts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from zooprune.errors import BudgetError
+
+
+@dataclass(frozen=True)
+class Budget:
+    keep: int | None = None
+    ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.keep is None) == (self.ratio is None):
+            raise BudgetError("give exactly one of keep=K (tokens per image) or ratio=r")
+        if self.keep is not None:
+            if isinstance(self.keep, bool) or not isinstance(self.keep, int):
+                raise BudgetError(f"keep must be an int, got {self.keep!r}")
+            if self.keep <= 0:
+                raise BudgetError(f"keep must be positive, got {self.keep}")
+        if self.ratio is not None:
+            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
+                raise BudgetError(f"ratio must be a number, got {self.ratio!r}")
+            if not (math.isfinite(self.ratio) and 0 < self.ratio <= 1):
+                raise BudgetError(f"ratio must be in (0, 1], got {self.ratio}")
+
+    def tokens_for(self, num_tokens: int, image: int = 0) -> int:
+        """Tokens kept of an image of ``num_tokens``; ``image`` only names it in errors."""
+        if self.keep is not None:
+            if self.keep > num_tokens:
+                raise BudgetError(
+                    f"keep={self.keep} exceeds image {image}'s {num_tokens} visual tokens"
+                )
+            return self.keep
+        kept = int(self.ratio * num_tokens)
+        if kept < 1:
+            raise BudgetError(
+                f"ratio={self.ratio} keeps no token of image {image} ({num_tokens} tokens)"
+            )
+        return kept
+
+    def __str__(self) -> str:
+        return f"keep={self.keep}" if self.keep is not None else f"ratio={self.ratio}"

@@ -1,0 +1,9 @@
+"""Pure tensor math of token selection: scores, greedy selection, baselines, the registry.
+
+Nothing here knows about Hugging Face; adapters hand these functions plain tensors.
+"""
+
+from zooprune.select import methods as _methods  # noqa: F401  (registers the methods)
+from zooprune.select.registry import METHODS, MethodResult, MethodSpec, TokenSet, get_method
+
+__all__ = ["METHODS", "MethodResult", "MethodSpec", "TokenSet", "get_method"]

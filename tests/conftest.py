@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from zooprune.tiny import save_tiny_llava
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    """A tiny random LLaVA saved with save_pretrained, so tests load it the real way."""
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture
+def model(tiny_llava_dir):
+    return LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_llava_dir):
+    return AutoProcessor.from_pretrained(tiny_llava_dir)
+
+
+@pytest.fixture(scope="session")
+def images():
+    rng = np.random.default_rng(0)
+    return [
+        Image.fromarray(rng.integers(0, 256, (52 + 7 * i, 60, 3), dtype=np.uint8)) for i in range(4)
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)

@@ -1,0 +1,140 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.select.reference import naive_maxmin_select
+from zooprune.select.greedy import DUPLICATE_DISTANCE, maxmin_select
+from zooprune.select.sensitivity import minmax_normalize
+
+
+@st.composite
+def problems(draw):
+    """Random features with optional duplicated rows and coarse (tie-prone) weights."""
+    n = draw(st.integers(1, 24))
+    d = draw(st.integers(1, 6))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=g, dtype=torch.float64)
+    for _ in range(draw(st.integers(0, n // 2))):  # exact duplicates of earlier rows
+        i, j = draw(st.integers(0, n - 1)), draw(st.integers(0, n - 1))
+        z[i] = z[j]
+    levels = draw(st.sampled_from([2, 4, 1000]))  # few levels -> many exact weight ties
+    w = minmax_normalize(torch.randint(0, levels, (1, n), generator=g).double())[0]
+    k = draw(st.integers(1, n))
+    return z, w, k
+
+
+def check_greedy_property(z, w, picks, fusion):
+    """At every step the kernel's pick maximises the brute-force score (within rounding)."""
+    unit = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    dist = 1 - unit @ unit.T
+    dist[dist < DUPLICATE_DISTANCE] = 0
+    for step in range(1, len(picks)):
+        chosen = picks[:step]
+        rest = [i for i in range(len(z)) if i not in chosen]
+        div = dist[rest][:, chosen].amin(dim=1)
+        if fusion == "product":
+            score = w[rest] * div
+        else:
+            score = w[rest] + (div / div.max() if div.max() > 0 else 0 * div)
+        best = score.max()
+        assert picks[step] in rest
+        assert score[rest.index(picks[step])] >= best - 1e-9
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems(), st.sampled_from(["product", "sum"]))
+def test_weighted_greedy_matches_reference(problem, fusion):
+    z, w, k = problem
+    picks = maxmin_select(z[None], k, weights=w[None], fusion=fusion)[0].tolist()
+    reference = naive_maxmin_select(z, k, weights=w, fusion=fusion)
+    assert len(set(picks)) == k
+    assert picks[0] == reference[0]  # argmax of the weights, lowest index on ties
+    check_greedy_property(z, w, picks, fusion)
+    if picks != reference:  # only a rounding-level near-tie may separate them
+        step = next(i for i, (a, b) in enumerate(zip(picks, reference, strict=True)) if a != b)
+        check_greedy_property(z, w, reference[: step + 1], fusion)
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems())
+def test_divprune_matches_reference(problem):
+    z, _, k = problem
+    picks = maxmin_select(z[None], k, first="farthest_neighbour")[0].tolist()
+    reference = naive_maxmin_select(z, k, first="farthest_neighbour")
+    assert len(set(picks)) == k
+    assert picks[0] == reference[0]
+    check_greedy_property(z, torch.ones(len(z), dtype=z.dtype), picks, "product")
+
+
+def test_exact_results_on_random_float64_inputs():
+    g = torch.Generator().manual_seed(1)
+    for n, k in [(50, 1), (50, 17), (50, 50), (7, 3)]:
+        z = torch.randn(n, 12, generator=g, dtype=torch.float64)
+        w = torch.rand(n, generator=g, dtype=torch.float64)
+        for fusion in ("product", "sum"):
+            assert maxmin_select(z[None], k, weights=w[None], fusion=fusion)[0].tolist() == (
+                naive_maxmin_select(z, k, weights=w, fusion=fusion)
+            )
+        assert maxmin_select(z[None], k, first="farthest_neighbour")[0].tolist() == (
+            naive_maxmin_select(z, k, first="farthest_neighbour")
+        )
+
+
+def test_ties_go_to_the_lowest_index_and_zero_scores_come_last():
+    # Orthonormal rows make every distance exactly 0 or 1.
+    e = torch.eye(4, dtype=torch.float64)
+    z = torch.stack([e[0], e[1], e[1], e[2], e[3], e[0]])  # rows 2 and 5 duplicate 1 and 0
+    w = torch.tensor([1.0, 0.5, 0.5, 0.0, 0.5, 1.0], dtype=torch.float64)
+    picks = maxmin_select(z[None], 6, weights=w[None])[0].tolist()
+    # 0 (max weight, lowest index of the tie with 5); then 1 (w 0.5, div 1, beats 4 by
+    # index); then 4; then everything left scores 0 (duplicates, or weight 0): index order.
+    assert picks == [0, 1, 4, 2, 3, 5]
+    assert picks == naive_maxmin_select(z, 6, weights=w)
+
+
+def test_batched_with_masks_equals_each_image_alone():
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(3, 20, 8, generator=g)
+    w = torch.rand(3, 20, generator=g)
+    mask = torch.ones(3, 20, dtype=torch.bool)
+    mask[1, 12:] = False  # image 1 has only 12 real tokens
+    mask[2, 5:] = False
+    picks = maxmin_select(z, 9, weights=w, mask=mask)
+    for b, n in enumerate([20, 12, 5]):
+        alone = maxmin_select(z[b : b + 1, :n], min(9, n), weights=w[b : b + 1, :n])[0]
+        assert picks[b, : min(9, n)].tolist() == alone.tolist()
+        assert (picks[b, min(9, n) :] == -1).all()
+
+
+def test_masked_farthest_neighbour_ignores_padding():
+    z = torch.tensor([[[1.0, 0], [0.9, 0.1], [-1, 0], [0, 1]]])
+    mask = torch.tensor([[True, True, False, True]])
+    picks = maxmin_select(z, 3, mask=mask, first="farthest_neighbour")[0].tolist()
+    assert 2 not in picks and sorted(picks) == [0, 1, 3]
+
+
+def test_rejects_bad_k():
+    with pytest.raises(ValueError, match="k must be in"):
+        maxmin_select(torch.randn(1, 5, 3), 6, first="farthest_neighbour")
+    with pytest.raises(ValueError, match="needs weights"):
+        maxmin_select(torch.randn(1, 5, 3), 2)
+
+
+def test_half_precision_inputs_are_scored_in_float32():
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(1, 40, 16, generator=g)
+    w = torch.rand(1, 40, generator=g)
+    half = maxmin_select(z.bfloat16(), 10, weights=w)
+    full = maxmin_select(z.bfloat16().float(), 10, weights=w)
+    assert torch.equal(half, full)
+
+
+def test_normalize():
+    s = torch.tensor([[2.0, 4.0, 3.0], [5.0, 5.0, 5.0]])
+    out = minmax_normalize(s)
+    torch.testing.assert_close(out[0], torch.tensor([0.0, 1.0, 0.5]), atol=1e-6, rtol=0)
+    assert torch.equal(out[1], torch.ones(3))
+    masked = minmax_normalize(torch.tensor([[1.0, 9.0, 3.0]]), torch.tensor([[True, False, True]]))
+    torch.testing.assert_close(masked, torch.tensor([[0.0, 0.0, 1.0]]), atol=1e-6, rtol=0)

@@ -1,0 +1,81 @@
+import pytest
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from zooprune.adapters.llava import _cls_attention_and_keys
+from zooprune.select.visionzip import default_contextual, visionzip_select
+
+
+def reference(attn, keys, x, project, k, contextual):
+    """Per-image loops over Python lists: the definition, spelled out."""
+    n = len(attn)
+    order = sorted(range(n), key=lambda i: (-float(attn[i]), i))
+    dominant, rest = order[: k - contextual], sorted(order[k - contextual :])
+    kept = {i: x[i] for i in dominant}
+    if contextual:
+        stride = max(1, len(rest) // contextual)
+        targets = [rest[p] for p in range(0, len(rest), stride)][:contextual]
+        groups = {t: [t] for t in targets}
+        unit = keys / keys.norm(dim=-1, keepdim=True)
+        for i in rest:
+            if i in groups:
+                continue
+            best = max(targets, key=lambda t: (float(unit[i] @ unit[t]), -targets.index(t)))
+            groups[best].append(i)
+        kept |= {t: x[members].mean(dim=0) for t, members in groups.items()}
+    indices = sorted(kept)
+    return indices, project(torch.stack([kept[i] for i in indices]))
+
+
+@pytest.mark.parametrize(("k", "contextual"), [(1, 0), (10, 3), (16, 5), (30, 0), (40, 39)])
+def test_matches_reference(k, contextual):
+    g = torch.Generator().manual_seed(k)
+    attn = torch.rand(2, 40, generator=g, dtype=torch.float64)
+    keys = torch.randn(2, 40, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 40, 5, generator=g, dtype=torch.float64)
+    weight = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    project = lambda v: torch.tanh(v @ weight)  # noqa: E731
+    indices, tokens = visionzip_select(attn, keys, x, project, k, contextual)
+    for b in range(2):
+        ref_idx, ref_tokens = reference(attn[b], keys[b], x[b], project, k, contextual)
+        assert indices[b].tolist() == ref_idx
+        torch.testing.assert_close(tokens[b], ref_tokens)
+
+
+def test_default_split_matches_visionzip():
+    assert [(k - default_contextual(k), default_contextual(k)) for k in (64, 128, 192)] == [
+        (54, 10),
+        (108, 20),
+        (162, 30),
+    ]
+    assert all(0 <= default_contextual(k) < k for k in range(1, 600))
+
+
+def test_cls_attention_equals_eager_attention_weights():
+    config = CLIPVisionConfig(
+        image_size=24,
+        patch_size=6,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    )
+    tower = CLIPVisionModel(config).eval()
+    tower.set_attn_implementation("eager")
+    pixels = torch.randn(2, 3, 24, 24)
+    captured = {}
+    layer = (
+        tower.vision_model.encoder.layers[1]
+        if hasattr(tower, "vision_model")
+        else tower.encoder.layers[1]
+    )
+    hook = layer.self_attn.register_forward_pre_hook(
+        lambda m, a, kw: captured.update(h=kw.get("hidden_states", a[0] if a else None)),
+        with_kwargs=True,
+    )
+    out = tower(pixels, output_attentions=True)
+    hook.remove()
+    attn, keys = _cls_attention_and_keys(layer.self_attn, captured["h"])
+    expected = out.attentions[1][:, :, 0].sum(dim=1)  # [B, T] CLS row, summed over heads
+    torch.testing.assert_close(attn, expected, atol=1e-5, rtol=1e-5)
+    assert keys.shape == (2, 17, 8)

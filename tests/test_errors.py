@@ -1,0 +1,140 @@
+"""Every bad input raises the documented error and leaves the model untouched."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import zooprune
+from zooprune import (
+    AlreadyPrunedError,
+    BudgetError,
+    NonFiniteFeaturesError,
+    PlaceholderMismatchError,
+    PruneError,
+    UnknownMethodError,
+    UnsupportedModelError,
+)
+
+PROMPT = "<s> user <image> what is in the image ?"
+
+
+def untouched(model):
+    return not {"forward", "generate", "_zooprune_handle"} & set(model.__dict__)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"keep": 0}, BudgetError, "keep must be positive"),
+        ({"keep": -3}, BudgetError, "keep must be positive"),
+        ({"keep": 2.5}, BudgetError, "keep must be an int"),
+        ({"ratio": 0.0}, BudgetError, r"ratio must be in \(0, 1\]"),
+        ({"ratio": 1.5}, BudgetError, r"ratio must be in \(0, 1\]"),
+        ({"ratio": float("nan")}, BudgetError, r"ratio must be in \(0, 1\]"),
+        ({}, BudgetError, "exactly one of keep"),
+        ({"keep": 3, "ratio": 0.5}, BudgetError, "exactly one of keep"),
+        ({"keep": 3, "positions": "middle"}, PruneError, "positions must be"),
+        ({"keep": 3, "num_direction": 4}, PruneError, "its options are: num_directions"),
+    ],
+)
+def test_bad_arguments(model, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        zooprune.prune(model, "zoo", **kwargs)
+    assert untouched(model)
+
+
+def test_unknown_method_lists_the_known_ones(model):
+    with pytest.raises(UnknownMethodError, match="known methods: divprune, grid, pool"):
+        zooprune.prune(model, "fastest", keep=3)
+    assert untouched(model)
+
+
+def test_unsupported_model_names_the_supported_classes():
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=16,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        )
+    )
+    with pytest.raises(
+        UnsupportedModelError, match="LlamaForCausalLM.*LlavaForConditionalGeneration"
+    ):
+        zooprune.prune(lm, keep=3)
+    assert untouched(lm)
+
+
+def test_pruning_twice_is_refused(model):
+    handle = zooprune.prune(model, keep=3)
+    with pytest.raises(AlreadyPrunedError, match="remove"):
+        zooprune.prune(model, "grid", keep=5)
+    assert model.__dict__["_zooprune_handle"] is handle
+    handle.remove()
+    assert untouched(model)
+
+
+def test_keep_larger_than_the_image_names_the_image(model, processor, images):
+    batch = processor(images=images[:2], text=[PROMPT, PROMPT], return_tensors="pt", padding=True)
+    with zooprune.prune(model, keep=65):
+        with pytest.raises(BudgetError, match="keep=65 exceeds image 0's 64 visual tokens"):
+            model(**batch)
+
+
+def test_ratio_that_keeps_nothing(model, processor, images):
+    batch = processor(images=images[:1], text=[PROMPT], return_tensors="pt")
+    with zooprune.prune(model, ratio=0.01):
+        with pytest.raises(BudgetError, match="keeps no token of image 0"):
+            model(**batch)
+
+
+def test_non_finite_features(model, processor, images):
+    batch = processor(images=images[:2], text=[PROMPT, PROMPT], return_tensors="pt", padding=True)
+    batch["pixel_values"][1, :, :3, :3] = float("nan")
+    with zooprune.prune(model, keep=4):
+        with pytest.raises(NonFiniteFeaturesError, match="image 1"):
+            model.generate(**batch, max_new_tokens=2)
+
+
+def test_prompt_tokens_that_do_not_match_the_images(model, processor, images):
+    batch = processor(images=images[:1], text=[PROMPT], return_tensors="pt")
+    short = {**batch, "input_ids": batch["input_ids"][:, :-5].clone()}
+    short["input_ids"][0, 3] = 5  # one placeholder fewer
+    short["attention_mask"] = batch["attention_mask"][:, :-5]
+    with zooprune.prune(model, keep=4):
+        with pytest.raises(PlaceholderMismatchError, match="63 image tokens but the 1 image"):
+            model(**short)
+        two_images = torch.cat([batch["pixel_values"]] * 2)
+        with pytest.raises(PlaceholderMismatchError, match="64 image tokens but the 2 image"):
+            model(**batch | {"pixel_values": two_images})
+
+
+def test_image_split_across_prompts(model, processor, images):
+    batch = processor(images=images[:2], text=[PROMPT, PROMPT], return_tensors="pt", padding=True)
+    ids = batch["input_ids"].clone()
+    row0 = (ids[0] == 4).nonzero()[:, 0]
+    ids[0, row0[-1]] = 5  # move one placeholder of image 0 into prompt 1
+    text = (ids[1] != 4).nonzero()[:, 0]
+    ids[1, text[-1]] = 4
+    with zooprune.prune(model, keep=4):
+        with pytest.raises(PlaceholderMismatchError, match="split across prompts"):
+            model(**batch | {"input_ids": ids})
+
+
+def test_inputs_embeds_instead_of_ids(model, processor, images):
+    batch = processor(images=images[:1], text=[PROMPT], return_tensors="pt")
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    with zooprune.prune(model, keep=4):
+        with pytest.raises(PruneError, match="needs input_ids"):
+            model(inputs_embeds=embeds, pixel_values=batch["pixel_values"])
+
+
+def test_errors_leave_the_wrapped_model_working(model, processor, images):
+    batch = processor(images=images[:1], text=[PROMPT], return_tensors="pt")
+    with zooprune.prune(model, keep=70) as handle:
+        with pytest.raises(BudgetError):
+            model(**batch)
+        assert handle.selection is None
+    assert torch.equal(model(**batch).logits, model(**batch).logits)
+    assert untouched(model)
