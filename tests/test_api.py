@@ -94,14 +94,17 @@ def test_generate_returns_the_callers_prompt(model, processor, images):
     assert handle.selection.kept == 5 and handle.selection.total == N
 
 
-@pytest.mark.parametrize("method", ["zoo", "visionzip", "pool"])
-def test_batch_equals_each_prompt_alone(model, processor, images, method):
+@pytest.mark.parametrize(
+    ("method", "positions"),
+    [("zoo", "compact"), ("zoo", "original"), ("visionzip", "compact"), ("pool", "original")],
+)
+def test_batch_equals_each_prompt_alone(model, processor, images, method, positions):
     # Prompts of different lengths (left padding) and one prompt with two images, so the
     # pruned prompts lose different numbers of tokens and must be re-padded.
     prompts = [PROMPTS[0], PROMPTS[1] + " <image> and this ?", PROMPTS[2]]
     per_prompt = [images[:1], images[1:3], images[3:4]]
     batch = inputs(processor, [im for group in per_prompt for im in group], prompts)
-    with zooprune.prune(model, method, keep=7) as handle:
+    with zooprune.prune(model, method, keep=7, positions=positions) as handle:
         together = model.generate(
             **batch,
             max_new_tokens=4,
@@ -166,7 +169,7 @@ def test_ratio_budget_uses_the_authors_rounding(model, processor, images):
 
 def test_selection_record(model, processor, images):
     batch = inputs(processor, images[:2], PROMPTS[:2])
-    with zooprune.prune(model, "zoo", keep=6, num_directions=8) as handle:
+    with zooprune.prune(model, "zoo", keep=6, estimator="zo", num_directions=8) as handle:
         model(**batch)
     selection = handle.selection
     assert selection.method == "zoo" and selection.details["estimator"] == "zo"
@@ -205,3 +208,97 @@ def test_right_padded_forward_equals_each_prompt_alone(model, processor, images)
             alone = model(**inputs(processor, images[row : row + 1], prompts[row : row + 1]))
             real = together.logits[row, : int(lengths[row])]
             torch.testing.assert_close(real, alone.logits[0], rtol=0, atol=1e-4)
+
+
+def test_numpy_integer_budgets_are_accepted(model, processor, images):
+    import numpy as np
+
+    batch = inputs(processor, images[:1], PROMPTS[:1])
+    with zooprune.prune(model, "grid", keep=np.int64(9)) as handle:
+        model(**batch)
+    assert handle.selection.kept == 9
+
+
+@pytest.mark.parametrize("estimator", ["exact", "zo", "jvp", "lowrank"])
+def test_every_estimator_runs_and_is_recorded(model, processor, images, estimator):
+    batch = inputs(processor, images[:1], PROMPTS[:1])
+    with zooprune.prune(model, "zoo", keep=5, estimator=estimator, num_directions=8, rank=4) as h:
+        model(**batch)
+    assert h.selection.details["estimator"] == estimator
+    assert bool((h.selection.scores[0] > 0).all())
+
+
+def test_visionzip_uses_the_feature_layers_cls_attention(tiny_llava_dir, processor, images):
+    eager = type_of_model().from_pretrained(tiny_llava_dir, attn_implementation="eager").eval()
+    batch = inputs(processor, images[:1], PROMPTS[:1])
+    tower = eager.model.vision_tower(batch["pixel_values"], output_attentions=True)
+    # vision_feature_layer = -2: the features are the output of layers[-2]
+    expected = tower.attentions[-2][0, :, 0, 1:].sum(dim=0)
+    with zooprune.prune(eager, "visionzip", keep=12, contextual=2) as handle:
+        eager(**batch)
+    chosen = handle.selection.images[0]
+    torch.testing.assert_close(chosen.scores, expected, atol=1e-5, rtol=1e-5)
+    dominant = set(expected.argsort(descending=True)[:10].tolist())
+    assert dominant <= set(chosen.indices.tolist())
+
+
+def type_of_model():
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration
+
+
+def test_labels_are_shortened_and_the_loss_is_the_masked_one(model, processor, images):
+    batch = inputs(processor, images[:1], PROMPTS[:1])
+    labels = batch["input_ids"].clone()
+    labels[labels == 4] = -100
+    with zooprune.prune(model, "zoo", keep=6, positions="original") as handle:
+        pruned = model(**batch, labels=labels)
+    kept = handle.selection.images[0].positions
+    place = torch.arange(labels.shape[1])[None]
+    reference_logits = masked_reference(model, batch, kept, place)
+    keep = batch["input_ids"][0] != 4
+    keep[kept] = True
+    reference = torch.nn.functional.cross_entropy(
+        reference_logits[0, keep][:-1], labels[0, keep][1:], ignore_index=-100
+    )
+    torch.testing.assert_close(pruned.loss, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_the_projector_through_kept_tokens(model, processor, images):
+    batch = inputs(processor, images[:1], PROMPTS[:1])
+    with zooprune.prune(model, "zoo", keep=6):
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+    assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+
+
+def test_bfloat16_model_end_to_end(tiny_llava_dir, processor, images):
+    model = type_of_model().from_pretrained(tiny_llava_dir, dtype=torch.bfloat16).eval()
+    batch = inputs(processor, images[:2], PROMPTS[:2])
+    batch["pixel_values"] = batch["pixel_values"].bfloat16()
+    with zooprune.prune(model, "zoo", keep=N) as handle:
+        out = greedy(model, batch, steps=3)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 3
+    assert handle.selection.details["estimator"] == "exact"
+    assert handle.selection.scores[0].dtype == torch.float32
+
+
+def test_prepare_gives_the_pruned_arguments(model, processor, images):
+    batch = inputs(processor, images[:1], PROMPTS[:1])
+    with zooprune.prune(model, "grid", keep=4) as handle:
+        expected = model(**batch).logits
+        prepared = handle.prepare(dict(batch), for_generate=False)
+        assert prepared["input_ids"].shape[1] == batch["input_ids"].shape[1] - (N - 4)
+        assert "pixel_values" not in prepared and "mm_encoder_outputs" in prepared
+        assert int((prepared["input_ids"] == 4).sum()) == 4
+    torch.testing.assert_close(model(**prepared).logits, expected)
+
+
+def test_max_length_counts_the_callers_prompt(model, processor, images):
+    batch = inputs(processor, images[:1], PROMPTS[:1])
+    length = batch["input_ids"].shape[1]
+    with zooprune.prune(model, "zoo", keep=4):
+        out = model.generate(
+            **batch, max_length=length + 3, min_length=length + 3, suppress_tokens=[4]
+        )
+    assert out.shape[1] == length + 3

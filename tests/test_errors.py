@@ -28,13 +28,19 @@ def untouched(model):
         ({"keep": 0}, BudgetError, "keep must be positive"),
         ({"keep": -3}, BudgetError, "keep must be positive"),
         ({"keep": 2.5}, BudgetError, "keep must be an int"),
+        ({"keep": "4"}, BudgetError, "keep must be an int"),
         ({"ratio": 0.0}, BudgetError, r"ratio must be in \(0, 1\]"),
         ({"ratio": 1.5}, BudgetError, r"ratio must be in \(0, 1\]"),
         ({"ratio": float("nan")}, BudgetError, r"ratio must be in \(0, 1\]"),
         ({}, BudgetError, "exactly one of keep"),
         ({"keep": 3, "ratio": 0.5}, BudgetError, "exactly one of keep"),
         ({"keep": 3, "positions": "middle"}, PruneError, "positions must be"),
-        ({"keep": 3, "num_direction": 4}, PruneError, "its options are: num_directions"),
+        ({"keep": 3, "num_direction": 4}, PruneError, "its options are: estimator, num_directions"),
+        ({"keep": 3, "estimator": "magic"}, PruneError, "estimator must be one of auto, exact"),
+        ({"keep": 3, "zo_dtype": "float16"}, PruneError, "applies to estimator='zo' only"),
+        ({"keep": 3, "estimator": "zo", "zo_dtype": "int8"}, PruneError, "zo_dtype must be one of"),
+        ({"keep": 3, "num_directions": 0}, PruneError, "num_directions must be a positive int"),
+        ({"keep": 3, "step": -1.0}, PruneError, "step must be positive"),
     ],
 )
 def test_bad_arguments(model, kwargs, error, message):
@@ -132,9 +138,75 @@ def test_inputs_embeds_instead_of_ids(model, processor, images):
 
 def test_errors_leave_the_wrapped_model_working(model, processor, images):
     batch = processor(images=images[:1], text=[PROMPT], return_tensors="pt")
-    with zooprune.prune(model, keep=70) as handle:
+    before = model(**batch).logits
+    with zooprune.prune(model, ratio=0.01) as handle:
         with pytest.raises(BudgetError):
             model(**batch)
         assert handle.selection is None
-    assert torch.equal(model(**batch).logits, model(**batch).logits)
+        handle.budget = type(handle.budget)(keep=64)  # the same handle works on good input
+        torch.testing.assert_close(model(**batch).logits, before, rtol=0, atol=1e-5)
+    assert torch.equal(model(**batch).logits, before)
     assert untouched(model)
+
+
+def test_visionzip_needs_a_cls_token(tmp_path):
+    from transformers import (
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        SiglipVisionConfig,
+    )
+
+    config = LlavaConfig(
+        vision_config=SiglipVisionConfig(
+            image_size=24,
+            patch_size=6,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        ),
+        image_token_id=5,
+        vision_feature_select_strategy="full",
+    )
+    siglip = LlavaForConditionalGeneration(config)
+    with pytest.raises(PruneError, match="needs cls_attention.*methods that apply: divprune"):
+        zooprune.prune(siglip, "visionzip", keep=4)
+    assert untouched(siglip)
+    zooprune.prune(siglip, "zoo", keep=4).remove()
+
+
+def test_a_method_that_returns_unsorted_indices_is_caught(model, processor, images):
+    from zooprune.select.registry import METHODS, MethodResult, register_method
+
+    @register_method("_backwards", "test only")
+    def backwards(tokens, k):
+        n = tokens.projected.shape[1]
+        return MethodResult(
+            torch.arange(n - 1, n - 1 - k, -1).expand(tokens.projected.shape[0], -1)
+        )
+
+    try:
+        batch = processor(images=images[:1], text=[PROMPT], return_tensors="pt")
+        with zooprune.prune(model, "_backwards", keep=3):
+            with pytest.raises(RuntimeError, match="not 3 distinct ascending"):
+                model(**batch)
+    finally:
+        del METHODS["_backwards"]
+
+
+def test_continuing_from_a_pruned_cache_is_refused(model, processor, images):
+    batch = processor(images=images[:1], text=[PROMPT], return_tensors="pt")
+    with zooprune.prune(model, keep=4):
+        out = model.generate(
+            **batch, max_new_tokens=2, return_dict_in_generate=True, suppress_tokens=[4]
+        )
+        with pytest.raises(PruneError, match="cache holds a pruned prompt"):
+            model.generate(input_ids=out.sequences, past_key_values=out.past_key_values)

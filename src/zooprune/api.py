@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
+import weakref
 from collections import defaultdict
 from typing import Any, Literal
 
@@ -63,12 +64,13 @@ def prune(
     if positions not in ("compact", "original"):
         raise PruneError(f"positions must be 'compact' or 'original', got {positions!r}")
     adapter = adapter_for(model)
-    missing = spec.needs - adapter.provides
+    provided = adapter.provides(model)
+    missing = spec.needs - provided
     if missing:
-        usable = sorted(name for name, s in METHODS.items() if s.needs <= adapter.provides)
+        usable = sorted(name for name, s in METHODS.items() if s.needs <= provided)
         raise PruneError(
-            f"method {method!r} needs {', '.join(sorted(missing))}, which {adapter.name} "
-            f"models do not provide; methods that apply: {', '.join(usable)}"
+            f"method {method!r} needs {', '.join(sorted(missing))}, which this "
+            f"{type(model).__name__} does not provide; methods that apply: {', '.join(usable)}"
         )
     if _MARK in model.__dict__:
         raise AlreadyPrunedError(
@@ -98,6 +100,7 @@ class PruneHandle:
         self.options = dict(options)
         #: what the last pruned call kept (None before the first call)
         self.selection: Selection | None = None
+        self._pruned_caches: weakref.WeakSet = weakref.WeakSet()
         self._saved = {name: model.__dict__.get(name) for name in _WRAPPED}
         self._original = {name: getattr(model, name) for name in _WRAPPED}
         self._forward_signature = inspect.signature(self._original["forward"])
@@ -139,6 +142,7 @@ class PruneHandle:
         for name, param in self._forward_signature.parameters.items():
             if param.kind is inspect.Parameter.VAR_KEYWORD:
                 call.update(call.pop(name, {}))
+        self._refuse_pruned_cache(call.get("past_key_values"))
         if call.get("pixel_values") is None:
             return self._original["forward"](*args, **kwargs)
         cache = call.get("past_key_values")
@@ -150,6 +154,7 @@ class PruneHandle:
         return self._original["forward"](**self.prepare(call, for_generate=False))
 
     def _generate(self, *args: Any, **kwargs: Any) -> Any:
+        self._refuse_pruned_cache(kwargs.get("past_key_values"))
         if kwargs.get("pixel_values") is None:
             return self._original["generate"](*args, **kwargs)
         call = dict(kwargs)
@@ -160,9 +165,38 @@ class PruneHandle:
         if "inputs" in call:
             call["input_ids"] = call.pop("inputs")
         prompt = call.get("input_ids")
+        if prompt is not None:
+            self._lengths_to_new_tokens(call, prompt.shape[1])
         prepared = self.prepare(call, for_generate=True)
         output = self._original["generate"](**prepared)
+        cache = getattr(output, "past_key_values", None)
+        if cache is not None:
+            self._pruned_caches.add(cache)
         return _restore_prompt(output, prompt, prepared["input_ids"].shape[1])
+
+    def _lengths_to_new_tokens(self, call: dict[str, Any], prompt_length: int) -> None:
+        """Turn max_length / min_length into new-token counts against the caller's prompt.
+
+        They count the prompt, and the prompt the model sees is shorter: left alone they
+        would let a pruned call generate more tokens than the same unpruned call.
+        """
+        config = call.get("generation_config") or self.model.generation_config
+        if call.get("max_new_tokens") is None and getattr(config, "max_new_tokens", None) is None:
+            max_length = call.pop("max_length", None) or getattr(config, "max_length", None)
+            if max_length is not None:
+                call["max_new_tokens"] = max(max_length - prompt_length, 1)
+        if call.get("min_new_tokens") is None and getattr(config, "min_new_tokens", None) is None:
+            min_length = call.pop("min_length", None) or getattr(config, "min_length", 0)
+            if min_length:
+                call["min_new_tokens"] = max(min_length - prompt_length, 0)
+
+    def _refuse_pruned_cache(self, cache: Any) -> None:
+        if cache is not None and cache in self._pruned_caches:
+            raise PruneError(
+                "this cache holds a pruned prompt, but generate() returned the original one: "
+                "continuing from both would misalign them. Send the image again with the next "
+                "turn, or drive the model with handle.prepare(...) and your own cache"
+            )
 
     # -- the pruning itself -------------------------------------------------------------
 
@@ -182,8 +216,8 @@ class PruneHandle:
             name: call.pop(name) for name in self.adapter.image_input_names if name in call
         }
         start = time.perf_counter()
-        with torch.no_grad():
-            encoded = self.adapter.encode(self.model, image_inputs, self.method.needs)
+        # The caller's grad mode: training through a pruned model reaches the vision side.
+        encoded = self.adapter.encode(self.model, image_inputs, self.method.needs)
         _sync(input_ids.device)
         encoded_at = time.perf_counter()
         counts = [f.shape[0] for f in encoded.features]
@@ -193,6 +227,7 @@ class PruneHandle:
         selected_at = time.perf_counter()
 
         keep = input_ids != self.adapter.image_token_id(self.model)
+        kept_idx = [idx.to(row.device) for (row, _), idx in zip(located, kept_idx, strict=True)]
         for (row, col), idx in zip(located, kept_idx, strict=True):
             keep[row[idx], col[idx]] = True
         mask = call.get("attention_mask")

@@ -8,6 +8,7 @@ N tokens (the authors' rounding: LLaVA-1.5 ratios 0.3334 / 0.2223 / 0.1112 give 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 from zooprune.errors import BudgetError
@@ -22,15 +23,17 @@ class Budget:
         if (self.keep is None) == (self.ratio is None):
             raise BudgetError("give exactly one of keep=K (tokens per image) or ratio=r")
         if self.keep is not None:
-            if isinstance(self.keep, bool) or not isinstance(self.keep, int):
+            if isinstance(self.keep, bool) or not isinstance(self.keep, numbers.Integral):
                 raise BudgetError(f"keep must be an int, got {self.keep!r}")
+            object.__setattr__(self, "keep", int(self.keep))  # numpy ints become plain ints
             if self.keep <= 0:
                 raise BudgetError(f"keep must be positive, got {self.keep}")
         if self.ratio is not None:
-            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
+            if isinstance(self.ratio, bool) or not isinstance(self.ratio, numbers.Real):
                 raise BudgetError(f"ratio must be a number, got {self.ratio!r}")
             if not (math.isfinite(self.ratio) and 0 < self.ratio <= 1):
                 raise BudgetError(f"ratio must be in (0, 1], got {self.ratio}")
+            object.__setattr__(self, "ratio", float(self.ratio))
 
     def tokens_for(self, num_tokens: int, image: int = 0) -> int:
         """Tokens kept of an image of ``num_tokens``; ``image`` only names it in errors."""

@@ -80,16 +80,21 @@ def _run(args: argparse.Namespace) -> int:
         console.print(f"[red]{error}[/red]")
         return 2
     clock = _Clock()
-    with console.status(f"generating with {args.method}"), torch.no_grad():
-        start = time.perf_counter()
-        output = model.generate(
-            **inputs,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=False,
-            logits_processor=LogitsProcessorList([clock]),
-        )
-        end = time.perf_counter()
-    handle.remove()
+    try:
+        with console.status(f"generating with {args.method}"), torch.no_grad():
+            start = time.perf_counter()
+            output = model.generate(
+                **inputs,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=False,
+                logits_processor=LogitsProcessorList([clock]),
+            )
+            end = time.perf_counter()
+    except zooprune.PruneError as error:
+        console.print(f"[red]{error}[/red]")
+        return 2
+    finally:
+        handle.remove()
     prompt_length = inputs["input_ids"].shape[1]
     answer = processor.batch_decode(output[:, prompt_length:], skip_special_tokens=True)[0]
     selection = handle.selection

@@ -107,6 +107,9 @@ def test_authors_fp16_mode_runs_and_is_reproducible():
     a = zo_sensitivity(fp16, x, compute_dtype=torch.float16, seed=1)
     b = zo_sensitivity(fp16, x, compute_dtype=torch.float16, seed=1)
     assert torch.equal(a, b) and a.dtype == torch.float32 and bool(torch.isfinite(a).all())
+    # The rounding really happens: fp16 differs from fp32, by far more than fp32 noise.
+    fp32 = zo_sensitivity(module, x, seed=1)
+    assert ((a - fp32).abs() / fp32).max() > 1e-2
 
 
 def test_seeded_batch_invariant_and_masked():

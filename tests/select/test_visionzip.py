@@ -15,14 +15,14 @@ def reference(attn, keys, x, project, k, contextual):
     if contextual:
         stride = max(1, len(rest) // contextual)
         targets = [rest[p] for p in range(0, len(rest), stride)][:contextual]
-        groups = {t: [t] for t in targets}
+        groups = {t: [] for t in targets}
         unit = keys / keys.norm(dim=-1, keepdim=True)
         for i in rest:
             if i in groups:
                 continue
             best = max(targets, key=lambda t: (float(unit[i] @ unit[t]), -targets.index(t)))
             groups[best].append(i)
-        kept |= {t: x[members].mean(dim=0) for t, members in groups.items()}
+        kept |= {t: x[t] + (x[m].mean(dim=0) if m else 0) for t, m in groups.items()}
     indices = sorted(kept)
     return indices, project(torch.stack([kept[i] for i in indices]))
 

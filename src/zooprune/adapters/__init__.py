@@ -16,9 +16,12 @@ def adapter_for(model: nn.Module) -> Adapter:
     for adapter in ADAPTERS.values():
         if adapter.supports(model):
             return adapter
-    supported = ", ".join(cls.__name__ for a in ADAPTERS.values() for cls in a.model_classes)
+    supported = "; ".join(
+        f"{', '.join(cls.__name__ for cls in a.model_classes)} {a.requirement}".strip()
+        for a in ADAPTERS.values()
+    )
     raise UnsupportedModelError(
-        f"zooprune does not support {type(model).__name__}; supported model classes: {supported}"
+        f"zooprune does not support this {type(model).__name__}; supported: {supported}"
     )
 
 

@@ -43,12 +43,16 @@ class Adapter(ABC):
 
     name: str
     model_classes: tuple[type[nn.Module], ...]
-    #: what this family can give methods beyond features (e.g. ``"cls_attention"``)
-    provides: frozenset[str] = frozenset()
+    #: one line on what in those classes is supported, for error messages and the README
+    requirement: str = ""
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
         return isinstance(model, cls.model_classes)
+
+    def provides(self, model: nn.Module) -> frozenset[str]:
+        """What this model can give methods beyond features (e.g. ``"cls_attention"``)."""
+        return frozenset()
 
     @abstractmethod
     def image_token_id(self, model: nn.Module) -> int:

@@ -35,16 +35,37 @@ def _cls_attention_and_keys(attention: nn.Module, hidden: Tensor) -> tuple[Tenso
     return logits.softmax(dim=-1).sum(dim=1)[:, 0], k.float().mean(dim=1)
 
 
+_TOWERS = ("clip_vision_model", "siglip_vision_model")
+
+
 class LlavaAdapter(Adapter):
     name = "llava"
     model_classes = (LlavaForConditionalGeneration,)
-    provides = frozenset({"cls_attention"})
+    requirement = "with a CLIP or SigLIP vision tower (the LLaVA-1.5 layout)"
     image_input_names = (
         "pixel_values",
         "image_sizes",
         "vision_feature_layer",
         "vision_feature_select_strategy",
     )
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        # Other towers under this class (Pixtral) pack all images into one sequence.
+        tower = getattr(model.config, "vision_config", None)
+        return super().supports(model) and getattr(tower, "model_type", None) in _TOWERS
+
+    def provides(self, model: nn.Module) -> frozenset[str]:
+        # A CLS token exists only in CLIP, and is dropped from the features only by "default".
+        config = model.config
+        single_layer = isinstance(config.vision_feature_layer, int)
+        if (
+            config.vision_config.model_type == "clip_vision_model"
+            and config.vision_feature_select_strategy == "default"
+            and single_layer
+        ):
+            return frozenset({"cls_attention"})
+        return frozenset()
 
     def image_token_id(self, model: nn.Module) -> int:
         return model.config.image_token_id

@@ -2,39 +2,91 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from zooprune.errors import PruneError
 from zooprune.select.greedy import maxmin_select
+from zooprune.select.mlp import as_mlp, exact_sensitivity, low_rank_projector
 from zooprune.select.registry import MethodResult, TokenSet, register_method
-from zooprune.select.sensitivity import minmax_normalize, projector_in_dtype, zo_sensitivity
+from zooprune.select.sensitivity import (
+    jvp_sensitivity,
+    minmax_normalize,
+    projector_in_dtype,
+    zo_sensitivity,
+)
 from zooprune.select.spatial import grid_indices, nearest_centre, pool_to_centres, random_indices
 from zooprune.select.visionzip import default_contextual, visionzip_select
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ESTIMATORS = ("auto", "exact", "zo", "jvp", "lowrank")
 
 
-def _sensitivity(
-    tokens: TokenSet, num_directions: int, step: float, seed: int, zo_dtype: str
-) -> torch.Tensor:
+def check_sensitivity_options(options: dict[str, Any]) -> None:
+    """Reject option values the sensitivity estimators cannot honour, before any call."""
+    estimator, zo_dtype = options["estimator"], options["zo_dtype"]
+    if estimator not in ESTIMATORS:
+        raise PruneError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
     if zo_dtype not in _DTYPES:
-        raise ValueError(f"zo_dtype must be one of {', '.join(_DTYPES)}, got {zo_dtype!r}")
+        raise PruneError(f"zo_dtype must be one of {', '.join(_DTYPES)}, got {zo_dtype!r}")
+    if zo_dtype != "float32" and estimator != "zo":
+        raise PruneError(f"zo_dtype={zo_dtype!r} applies to estimator='zo' only; pass it too")
+    for name in ("num_directions", "rank"):
+        value = options[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PruneError(f"{name} must be a positive int, got {value!r}")
+    if not (isinstance(options["step"], (int, float)) and options["step"] > 0):
+        raise PruneError(f"step must be positive, got {options['step']!r}")
+
+
+def sensitivity_scores(
+    tokens: TokenSet,
+    *,
+    estimator: str = "auto",
+    num_directions: int = 64,
+    step: float = 0.01,
+    seed: int = 0,
+    zo_dtype: str = "float32",
+    rank: int = 128,
+) -> tuple[torch.Tensor, str]:
+    """Per-token projector sensitivity ``[B, N]`` and the name of the estimator that ran.
+
+    ``auto`` picks ``exact`` when the projector is a plain GELU MLP (closed form, no
+    sampling) and ``jvp`` otherwise (exact directional derivatives over the bank).
+    """
+    mlp = as_mlp(tokens.projector)
+    if estimator == "auto":
+        estimator = "exact" if mlp is not None else "jvp"
+    if estimator in ("exact", "lowrank") and mlp is None:
+        raise PruneError(
+            f"estimator {estimator!r} needs a Linear -> GELU -> Linear projector, not "
+            f"{type(tokens.projector).__name__}; use 'jvp' or 'zo'"
+        )
+    x = tokens.features
+    if estimator == "exact":
+        return exact_sensitivity(tokens.projector, mlp, x), estimator
+    if estimator == "jvp":
+        fp32 = projector_in_dtype(tokens.projector, torch.float32)
+        return jvp_sensitivity(fp32, x, num_directions=num_directions, seed=seed), estimator
+    if estimator == "lowrank":
+        project = low_rank_projector(tokens.projector, mlp, rank, x.device)
+        zo = zo_sensitivity(project, x, num_directions=num_directions, step=step, seed=seed)
+        return zo, estimator
     dtype = _DTYPES[zo_dtype]
-    return zo_sensitivity(
-        projector_in_dtype(tokens.projector, dtype),
-        tokens.features,
-        num_directions=num_directions,
-        step=step,
-        seed=seed,
-        compute_dtype=dtype,
+    project = projector_in_dtype(tokens.projector, dtype)
+    zo = zo_sensitivity(
+        project, x, num_directions=num_directions, step=step, seed=seed, compute_dtype=dtype
     )
+    return zo, estimator
 
 
 def _sorted(picks: torch.Tensor) -> torch.Tensor:
     return picks.sort(dim=-1).values
 
 
-def _zoo_greedy(tokens: TokenSet, k: int, fusion: str, **zo: object) -> MethodResult:
-    sensitivity = _sensitivity(tokens, **zo)
+def _zoo_greedy(tokens: TokenSet, k: int, fusion: str, options: dict[str, Any]) -> MethodResult:
+    sensitivity, estimator = sensitivity_scores(tokens, **options)
     picks = maxmin_select(
         tokens.projected,
         k,
@@ -42,53 +94,70 @@ def _zoo_greedy(tokens: TokenSet, k: int, fusion: str, **zo: object) -> MethodRe
         fusion=fusion,
         first="max_weight",
     )
-    return MethodResult(_sorted(picks), scores=sensitivity, details={"estimator": "zo"})
+    return MethodResult(_sorted(picks), scores=sensitivity, details={"estimator": estimator})
 
 
-@register_method("zoo", "ZOO-Prune: zeroth-order projector sensitivity x max-min diversity")
+@register_method(
+    "zoo",
+    "ZOO-Prune: projector sensitivity x max-min diversity",
+    validate=check_sensitivity_options,
+)
 def zoo(
     tokens: TokenSet,
     k: int,
     *,
+    estimator: str = "auto",
     num_directions: int = 64,
     step: float = 0.01,
     seed: int = 0,
     zo_dtype: str = "float32",
+    rank: int = 128,
 ) -> MethodResult:
-    return _zoo_greedy(
-        tokens, k, "product", num_directions=num_directions, step=step, seed=seed, zo_dtype=zo_dtype
-    )
+    options = dict(estimator=estimator, num_directions=num_directions, step=step, seed=seed)
+    return _zoo_greedy(tokens, k, "product", options | dict(zo_dtype=zo_dtype, rank=rank))
 
 
-@register_method("zoo-sum", "ablation: sensitivity + diversity (additive fusion)")
+@register_method(
+    "zoo-sum",
+    "ablation: sensitivity + diversity (additive fusion)",
+    validate=check_sensitivity_options,
+)
 def zoo_sum(
     tokens: TokenSet,
     k: int,
     *,
+    estimator: str = "auto",
     num_directions: int = 64,
     step: float = 0.01,
     seed: int = 0,
     zo_dtype: str = "float32",
+    rank: int = 128,
 ) -> MethodResult:
-    return _zoo_greedy(
-        tokens, k, "sum", num_directions=num_directions, step=step, seed=seed, zo_dtype=zo_dtype
-    )
+    options = dict(estimator=estimator, num_directions=num_directions, step=step, seed=seed)
+    return _zoo_greedy(tokens, k, "sum", options | dict(zo_dtype=zo_dtype, rank=rank))
 
 
-@register_method("sensitivity", "ablation: top-k by zeroth-order sensitivity alone")
+@register_method(
+    "sensitivity",
+    "ablation: top-k by projector sensitivity alone",
+    validate=check_sensitivity_options,
+)
 def sensitivity_only(
     tokens: TokenSet,
     k: int,
     *,
+    estimator: str = "auto",
     num_directions: int = 64,
     step: float = 0.01,
     seed: int = 0,
     zo_dtype: str = "float32",
+    rank: int = 128,
 ) -> MethodResult:
-    scores = _sensitivity(tokens, num_directions, step, seed, zo_dtype)
+    options = dict(estimator=estimator, num_directions=num_directions, step=step, seed=seed)
+    scores, ran = sensitivity_scores(tokens, **options, zo_dtype=zo_dtype, rank=rank)
     # Stable sort so that ties go to the lower index, as in the greedy methods.
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    return MethodResult(_sorted(order[:, :k]), scores=scores, details={"estimator": "zo"})
+    return MethodResult(_sorted(order[:, :k]), scores=scores, details={"estimator": ran})
 
 
 @register_method("divprune", "DivPrune: max-min diversity of projected tokens (1 - cosine)")

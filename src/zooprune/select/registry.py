@@ -64,6 +64,7 @@ class MethodSpec:
     summary: str
     fn: Callable[..., MethodResult]
     needs: frozenset[str]
+    validate: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def options(self) -> dict[str, Any]:
@@ -81,24 +82,43 @@ class MethodSpec:
                 f"method {self.name!r} has no option {', '.join(map(repr, unknown))}; "
                 f"its options are: {accepted}"
             )
+        if self.validate is not None:
+            self.validate(self.options | options)
 
     def __call__(self, tokens: TokenSet, k: int, **options: Any) -> MethodResult:
         with torch.no_grad():
-            return self.fn(tokens, k, **options)
+            result = self.fn(tokens, k, **options)
+        # Kept tokens fill placeholders in order: a method's indices must be a clean set.
+        batch, n = tokens.projected.shape[:2]
+        idx = result.indices
+        if (
+            tuple(idx.shape) != (batch, k)
+            or (k > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()))
+            or bool((idx < 0).any() | (idx >= n).any())
+        ):
+            raise RuntimeError(
+                f"method {self.name!r} returned indices of shape {tuple(idx.shape)} that are not "
+                f"{k} distinct ascending token indices in [0, {n}) per image"
+            )
+        return result
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
 def register_method(
-    name: str, summary: str, *, needs: tuple[str, ...] = ()
+    name: str,
+    summary: str,
+    *,
+    needs: tuple[str, ...] = (),
+    validate: Callable[[dict[str, Any]], None] | None = None,
 ) -> Callable[[Callable[..., MethodResult]], Callable[..., MethodResult]]:
     """Add a method to the registry under ``name``."""
 
     def add(fn: Callable[..., MethodResult]) -> Callable[..., MethodResult]:
         if name in METHODS:
             raise ValueError(f"method {name!r} is already registered")
-        METHODS[name] = MethodSpec(name, summary, fn, frozenset(needs))
+        METHODS[name] = MethodSpec(name, summary, fn, frozenset(needs), validate)
         return fn
 
     return add

@@ -126,3 +126,34 @@ def projector_in_dtype(projector: torch.nn.Module, dtype: torch.dtype) -> Projec
         for name, tensor in [*projector.named_parameters(), *projector.named_buffers()]
     }
     return lambda x: torch.func.functional_call(projector, state, (x,))
+
+
+def jvp_sensitivity(
+    project: Projector,
+    features: Tensor,
+    *,
+    num_directions: int = 64,
+    seed: int = 0,
+    chunk_size: int = 8,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """S(i) = (1/m) sum_j ||J_i u_j||_2 by forward-mode differentiation: no step size.
+
+    The same direction bank as :func:`zo_sensitivity`, so the two agree up to the
+    finite-difference error. Works for any token-wise projector. Shapes as there.
+    """
+    if num_directions < 1 or chunk_size < 1:
+        raise ValueError("num_directions and chunk_size must be positive")
+    x = at_least_float32(features)
+    bank = direction_bank(num_directions, x.shape[-1], seed=seed, device=x.device).to(x.dtype)
+    total = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)
+    for start in range(0, num_directions, chunk_size):
+        u = bank[start : start + chunk_size, None, None, :]  # [c, 1, 1, d_v]
+        # Dual tensors need their own memory: no expanded (aliased) views.
+        primal = x.expand(u.shape[0], *x.shape).contiguous()
+        _, derivative = torch.func.jvp(project, (primal,), (u.expand_as(primal).contiguous(),))
+        total += derivative.to(x.dtype).norm(dim=-1).sum(dim=0)
+    sensitivity = total / num_directions
+    if mask is not None:
+        sensitivity = sensitivity.masked_fill(~mask, 0.0)
+    return sensitivity

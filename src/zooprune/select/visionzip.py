@@ -26,10 +26,11 @@ def visionzip_select(
     """Keep the ``k - contextual`` tokens the CLS token attends to most, merge the rest.
 
     The tokens that are not dominant are split into ``contextual`` targets, taken at a
-    uniform stride in raster order, and the others, each averaged into the target whose
-    key is most cosine-similar. Merging happens on the projector inputs, which are then
-    projected, as VisionZip merges vision features before the projector. Each merged
-    token takes its target's place in the sequence.
+    uniform stride in raster order, and the others, each assigned to the target whose key
+    is most cosine-similar. A contextual token is its target plus the mean of the tokens
+    assigned to it (the target alone if none), as in VisionZip's released code. Merging
+    happens on the projector inputs, which are then projected, as VisionZip merges vision
+    features before the projector. Each merged token takes its target's place.
 
     Args:
         cls_attention: ``[B, N]`` attention from CLS to each token, summed over heads.
@@ -67,13 +68,15 @@ def visionzip_select(
         unit = keys.float() / keys.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
         similarity = gather_rows(unit, other_idx) @ gather_rows(unit, target_idx).transpose(1, 2)
         assignment = similarity.argmax(dim=-1)  # [B, R-C] target of each merged token
-        sums = gather_rows(x, target_idx).clone()
+        sums = torch.zeros(batch, contextual, x.shape[-1], dtype=x.dtype, device=x.device)
         sums.scatter_add_(
             1, assignment[..., None].expand(-1, -1, x.shape[-1]), gather_rows(x, other_idx)
         )
-        counts = torch.ones(batch, contextual, dtype=x.dtype, device=x.device)
+        counts = torch.zeros(batch, contextual, dtype=x.dtype, device=x.device)
         counts.scatter_add_(1, assignment, torch.ones_like(assignment, dtype=x.dtype))
-        kept_x = torch.cat([kept_x, sums / counts[..., None]], dim=1)
+        # As VisionZip's code does: the target plus the mean of what merged into it.
+        merged = gather_rows(x, target_idx) + sums / counts.clamp_min(1)[..., None]
+        kept_x = torch.cat([kept_x, merged], dim=1)
         indices = torch.cat([dominant_idx, target_idx], dim=1)
     order = indices.argsort(dim=-1)
     indices = indices.gather(1, order)

@@ -1,0 +1,129 @@
+"""Exact, forward-mode and low-rank sensitivity against brute-force autograd Jacobians."""
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd.functional import jacobian
+
+from zooprune.select.methods import sensitivity_scores
+from zooprune.select.mlp import (
+    GRAM_KERNELS,
+    as_mlp,
+    exact_sensitivity,
+    gelu_derivative,
+    low_rank_projector,
+)
+from zooprune.select.registry import TokenSet
+from zooprune.select.sensitivity import direction_bank, jvp_sensitivity, zo_sensitivity
+
+D_V, HIDDEN, D_L = 7, 12, 9
+
+
+def mlp(approximate="none", seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(D_V, HIDDEN), nn.GELU(approximate=approximate), nn.Linear(HIDDEN, D_L)
+    ).to(dtype)
+
+
+def jacobians(module, x):
+    return torch.stack([jacobian(module, row) for row in x])  # [N, d_l, d_v]
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_exact_equals_frobenius_norm_of_the_autograd_jacobian(approximate):
+    module = mlp(approximate)
+    x = torch.randn(2, 6, D_V, dtype=torch.float64) * 2
+    expected = torch.stack([jacobians(module, xi).flatten(1).norm(dim=-1) for xi in x]) / D_V**0.5
+    got = exact_sensitivity(module, as_mlp(module), x)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["erf", "tanh"])
+def test_gelu_derivative_matches_autograd(kind):
+    a = torch.linspace(-5, 5, 101, dtype=torch.float64, requires_grad=True)
+    approximate = "none" if kind == "erf" else "tanh"
+    (grad,) = torch.autograd.grad(nn.functional.gelu(a, approximate=approximate).sum(), a)
+    torch.testing.assert_close(gelu_derivative(a.detach(), kind), grad)
+
+
+def test_jvp_equals_jacobian_times_directions_exactly():
+    module = mlp(seed=1)
+    x = torch.randn(1, 5, D_V, dtype=torch.float64)
+    bank = direction_bank(16, D_V, seed=2).double()
+    expected = (jacobians(module, x[0]) @ bank.T).norm(dim=1).mean(dim=-1)
+    got = jvp_sensitivity(module, x, num_directions=16, seed=2, chunk_size=5)
+    torch.testing.assert_close(got[0], expected, rtol=1e-12, atol=0)
+
+
+def test_zo_approaches_exact_as_m_grows_and_h_shrinks():
+    module = mlp(seed=2)
+    x = torch.randn(1, 6, D_V, dtype=torch.float64)
+    exact = exact_sensitivity(module, as_mlp(module), x).double()
+    # E||J u|| sits a little below ||J||_F / sqrt(d_v) (Jensen); a few percent here.
+    rough = zo_sensitivity(module, x, num_directions=8, step=0.5, compute_dtype=torch.float64)
+    fine = zo_sensitivity(
+        module, x, num_directions=8192, step=1e-3, compute_dtype=torch.float64, chunk_size=1024
+    )
+    rough_error = ((rough - exact).abs() / exact).max()
+    fine_error = ((fine - exact).abs() / exact).max()
+    assert fine_error < 0.1 and fine_error < rough_error
+    # Ranking is what selection uses: the fine estimate orders tokens as the exact one does.
+    assert torch.equal(fine.argsort(), exact.argsort())
+
+
+def test_lowrank_at_full_rank_is_the_projector_and_at_low_rank_an_approximation():
+    module = mlp(seed=3, dtype=torch.float32)
+    x = torch.randn(2, 4, D_V)
+    full = low_rank_projector(module, as_mlp(module), rank=HIDDEN, device=x.device)
+    torch.testing.assert_close(full(x), module(x), atol=1e-5, rtol=1e-5)
+    low = low_rank_projector(module, as_mlp(module), rank=2, device=x.device)
+    assert (low(x) - module(x)).abs().max() > 1e-3
+
+
+def test_gram_kernel_is_cached_and_rebuilt_when_weights_change():
+    module = mlp(seed=4, dtype=torch.float32)
+    x = torch.randn(1, 5, D_V)
+    builds = GRAM_KERNELS.builds
+    first = exact_sensitivity(module, as_mlp(module), x)
+    again = exact_sensitivity(module, as_mlp(module), x)
+    assert GRAM_KERNELS.builds == builds + 1 and torch.equal(first, again)
+    with torch.no_grad():
+        module[2].weight.mul_(2.0)  # in place: same tensor, new version
+    doubled = exact_sensitivity(module, as_mlp(module), x)
+    assert GRAM_KERNELS.builds == builds + 2
+    torch.testing.assert_close(doubled, 2 * first)
+    module.load_state_dict(mlp(seed=5, dtype=torch.float32).state_dict())
+    exact_sensitivity(module, as_mlp(module), x)
+    assert GRAM_KERNELS.builds == builds + 3
+
+
+def test_as_mlp_recognises_only_plain_gelu_mlps():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=8, num_attention_heads=2),
+        text_config=LlamaConfig(hidden_size=16, num_attention_heads=2),
+    )
+    assert as_mlp(LlavaMultiModalProjector(config)).gelu == "erf"
+    assert as_mlp(mlp("tanh")).gelu == "tanh"
+    assert as_mlp(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))) is None
+    assert (
+        as_mlp(nn.Sequential(nn.LayerNorm(3), nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2))) is None
+    )
+    assert as_mlp(nn.Linear(3, 3)) is None
+
+
+def test_auto_picks_exact_for_mlps_and_jvp_otherwise():
+    x = torch.randn(1, 5, D_V)
+    tokens = TokenSet(features=x, projected=x, projector=mlp(dtype=torch.float32), grid=(1, 5))
+    assert sensitivity_scores(tokens)[1] == "exact"
+    other = nn.Sequential(nn.LayerNorm(D_V), nn.Linear(D_V, D_L), nn.GELU())
+    tokens = TokenSet(features=x, projected=x, projector=other, grid=(1, 5))
+    scores, ran = sensitivity_scores(tokens)
+    assert ran == "jvp" and scores.shape == (1, 5)
+    from zooprune.errors import PruneError
+
+    with pytest.raises(PruneError, match="needs a Linear -> GELU -> Linear projector"):
+        sensitivity_scores(tokens, estimator="exact")
