@@ -149,6 +149,204 @@ def _tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budgets(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"budgets are comma-separated ints, got {text!r}"
+        ) from None
+
+
+def _write_json(result: dict, out: Path, name: str) -> Path:
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(result, indent=2, default=str))
+    return path
+
+
+def _machine_line(result: dict) -> str:
+    m = result["machine"]
+    return f"{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}" + (
+        f", {m['gpu']}" if "gpu" in m else ""
+    )
+
+
+def _speed(args: argparse.Namespace) -> int:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from zooprune.bench.speed import SpeedConfig, run_speed_benchmark
+    from zooprune.viz import plot_speed
+
+    config = SpeedConfig(
+        model=args.model,
+        budgets=args.budgets,
+        method=args.method,
+        dtype=args.dtype,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        device=args.device,
+    )
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("speed benchmark")
+        result = run_speed_benchmark(config, lambda text: progress.update(task, description=text))
+    ms = lambda seconds: f"{seconds * 1e3:.1f}"  # noqa: E731
+    times = Table(title=f"zooprune speed: {result['model']} (ms)")
+    ratios = Table(title="speed-up over unpruned, and sizes")
+    for column in (
+        "kept",
+        "vision",
+        "scoring",
+        "greedy",
+        "prefill",
+        "decode/tok",
+        f"LM gen {config.new_tokens}",
+        "end-to-end",
+        "first token",
+    ):
+        times.add_column(column, justify="right")
+    for column in (
+        "kept",
+        "prefill x",
+        "LM gen + selection x",
+        "end-to-end x",
+        "KV cache MB",
+        "prompt length",
+        "LM prefill GFLOP",
+    ):
+        ratios.add_column(column, justify="right")
+    for row in result["rows"]:
+        kept = f"{row['keep']}/{result['visual_tokens']}"
+        times.add_row(
+            kept,
+            *[
+                ms(row[key])
+                for key in (
+                    "encode_s",
+                    "scoring_s",
+                    "greedy_s",
+                    "prefill_s",
+                    "decode_per_token_s",
+                    "generate_s",
+                    "end_to_end_s",
+                    "time_to_first_token_s",
+                )
+            ],
+        )
+        ratios.add_row(
+            kept,
+            f"{row['prefill_speedup']:.2f}",
+            f"{row['generate_speedup_with_selection']:.2f}",
+            f"{row['end_to_end_speedup']:.2f}",
+            f"{row['kv_cache_bytes'] / 2**20:.1f}",
+            str(row["sequence_length"]),
+            f"{row['flops']['lm_prefill'] / 1e9:.1f}",
+        )
+    console.print(times)
+    console.print(ratios)
+    for keep, share in result["selection_share_of_unpruned_prefill"].items():
+        seven_b = result["analytic_7b"]["exact_scoring_plus_greedy_share"].get(keep)
+        extra = (
+            f"; analytic, exact scoring + greedy vs a LLaVA-1.5-7B prefill: {seven_b:.3%}"
+            if seven_b
+            else ""
+        )
+        console.print(f"keep {keep}: selection = {share:.2%} of the unpruned prefill{extra}")
+    console.print(
+        f"[dim]{result['dtype']}, method {result['method']}, medians of {config.repeats} after "
+        f"{config.warmup} warm-up; {_machine_line(result)}[/dim]"
+    )
+    path = _write_json(result, Path(args.out), "speed.json")
+    plot = plot_speed(result, Path(args.out) / "speed.png")
+    console.print(f"wrote {path} and {plot}")
+    return 0
+
+
+def _speed_kernels(args: argparse.Namespace) -> int:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from zooprune.bench.kernels import KernelBenchConfig, run_kernel_benchmark
+
+    config = KernelBenchConfig(
+        tokens=args.tokens,
+        vision_dim=args.vision_dim,
+        hidden_dim=args.hidden_dim,
+        text_dim=args.text_dim,
+        budgets=args.budgets,
+        images=args.images,
+        num_directions=args.num_directions,
+        device=args.device,
+    )
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("kernel benchmark")
+        result = run_kernel_benchmark(config, lambda text: progress.update(task, description=text))
+    table = Table(
+        title=f"sensitivity estimators: N={config.tokens}, projector {config.vision_dim} -> "
+        f"{config.hidden_dim} -> {config.text_dim}, {config.images} images"
+    )
+    for column in (
+        "estimator",
+        "ms / image",
+        "speed-up vs zo",
+        "Spearman vs zo",
+        *[f"top-{k} overlap" for k in config.budgets],
+    ):
+        table.add_column(column, justify="right")
+    for row in result["estimators"]:
+        table.add_row(
+            row["estimator"],
+            f"{row['seconds_per_image'] * 1e3:.1f}",
+            f"{row['speedup_vs_zo']:.1f}",
+            f"{row['spearman_vs_zo']:.4f}",
+            *[f"{row[f'top{k}_overlap_vs_zo']:.3f}" for k in config.budgets],
+        )
+    console.print(table)
+    gram_ms = result["setup"]["exact_gram_kernel_s"] * 1e3
+    console.print(
+        f"exact: one-off Gram kernel {gram_ms:.0f} ms per model (cached); "
+        f"zo: m={config.num_directions}, h=0.01, float32"
+    )
+    greedy = Table(title="greedy selection vs the naive re-slicing loop")
+    for column in (
+        "k",
+        "ours ms",
+        "naive ms",
+        "speed-up",
+        "distance matrix ms",
+        "loop-only speed-up",
+        "same picks",
+    ):
+        greedy.add_column(column, justify="right")
+    for row in result["greedy"]:
+        greedy.add_row(
+            str(row["k"]),
+            f"{row['ours_s'] * 1e3:.2f}",
+            f"{row['naive_reslice_s'] * 1e3:.2f}",
+            f"{row['speedup']:.1f}",
+            f"{row['distance_matrix_s'] * 1e3:.2f}",
+            f"{row['loop_speedup']:.1f}",
+            str(row["same_selection"]),
+        )
+    console.print(greedy)
+    console.print(f"[dim]float32, medians; {_machine_line(result)}[/dim]")
+    path = _write_json(result, Path(args.out), "kernels.json")
+    console.print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zooprune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +374,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = commands.add_parser("methods", help="list the pruning methods")
     methods.set_defaults(handler=_methods)
+
+    speed = commands.add_parser("speed", help="time unpruned vs pruned end to end, per budget")
+    speed.add_argument("--model", default=None, help="default: a LLaVA-1.5-shaped random model")
+    speed.add_argument("--budgets", type=_budgets, default=(192, 128, 64))
+    speed.add_argument("--method", default="zoo")
+    speed.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    speed.add_argument("--new-tokens", type=int, default=20)
+    speed.add_argument("--repeats", type=int, default=3)
+    speed.add_argument("--warmup", type=int, default=1)
+    speed.add_argument("--device", default="cpu")
+    speed.add_argument("--threads", type=int, default=0)
+    speed.add_argument("--out", default="out/speed", help="folder for speed.json and speed.png")
+    speed.set_defaults(handler=_speed)
+
+    kernels = commands.add_parser(
+        "speed-kernels", help="time the sensitivity estimators and greedy selection alone"
+    )
+    kernels.add_argument("--tokens", type=int, default=576)
+    kernels.add_argument("--vision-dim", type=int, default=1024)
+    kernels.add_argument("--hidden-dim", type=int, default=4096)
+    kernels.add_argument("--text-dim", type=int, default=4096)
+    kernels.add_argument("--budgets", type=_budgets, default=(64, 128, 192))
+    kernels.add_argument("--images", type=int, default=4)
+    kernels.add_argument("--num-directions", type=int, default=64)
+    kernels.add_argument("--device", default="cpu")
+    kernels.add_argument("--threads", type=int, default=0)
+    kernels.add_argument("--out", default="out/speed")
+    kernels.set_defaults(handler=_speed_kernels)
 
     tiny = commands.add_parser("tiny", help="save a tiny random LLaVA to try the commands on")
     tiny.add_argument("path")

@@ -3,7 +3,7 @@
 Both ZOO-Prune and DivPrune grow a kept set P one token at a time. The diversity of a
 candidate i is Div(i, P) = min_{p in P} (1 - cos(Z_i, Z_p)). Instead of re-evaluating
 that minimum over a growing P at each step, we keep a running min-distance vector and
-update it with the distances to the newest pick only: O(k * N * d) in total.
+update it with the distances to the newest pick only: O(k * N) after the distances.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from zooprune.select.ops import at_least_float32, gather_rows
+from zooprune.select.ops import at_least_float32
 
 Fusion = Literal["product", "sum"]
 FirstPick = Literal["max_weight", "farthest_neighbour"]
@@ -26,20 +26,6 @@ DUPLICATE_DISTANCE = 1e-6
 def _distance(cos: Tensor) -> Tensor:
     dist = 1.0 - cos
     return dist.masked_fill(dist < DUPLICATE_DISTANCE, 0.0)
-
-
-def cosine_distance_to(unit: Tensor, index: Tensor) -> Tensor:
-    """1 - cos between every token and one token per image.
-
-    Args:
-        unit: ``[B, N, d]`` rows of unit L2 norm.
-        index: ``[B]`` the token of each image to measure from.
-
-    Returns:
-        ``[B, N]`` distances in [0, 2]; below ``DUPLICATE_DISTANCE`` they are 0.
-    """
-    anchor = gather_rows(unit, index.view(-1, 1))  # [B, 1, d]
-    return _distance((unit * anchor).sum(dim=-1))
 
 
 def unit_rows(features: Tensor) -> Tensor:
@@ -64,6 +50,10 @@ def maxmin_select(
     (the additive ablation; both terms in [0, 1]). With ``weights=None`` the score is
     Div(i, P) alone (DivPrune). Ties go to the lowest index.
 
+    All pairwise distances come from one batched matrix product (the efficient way to
+    spend the O(N^2 d) work); each step then costs O(N): the running min-distance vector is
+    updated with the newest pick's row only.
+
     Args:
         features: projected tokens Z, ``[B, N, d]``.
         k: tokens to pick per image, ``1 <= k <= N``. Images with fewer real tokens than
@@ -72,8 +62,7 @@ def maxmin_select(
         mask: optional ``[B, N]`` bool, True for real tokens.
         fusion: how weights and diversity combine.
         first: ``max_weight`` starts at argmax w (needs weights); ``farthest_neighbour``
-            starts at the token whose nearest neighbour is farthest (DivPrune's rule;
-            builds the full N x N distance matrix once).
+            starts at the token whose nearest neighbour is farthest (DivPrune's rule).
 
     Returns:
         ``[B, k]`` int64 token indices in the order they were picked.
@@ -83,44 +72,48 @@ def maxmin_select(
         raise ValueError(f"k must be in [1, {n}], got {k}")
     if fusion not in ("product", "sum"):
         raise ValueError(f"unknown fusion {fusion!r}")
+    if first == "max_weight" and weights is None:
+        raise ValueError("first='max_weight' needs weights")
     device = features.device
     unit = unit_rows(features)
     if mask is None:
         mask = torch.ones(batch, n, dtype=torch.bool, device=device)
-    neg_inf = torch.tensor(float("-inf"), dtype=unit.dtype, device=device)
+    distances = _distance(unit @ unit.transpose(1, 2))  # [B, N, N]
+    rows = distances.view(batch * n, n)
+    offsets = torch.arange(batch, device=device) * n
+    # 0 for candidates, -inf once picked (or padding): added to every score.
+    penalty = torch.zeros(batch, n, dtype=unit.dtype, device=device).masked_fill(~mask, -torch.inf)
     w = weights.to(unit.dtype) if weights is not None else None
 
     if first == "max_weight":
-        if w is None:
-            raise ValueError("first='max_weight' needs weights")
-        pick = torch.where(mask, w, neg_inf).argmax(dim=-1)
+        pick = (w + penalty).argmax(dim=-1)
     elif first == "farthest_neighbour":
-        distances = _distance(unit @ unit.transpose(1, 2))  # [B, N, N]
         blocked = torch.eye(n, dtype=torch.bool, device=device) | ~mask[:, None, :]
-        nearest = distances.masked_fill(blocked, float("inf")).amin(dim=-1)
+        nearest = distances.masked_fill(blocked, torch.inf).amin(dim=-1)
         # A lone real token has no neighbour; it is then the only candidate anyway.
-        nearest = torch.where(torch.isinf(nearest), torch.zeros_like(nearest), nearest)
-        pick = torch.where(mask, nearest, neg_inf).argmax(dim=-1)
+        nearest = nearest.masked_fill(torch.isinf(nearest), 0.0)
+        pick = (nearest + penalty).argmax(dim=-1)
     else:
         raise ValueError(f"unknown first-pick rule {first!r}")
 
-    available = mask.clone()
-    picks = torch.full((batch, k), -1, dtype=torch.long, device=device)
-    min_dist = torch.full((batch, n), float("inf"), dtype=unit.dtype, device=device)
-    rows = torch.arange(batch, device=device)
-    for step in range(k):
-        if step > 0:
-            div = min_dist
-            if w is None:
-                score = div
-            elif fusion == "product":
-                score = w * div
-            else:
-                top = torch.where(available, div, neg_inf).amax(dim=-1, keepdim=True)
-                score = w + torch.where(top > 0, div / top, torch.zeros_like(div))
-            pick = torch.where(available, score, neg_inf).argmax(dim=-1)
-        valid = available[rows, pick]  # False once an image has run out of real tokens
-        picks[:, step] = torch.where(valid, pick, torch.full_like(pick, -1))
-        available[rows, pick] = False
-        min_dist = torch.minimum(min_dist, cosine_distance_to(unit, pick))
-    return picks
+    picks = [pick]
+    min_dist = torch.full((batch, n), torch.inf, dtype=unit.dtype, device=device)
+    score = torch.empty_like(min_dist)
+    for _ in range(1, k):
+        flat = pick + offsets
+        penalty.view(-1).index_fill_(0, flat, -torch.inf)
+        torch.minimum(min_dist, rows.index_select(0, flat), out=min_dist)
+        if w is None:
+            torch.add(min_dist, penalty, out=score)
+        elif fusion == "product":
+            torch.addcmul(penalty, w, min_dist, out=score)
+        else:
+            top = (min_dist + penalty).amax(dim=-1, keepdim=True)
+            spread = torch.where(top > 0, min_dist / top, torch.zeros_like(min_dist))
+            torch.add(w + spread, penalty, out=score)
+        pick = score.argmax(dim=-1)
+        picks.append(pick)
+    result = torch.stack(picks, dim=1)
+    # While real tokens remain, a pick is always one of them; past that, slots are empty.
+    surplus = torch.arange(k, device=device)[None, :] >= mask.sum(dim=-1, keepdim=True)
+    return result.masked_fill(surplus, -1)

@@ -94,7 +94,7 @@ class _PerWeightsCache:
     """
 
     def __init__(self, build: Callable[[MLPWeights, torch.device], object]) -> None:
-        self._build = build
+        self.build = build
         self._entries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.builds = 0
 
@@ -107,7 +107,7 @@ class _PerWeightsCache:
         entry = self._entries.get(projector)
         if entry is None or entry[0] != signature:
             with torch.no_grad():
-                entry = (signature, self._build(mlp, device))
+                entry = (signature, self.build(mlp, device))
             self._entries[projector] = entry
             self.builds += 1
         return entry[1]

@@ -1,0 +1,117 @@
+"""Analytic FLOP counts (a multiply-add is 2 FLOPs) for LLaVA-style models.
+
+Formulas count the matrix products; norms, activations and softmax are left out.
+Attention over a causal prompt of L tokens counts L^2 * d multiply-adds per layer
+(QK^T and AV, each half of the full square).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The sizes the counts depend on."""
+
+    vision_dim: int
+    vision_layers: int
+    vision_ffn: int
+    vision_tokens: int  # patches + CLS, as the tower runs them
+    patch_inputs: int  # values per patch: channels * patch * patch
+    projector_hidden: int
+    text_dim: int
+    text_layers: int
+    text_ffn: int
+    kv_dim: int  # key/value width (heads_kv * head_dim)
+    vocab: int
+
+    @classmethod
+    def of_llava(cls, config) -> Shapes:  # noqa: ANN001 (a transformers LlavaConfig)
+        vision, text = config.vision_config, config.text_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        return cls(
+            vision_dim=vision.hidden_size,
+            vision_layers=vision.num_hidden_layers,
+            vision_ffn=vision.intermediate_size,
+            vision_tokens=patches + 1,
+            patch_inputs=vision.num_channels * vision.patch_size**2,
+            projector_hidden=text.hidden_size,
+            text_dim=text.hidden_size,
+            text_layers=text.num_hidden_layers,
+            text_ffn=text.intermediate_size,
+            kv_dim=text.num_key_value_heads * head_dim,
+            vocab=text.vocab_size,
+        )
+
+
+#: LLaVA-1.5-7B: CLIP ViT-L/14-336 and Vicuna-7B (Llama-2 shapes).
+LLAVA15_7B = Shapes(
+    vision_dim=1024,
+    vision_layers=24,
+    vision_ffn=4096,
+    vision_tokens=577,
+    patch_inputs=3 * 14 * 14,
+    projector_hidden=4096,
+    text_dim=4096,
+    text_layers=32,
+    text_ffn=11008,
+    kv_dim=4096,
+    vocab=32000,
+)
+
+
+def vision_matmuls(s: Shapes) -> float:
+    """Patch embedding, attention projections and MLPs of every tower layer."""
+    t, d = s.vision_tokens, s.vision_dim
+    embedding = 2.0 * (t - 1) * s.patch_inputs * d
+    return embedding + 2.0 * s.vision_layers * (4 * t * d * d + 2 * t * d * s.vision_ffn)
+
+
+def vision(s: Shapes) -> float:
+    """The whole tower (it runs every layer, whichever one the features come from)."""
+    t, d = s.vision_tokens, s.vision_dim
+    return vision_matmuls(s) + 2.0 * s.vision_layers * 2 * t * t * d  # bidirectional QK^T, AV
+
+
+def projector(s: Shapes, tokens: int) -> float:
+    return 2.0 * tokens * (s.vision_dim * s.projector_hidden + s.projector_hidden * s.text_dim)
+
+
+def scoring(s: Shapes, tokens: int, estimator: str, directions: int = 64, rank: int = 128) -> float:
+    """Per image; the exact estimator's one-off H x H kernel is in :func:`exact_setup`."""
+    if estimator == "exact":
+        return 2.0 * tokens * (s.vision_dim * s.projector_hidden + s.projector_hidden**2)
+    if estimator in ("zo", "jvp"):  # 2 projector passes per direction (jvp: primal + tangent)
+        return 2 * directions * projector(s, tokens)
+    if estimator == "lowrank":
+        per_token = rank * (s.vision_dim + 2 * s.projector_hidden + s.text_dim)
+        return 2 * directions * 2.0 * tokens * per_token
+    return 0.0
+
+
+def exact_setup(s: Shapes) -> float:
+    h = s.projector_hidden
+    return 2.0 * h * h * (s.text_dim + s.vision_dim)
+
+
+def greedy(s: Shapes, tokens: int, keep: int) -> float:
+    return 2.0 * tokens * tokens * s.text_dim + 4.0 * keep * tokens
+
+
+def lm_matmuls(s: Shapes, tokens: int) -> float:
+    """Attention projections and MLPs of every LM layer, plus one row of logits."""
+    d = s.text_dim
+    per_token = d * (2 * d + 2 * s.kv_dim) + 3 * d * s.text_ffn
+    return 2.0 * s.text_layers * tokens * per_token + 2.0 * d * s.vocab
+
+
+def prefill(s: Shapes, length: int) -> float:
+    """The LM over a prompt of ``length`` tokens, logits for the last one only."""
+    return lm_matmuls(s, length) + 2.0 * s.text_layers * length * length * s.text_dim
+
+
+def decode_token(s: Shapes, context: int) -> float:
+    """One cached decoding step attending over ``context`` tokens."""
+    return lm_matmuls(s, 1) + 4.0 * s.text_layers * context * s.text_dim

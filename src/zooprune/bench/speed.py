@@ -1,0 +1,290 @@
+"""End-to-end efficiency of a pruned model: where the time goes, per token budget.
+
+By default on a LLaVA-1.5-shaped model with random weights sized for a CPU (CLIP ViT-L/14
+at 336 px, 576 visual tokens, and a 24-layer, 1024-wide Llama): the speed of a model does
+not depend on what its weights say.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import zooprune
+from zooprune.adapters import adapter_for
+from zooprune.bench import flops
+from zooprune.bench.timing import machine, median_seconds
+from zooprune.select import TokenSet, get_method
+from zooprune.select.methods import sensitivity_scores
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SpeedConfig:
+    model: str | None = None
+    budgets: tuple[int, ...] = (192, 128, 64)
+    method: str = "zoo"
+    dtype: str = "bfloat16"
+    new_tokens: int = 20
+    text_tokens: int = 40
+    repeats: int = 3
+    warmup: int = 1
+    device: str = "cpu"
+    seed: int = 0
+
+
+def llava15_shaped_config(vocab_size: int = 32064) -> LlavaConfig:
+    """LLaVA-1.5's vision side and projector layout with a 0.37B Llama language model."""
+    vision = CLIPVisionConfig(
+        image_size=336,
+        patch_size=14,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        projection_dim=768,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=vocab_size - 1,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def load(config: SpeedConfig) -> tuple[LlavaForConditionalGeneration, dict[str, torch.Tensor], str]:
+    """The model and one image-and-prompt input for it, and a one-line description."""
+    dtype = DTYPES[config.dtype]
+    torch.manual_seed(config.seed)
+    if config.model is None:
+        with _default_dtype(dtype):  # initialise in the target dtype: half the memory and time
+            model = LlavaForConditionalGeneration(llava15_shaped_config())
+        model = model.to(config.device).eval()
+        text = model.config.text_config
+        vision = model.config.vision_config
+        n = (vision.image_size // vision.patch_size) ** 2
+        g = torch.Generator().manual_seed(config.seed)
+        words = torch.randint(3, text.vocab_size - 1, (config.text_tokens,), generator=g)
+        half = config.text_tokens // 2
+        ids = torch.cat(
+            [
+                torch.tensor([1]),
+                words[:half],
+                torch.full((n,), model.config.image_token_id),
+                words[half:],
+            ]
+        )[None]
+        pixels = torch.randn(1, 3, vision.image_size, vision.image_size, generator=g)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+        description = "LLaVA-1.5-shaped, random weights (CLIP ViT-L/14-336 + Llama 1024 x 24)"
+    else:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from zooprune.testbed.scenes import make_scene
+
+        processor = AutoProcessor.from_pretrained(config.model)
+        model = AutoModelForImageTextToText.from_pretrained(config.model, dtype=dtype)
+        model = model.to(config.device).eval()
+        token = getattr(processor, "image_token", "<image>")
+        inputs = dict(
+            processor(
+                images=[make_scene(config.seed).to_pil()],
+                text=[f"{token} describe the image"],
+                return_tensors="pt",
+            )
+        )
+        description = config.model
+    inputs = {k: v.to(config.device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    params = sum(p.numel() for p in model.parameters())
+    lm = sum(p.numel() for p in model.model.language_model.parameters())
+    return model, inputs, f"{description}; {params / 1e6:.0f}M parameters, LM {lm / 1e6:.0f}M"
+
+
+def _cache_bytes(cache: Any) -> int:
+    return sum(
+        t.numel() * t.element_size()
+        for layer in getattr(cache, "layers", [])
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+        if isinstance(t, torch.Tensor)
+    )
+
+
+def _peak_memory(device: str) -> int | None:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return None
+
+
+def _reset_peak(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def run_speed_benchmark(
+    config: SpeedConfig, progress: Callable[[str], None] = lambda _: None
+) -> dict[str, Any]:
+    """Measure unpruned and every budget; returns a JSON-ready dict."""
+    progress("loading the model")
+    model, inputs, description = load(config)
+    adapter = adapter_for(model)
+    shapes = flops.Shapes.of_llava(model.config)
+    method = get_method(config.method)
+
+    def measure(fn: Callable[[], Any]) -> float:
+        return median_seconds(
+            fn, repeats=config.repeats, warmup=config.warmup, device=config.device
+        )
+
+    generate_options = dict(
+        max_new_tokens=config.new_tokens, min_new_tokens=config.new_tokens, do_sample=False
+    )
+    image_inputs = {"pixel_values": inputs["pixel_values"]}
+    rows = []
+    with torch.no_grad():
+        progress("vision encoder")
+        encode_s = measure(lambda: adapter.encode(model, image_inputs, method.needs))
+        encoded = adapter.encode(model, image_inputs, method.needs)
+        n = encoded.features[0].shape[0]
+        text_length = inputs["input_ids"].shape[1] - n
+        for keep in (None, *config.budgets):
+            label = "unpruned" if keep is None else f"keep {keep}"
+            progress(label)
+            handle = None if keep is None else zooprune.prune(model, config.method, keep=keep)
+            try:
+                row: dict[str, Any] = {
+                    "keep": keep if keep is not None else n,
+                    "pruned": keep is not None,
+                }
+                scoring_s = select_s = 0.0
+                estimator = None
+                if handle is None:
+                    prepared = {
+                        "input_ids": inputs["input_ids"],
+                        "attention_mask": inputs["attention_mask"],
+                        "mm_encoder_outputs": {"image": encoded.encoder_output},
+                    }
+                else:
+                    tokens = TokenSet(
+                        features=encoded.features[0][None],
+                        projected=encoded.projected[0][None],
+                        projector=adapter.projector(model),
+                        grid=encoded.grids[0],
+                        cls_attention=None
+                        if encoded.cls_attention is None
+                        else encoded.cls_attention[0][None],
+                        keys=None if encoded.keys is None else encoded.keys[0][None],
+                    )
+                    select_s = measure(partial(method, tokens, keep))
+                    if "estimator" in method.options:
+                        scoring_s = measure(partial(sensitivity_scores, tokens))
+                        estimator = sensitivity_scores(tokens)[1]
+                    prepared = handle.prepare(dict(inputs))
+                length = prepared["input_ids"].shape[1]
+                _reset_peak(config.device)
+                prefill = partial(model, **prepared, logits_to_keep=1, use_cache=True)
+                prefill_s = measure(prefill)
+                cache = prefill().past_key_values
+                generate_s = measure(partial(model.generate, **prepared, **generate_options))
+                end_to_end_s = measure(partial(model.generate, **inputs, **generate_options))
+                first_token_s = measure(
+                    partial(model.generate, **inputs, max_new_tokens=1, do_sample=False)
+                )
+                row.update(
+                    sequence_length=length,
+                    encode_s=encode_s,
+                    select_s=select_s,
+                    scoring_s=scoring_s,
+                    greedy_s=max(select_s - scoring_s, 0.0),
+                    estimator=estimator,
+                    prefill_s=prefill_s,
+                    decode_per_token_s=(generate_s - prefill_s) / max(config.new_tokens - 1, 1),
+                    generate_s=generate_s,
+                    end_to_end_s=end_to_end_s,
+                    time_to_first_token_s=first_token_s,
+                    kv_cache_bytes=_cache_bytes(cache),
+                    peak_memory_bytes=_peak_memory(config.device),
+                    flops={
+                        "vision": flops.vision(shapes),
+                        "projector": flops.projector(shapes, n),
+                        "scoring": 0.0
+                        if estimator is None
+                        else flops.scoring(shapes, n, estimator),
+                        "greedy": 0.0 if keep is None else flops.greedy(shapes, n, keep),
+                        "lm_prefill": flops.prefill(shapes, length),
+                        "decode_per_token": flops.decode_token(
+                            shapes, length + config.new_tokens // 2
+                        ),
+                    },
+                )
+                rows.append(row)
+            finally:
+                if handle is not None:
+                    handle.remove()
+    base = rows[0]
+    for row in rows:
+        row["prefill_speedup"] = base["prefill_s"] / row["prefill_s"]
+        # The LM's work for the answer, with what selection costs added on the pruned side.
+        row["generate_speedup_with_selection"] = base["generate_s"] / (
+            row["generate_s"] + row["select_s"]
+        )
+        row["end_to_end_speedup"] = base["end_to_end_s"] / row["end_to_end_s"]
+    seven_b = flops.prefill(flops.LLAVA15_7B, 576 + text_length)
+    overhead_7b = {
+        keep: (
+            flops.scoring(flops.LLAVA15_7B, 576, "exact")
+            + flops.greedy(flops.LLAVA15_7B, 576, keep)
+        )
+        / seven_b
+        for keep in config.budgets
+    }
+    return {
+        "config": asdict(config),
+        "model": description,
+        "method": config.method,
+        "dtype": config.dtype,
+        "machine": machine()
+        | {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
+        "visual_tokens": n,
+        "rows": rows,
+        "selection_share_of_unpruned_prefill": {
+            row["keep"]: row["select_s"] / base["prefill_s"] for row in rows if row["pruned"]
+        },
+        "analytic_7b": {
+            "llava15_7b_prefill_flops": seven_b,
+            "exact_scoring_plus_greedy_share": overhead_7b,
+        },
+        "median_of": config.repeats,
+    }

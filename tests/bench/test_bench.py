@@ -1,0 +1,102 @@
+"""The benchmarks run end to end on tiny shapes, with consistent numbers (no timing asserts)."""
+
+import json
+
+import pytest
+
+from zooprune.bench.kernels import KernelBenchConfig, naive_reslice_select, run_kernel_benchmark
+from zooprune.bench.speed import SpeedConfig, run_speed_benchmark
+from zooprune.cli import main
+
+
+def test_naive_reference_matches_the_kernel():
+    import torch
+
+    from zooprune.select.greedy import maxmin_select
+
+    g = torch.Generator().manual_seed(0)
+    z, w = torch.randn(50, 16, generator=g), torch.rand(50, generator=g)
+    for k in (1, 7, 50):
+        assert (
+            naive_reslice_select(z, k, w) == maxmin_select(z[None], k, weights=w[None])[0].tolist()
+        )
+
+
+def test_kernel_benchmark_on_small_shapes():
+    config = KernelBenchConfig(
+        tokens=48,
+        vision_dim=16,
+        hidden_dim=32,
+        text_dim=24,
+        budgets=(4, 12),
+        images=2,
+        num_directions=32,
+        rank=8,
+        greedy_repeats=1,
+    )
+    result = run_kernel_benchmark(config)
+    rows = {row["estimator"]: row for row in result["estimators"]}
+    assert set(rows) == {"zo", "exact", "jvp", "lowrank"}
+    assert (
+        rows["zo"]["spearman_vs_zo"] == pytest.approx(1.0) and rows["zo"]["top4_overlap_vs_zo"] == 1
+    )
+    assert rows["jvp"]["spearman_vs_zo"] > 0.99  # same directions, no step: nearly identical
+    assert rows["exact"]["spearman_vs_zo"] > 0.8
+    assert all(row["same_selection"] for row in result["greedy"])
+    assert [row["k"] for row in result["greedy"]] == [4, 12]
+
+
+@pytest.fixture(scope="module")
+def speed_result(tiny_llava_dir):
+    config = SpeedConfig(
+        model=str(tiny_llava_dir),
+        budgets=(16, 4),
+        dtype="float32",
+        new_tokens=3,
+        repeats=1,
+        warmup=0,
+    )
+    return run_speed_benchmark(config)
+
+
+def test_speed_rows_are_consistent(speed_result):
+    rows = speed_result["rows"]
+    assert [r["keep"] for r in rows] == [64, 16, 4]
+    base = rows[0]["sequence_length"]
+    assert [r["sequence_length"] for r in rows] == [base, base - 48, base - 60]
+    # KV cache bytes grow exactly with the prompt length: layers x 2 x kv width x bytes each.
+    per_token = {r["kv_cache_bytes"] / r["sequence_length"] for r in rows}
+    assert len(per_token) == 1 and per_token.pop() == 2 * 2 * 2 * 12 * 4
+    lm = [r["flops"]["lm_prefill"] for r in rows]
+    assert lm[0] > lm[1] > lm[2] > 0
+    assert rows[0]["select_s"] == 0 and all(r["select_s"] > 0 for r in rows[1:])
+    assert rows[1]["estimator"] == "exact"
+    assert rows[0]["prefill_speedup"] == 1.0
+
+
+def test_speed_command_writes_json_and_png(tiny_llava_dir, tmp_path, capsys):
+    code = main(
+        [
+            "speed",
+            "--model",
+            str(tiny_llava_dir),
+            "--budgets",
+            "8",
+            "--dtype",
+            "float32",
+            "--new-tokens",
+            "2",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "8/64" in out and "speed-up" in out
+    result = json.loads((tmp_path / "speed.json").read_text())
+    assert result["visual_tokens"] == 64 and len(result["rows"]) == 2
+    assert (tmp_path / "speed.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,68 @@
+"""The analytic FLOP counts against torch's own FlopCounterMode on real modules.
+
+FlopCounterMode counts the matrix products of the projector, the towers' linear and
+convolution layers and the LM exactly; it does not see SDPA on the CPU, so the attention
+terms are checked against an explicit count of the score and value products.
+"""
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import LlavaForConditionalGeneration
+
+from zooprune.bench import flops
+from zooprune.tiny import tiny_llava_config
+
+
+def counted(fn):
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def model():
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(tiny_llava_config()).eval()
+
+
+def test_projector_and_matmul_counts_match_the_flop_counter():
+    m = model()
+    s = flops.Shapes.of_llava(m.config)
+    n = s.vision_tokens - 1
+    assert counted(lambda: m.model.multi_modal_projector(torch.randn(1, n, s.vision_dim))) == (
+        flops.projector(s, n)
+    )
+    assert counted(lambda: m.model.vision_tower(torch.randn(1, 3, 48, 48))) == flops.vision_matmuls(
+        s
+    )
+    ids = torch.randint(5, 30, (1, 37))
+    lm = counted(lambda: m.model.language_model(input_ids=ids))
+    head = counted(lambda: m.lm_head(torch.randn(1, 1, s.text_dim)))
+    assert lm + head == flops.lm_matmuls(s, 37)
+
+
+def test_attention_terms_count_score_and_value_products():
+    m = model()
+    s = flops.Shapes.of_llava(m.config)
+    length = 37
+    # causal: query i meets i + 1 keys, in QK^T and again in AV, d multiply-adds each
+    causal = sum(2 * (i + 1) * s.text_dim for i in range(length)) * s.text_layers * 2
+    attention = flops.prefill(s, length) - flops.lm_matmuls(s, length)
+    assert abs(attention - causal) / causal < 2 / length  # L^2 vs L(L+1): within 1/L
+    t = s.vision_tokens
+    assert (
+        flops.vision(s) - flops.vision_matmuls(s) == 2 * s.vision_layers * 2 * t * t * s.vision_dim
+    )
+    # one decode step over c cached tokens: 2 c d multiply-adds per layer
+    assert (
+        flops.decode_token(s, 10) - flops.lm_matmuls(s, 1)
+        == 2 * 2 * 10 * s.text_dim * s.text_layers
+    )
+
+
+def test_exact_scoring_is_a_small_share_of_a_7b_prefill():
+    seven_b = flops.LLAVA15_7B
+    share = (flops.scoring(seven_b, 576, "exact") + flops.greedy(seven_b, 576, 64)) / flops.prefill(
+        seven_b, 576 + 64
+    )
+    zo_share = flops.scoring(seven_b, 576, "zo") / flops.prefill(seven_b, 576 + 64)
+    assert share < 0.005 < 0.1 < zo_share
