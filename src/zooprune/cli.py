@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -51,8 +52,7 @@ def _run(args: argparse.Namespace) -> int:
     if not image_path.is_file():
         console.print(f"[red]no such image file: {image_path}[/red]")
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         args.dtype
     ]
@@ -174,9 +174,24 @@ def _machine_line(result: dict) -> str:
     )
 
 
-def _speed(args: argparse.Namespace) -> int:
+def _with_progress(title: str, run: Callable[[Callable[[str], None]], dict]) -> dict:
+    """Run ``run(report)`` under a spinner that shows what ``report`` last said."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(title)
+        return run(lambda text: progress.update(task, description=text))
+
+
+def _set_threads(threads: int) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _speed(args: argparse.Namespace) -> int:
     from zooprune.bench.speed import SpeedConfig, run_speed_benchmark
     from zooprune.viz import plot_speed
 
@@ -190,14 +205,8 @@ def _speed(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         device=args.device,
     )
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("speed benchmark")
-        result = run_speed_benchmark(config, lambda text: progress.update(task, description=text))
+    _set_threads(args.threads)
+    result = _with_progress("speed benchmark", lambda report: run_speed_benchmark(config, report))
     ms = lambda seconds: f"{seconds * 1e3:.1f}"  # noqa: E731
     times = Table(title=f"zooprune speed: {result['model']} (ms)")
     ratios = Table(title="speed-up over unpruned, and sizes")
@@ -271,8 +280,6 @@ def _speed(args: argparse.Namespace) -> int:
 
 
 def _speed_kernels(args: argparse.Namespace) -> int:
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     from zooprune.bench.kernels import KernelBenchConfig, run_kernel_benchmark
 
     config = KernelBenchConfig(
@@ -285,14 +292,8 @@ def _speed_kernels(args: argparse.Namespace) -> int:
         num_directions=args.num_directions,
         device=args.device,
     )
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("kernel benchmark")
-        result = run_kernel_benchmark(config, lambda text: progress.update(task, description=text))
+    _set_threads(args.threads)
+    result = _with_progress("kernel benchmark", lambda report: run_kernel_benchmark(config, report))
     table = Table(
         title=f"sensitivity estimators: N={config.tokens}, projector {config.vision_dim} -> "
         f"{config.hidden_dim} -> {config.text_dim}, {config.images} images"

@@ -27,38 +27,64 @@ WORDS = (
 ).split()
 
 
-def tiny_llava_config(
-    image_size: int = 48, patch_size: int = 6, vocab_size: int = 64
+def llava_layout_config(
+    *,
+    image_size: int,
+    patch_size: int,
+    vision: tuple[int, int, int, int],
+    text: tuple[int, int, int, int, int],
+    vocab_size: int,
+    image_token_id: int,
+    projection_dim: int = 32,
 ) -> LlavaConfig:
-    """LLaVA-1.5 layout at toy size: CLIP tower, 2-layer GELU projector, Llama LM."""
-    vision = CLIPVisionConfig(
-        image_size=image_size,
-        patch_size=patch_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        projection_dim=32,
-    )
-    text = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
+    """The LLaVA-1.5 layout (CLIP tower, 2-layer GELU projector, Llama LM) at any size.
+
+    Args:
+        vision: ``(hidden, layers, heads, ffn)`` of the CLIP tower.
+        text: ``(hidden, layers, heads, kv_heads, ffn)`` of the Llama model.
+    """
+    v_hidden, v_layers, v_heads, v_ffn = vision
+    t_hidden, t_layers, t_heads, t_kv_heads, t_ffn = text
     return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=SPECIAL.index("<image>"),
+        vision_config=CLIPVisionConfig(
+            image_size=image_size,
+            patch_size=patch_size,
+            hidden_size=v_hidden,
+            intermediate_size=v_ffn,
+            num_hidden_layers=v_layers,
+            num_attention_heads=v_heads,
+            projection_dim=projection_dim,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=t_hidden,
+            intermediate_size=t_ffn,
+            num_hidden_layers=t_layers,
+            num_attention_heads=t_heads,
+            num_key_value_heads=t_kv_heads,
+            max_position_embeddings=4096,
+            pad_token_id=0,
+            bos_token_id=SPECIAL.index("<s>"),
+            eos_token_id=SPECIAL.index("</s>"),
+        ),
+        image_token_id=image_token_id,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
+    )
+
+
+def tiny_llava_config(
+    image_size: int = 48, patch_size: int = 6, vocab_size: int = 64
+) -> LlavaConfig:
+    """LLaVA-1.5 layout at toy size: 8 x 8 = 64 visual tokens at the defaults."""
+    return llava_layout_config(
+        image_size=image_size,
+        patch_size=patch_size,
+        vision=(32, 3, 4, 64),
+        text=(48, 2, 4, 2, 96),
+        vocab_size=vocab_size,
+        image_token_id=SPECIAL.index("<image>"),
     )
 
 

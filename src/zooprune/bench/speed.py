@@ -15,7 +15,7 @@ from functools import partial
 from typing import Any
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 import zooprune
 from zooprune.adapters import adapter_for
@@ -23,6 +23,7 @@ from zooprune.bench import flops
 from zooprune.bench.timing import machine, median_seconds
 from zooprune.select import TokenSet, get_method
 from zooprune.select.methods import sensitivity_scores
+from zooprune.tiny import llava_layout_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,35 +43,15 @@ class SpeedConfig:
 
 
 def llava15_shaped_config(vocab_size: int = 32064) -> LlavaConfig:
-    """LLaVA-1.5's vision side and projector layout with a 0.37B Llama language model."""
-    vision = CLIPVisionConfig(
+    """LLaVA-1.5's vision side and projector layout with a 0.34B Llama language model."""
+    return llava_layout_config(
         image_size=336,
         patch_size=14,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        projection_dim=768,
-    )
-    text = LlamaConfig(
+        vision=(1024, 24, 16, 4096),
+        text=(1024, 24, 16, 16, 2816),
         vocab_size=vocab_size,
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
         image_token_id=vocab_size - 1,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
+        projection_dim=768,
     )
 
 

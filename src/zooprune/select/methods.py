@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -85,79 +86,60 @@ def _sorted(picks: torch.Tensor) -> torch.Tensor:
     return picks.sort(dim=-1).values
 
 
-def _zoo_greedy(tokens: TokenSet, k: int, fusion: str, options: dict[str, Any]) -> MethodResult:
-    sensitivity, estimator = sensitivity_scores(tokens, **options)
-    picks = maxmin_select(
-        tokens.projected,
-        k,
-        weights=minmax_normalize(sensitivity),
-        fusion=fusion,
-        first="max_weight",
-    )
-    return MethodResult(_sorted(picks), scores=sensitivity, details={"estimator": estimator})
+def _register_sensitivity_method(
+    name: str, summary: str, choose: Callable[[TokenSet, int, torch.Tensor], torch.Tensor]
+) -> None:
+    """Register a method that scores by projector sensitivity, then ``choose``s k tokens."""
+
+    def method(
+        tokens: TokenSet,
+        k: int,
+        *,
+        estimator: str = "auto",
+        num_directions: int = 64,
+        step: float = 0.01,
+        seed: int = 0,
+        zo_dtype: str = "float32",
+        rank: int = 128,
+    ) -> MethodResult:
+        scores, ran = sensitivity_scores(
+            tokens,
+            estimator=estimator,
+            num_directions=num_directions,
+            step=step,
+            seed=seed,
+            zo_dtype=zo_dtype,
+            rank=rank,
+        )
+        return MethodResult(
+            _sorted(choose(tokens, k, scores)), scores=scores, details={"estimator": ran}
+        )
+
+    register_method(name, summary, validate=check_sensitivity_options)(method)
 
 
-@register_method(
-    "zoo",
-    "ZOO-Prune: projector sensitivity x max-min diversity",
-    validate=check_sensitivity_options,
-)
-def zoo(
-    tokens: TokenSet,
-    k: int,
-    *,
-    estimator: str = "auto",
-    num_directions: int = 64,
-    step: float = 0.01,
-    seed: int = 0,
-    zo_dtype: str = "float32",
-    rank: int = 128,
-) -> MethodResult:
-    options = dict(estimator=estimator, num_directions=num_directions, step=step, seed=seed)
-    return _zoo_greedy(tokens, k, "product", options | dict(zo_dtype=zo_dtype, rank=rank))
+def _greedy(fusion: str) -> Callable[[TokenSet, int, torch.Tensor], torch.Tensor]:
+    def choose(tokens: TokenSet, k: int, scores: torch.Tensor) -> torch.Tensor:
+        weights = minmax_normalize(scores)
+        return maxmin_select(tokens.projected, k, weights=weights, fusion=fusion)
+
+    return choose
 
 
-@register_method(
-    "zoo-sum",
-    "ablation: sensitivity + diversity (additive fusion)",
-    validate=check_sensitivity_options,
-)
-def zoo_sum(
-    tokens: TokenSet,
-    k: int,
-    *,
-    estimator: str = "auto",
-    num_directions: int = 64,
-    step: float = 0.01,
-    seed: int = 0,
-    zo_dtype: str = "float32",
-    rank: int = 128,
-) -> MethodResult:
-    options = dict(estimator=estimator, num_directions=num_directions, step=step, seed=seed)
-    return _zoo_greedy(tokens, k, "sum", options | dict(zo_dtype=zo_dtype, rank=rank))
-
-
-@register_method(
-    "sensitivity",
-    "ablation: top-k by projector sensitivity alone",
-    validate=check_sensitivity_options,
-)
-def sensitivity_only(
-    tokens: TokenSet,
-    k: int,
-    *,
-    estimator: str = "auto",
-    num_directions: int = 64,
-    step: float = 0.01,
-    seed: int = 0,
-    zo_dtype: str = "float32",
-    rank: int = 128,
-) -> MethodResult:
-    options = dict(estimator=estimator, num_directions=num_directions, step=step, seed=seed)
-    scores, ran = sensitivity_scores(tokens, **options, zo_dtype=zo_dtype, rank=rank)
+def _top_k(tokens: TokenSet, k: int, scores: torch.Tensor) -> torch.Tensor:
     # Stable sort so that ties go to the lower index, as in the greedy methods.
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    return MethodResult(_sorted(order[:, :k]), scores=scores, details={"estimator": ran})
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+_register_sensitivity_method(
+    "zoo", "ZOO-Prune: projector sensitivity x max-min diversity", _greedy("product")
+)
+_register_sensitivity_method(
+    "zoo-sum", "ablation: sensitivity + diversity (additive fusion)", _greedy("sum")
+)
+_register_sensitivity_method(
+    "sensitivity", "ablation: top-k by projector sensitivity alone", _top_k
+)
 
 
 @register_method("divprune", "DivPrune: max-min diversity of projected tokens (1 - cosine)")

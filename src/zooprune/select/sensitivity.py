@@ -52,7 +52,7 @@ def zo_sensitivity(
     Args:
         project: the projector M, applied row-wise: ``[..., d_v] -> [..., d_l]``. It is
             called on inputs of ``compute_dtype``; pass a projector whose parameters are in
-            that dtype (see :func:`zooprune.adapters.base.projector_in_dtype`).
+            that dtype (see :func:`projector_in_dtype`).
         features: projector inputs X, ``[B, N, d_v]``.
         num_directions: m.
         step: h.
@@ -69,22 +69,41 @@ def zo_sensitivity(
     """
     if features.ndim != 3:
         raise ValueError(f"features must be [B, N, d_v], got shape {tuple(features.shape)}")
-    if num_directions < 1 or chunk_size < 1:
-        raise ValueError("num_directions and chunk_size must be positive")
     if not step > 0:
         raise ValueError(f"step must be positive, got {step}")
+
+    def central_difference(x: Tensor, u: Tensor) -> Tensor:
+        plus = (x + step * u).to(compute_dtype)
+        minus = (x - step * u).to(compute_dtype)
+        # One projector call for both signs of the whole chunk.
+        out = project(torch.cat([plus, minus])).to(x.dtype)  # [2c, B, N, d_l]
+        return (out[: u.shape[0]] - out[u.shape[0] :]) / (2 * step)
+
+    return _mean_norm_over_bank(
+        central_difference, features, num_directions, seed, chunk_size, mask
+    )
+
+
+def _mean_norm_over_bank(
+    directional: Callable[[Tensor, Tensor], Tensor],
+    features: Tensor,
+    num_directions: int,
+    seed: int,
+    chunk_size: int,
+    mask: Tensor | None,
+) -> Tensor:
+    """(1/m) sum_j ||directional(x, u_j)|| over the seeded bank, in chunks of directions.
+
+    ``directional(x [B, N, d_v], u [c, 1, 1, d_v])`` returns ``[c, B, N, d_l]``.
+    """
+    if num_directions < 1 or chunk_size < 1:
+        raise ValueError("num_directions and chunk_size must be positive")
     x = at_least_float32(features)
     bank = direction_bank(num_directions, x.shape[-1], seed=seed, device=x.device).to(x.dtype)
     total = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)
     for start in range(0, num_directions, chunk_size):
-        u = bank[start : start + chunk_size, None, None, :] * step  # [c, 1, 1, d_v]
-        plus = (x + u).to(compute_dtype)
-        minus = (x - u).to(compute_dtype)
-        # One projector call for both signs of the whole chunk.
-        out = project(torch.cat([plus, minus])).to(x.dtype)  # [2c, B, N, d_l]
-        c = u.shape[0]
-        delta = (out[:c] - out[c:]) / (2 * step)
-        total += delta.norm(dim=-1).sum(dim=0)
+        u = bank[start : start + chunk_size, None, None, :]  # [c, 1, 1, d_v]
+        total += directional(x, u).to(x.dtype).norm(dim=-1).sum(dim=0)
     sensitivity = total / num_directions
     if mask is not None:
         sensitivity = sensitivity.masked_fill(~mask, 0.0)
@@ -142,18 +161,10 @@ def jvp_sensitivity(
     The same direction bank as :func:`zo_sensitivity`, so the two agree up to the
     finite-difference error. Works for any token-wise projector. Shapes as there.
     """
-    if num_directions < 1 or chunk_size < 1:
-        raise ValueError("num_directions and chunk_size must be positive")
-    x = at_least_float32(features)
-    bank = direction_bank(num_directions, x.shape[-1], seed=seed, device=x.device).to(x.dtype)
-    total = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)
-    for start in range(0, num_directions, chunk_size):
-        u = bank[start : start + chunk_size, None, None, :]  # [c, 1, 1, d_v]
+
+    def derivative(x: Tensor, u: Tensor) -> Tensor:
         # Dual tensors need their own memory: no expanded (aliased) views.
         primal = x.expand(u.shape[0], *x.shape).contiguous()
-        _, derivative = torch.func.jvp(project, (primal,), (u.expand_as(primal).contiguous(),))
-        total += derivative.to(x.dtype).norm(dim=-1).sum(dim=0)
-    sensitivity = total / num_directions
-    if mask is not None:
-        sensitivity = sensitivity.masked_fill(~mask, 0.0)
-    return sensitivity
+        return torch.func.jvp(project, (primal,), (u.expand_as(primal).contiguous(),))[1]
+
+    return _mean_norm_over_bank(derivative, features, num_directions, seed, chunk_size, mask)
