@@ -17,6 +17,12 @@ console = Console()
 def _methods(args: argparse.Namespace) -> int:
     from zooprune.select import METHODS
 
+    if args.matrix:
+        from zooprune.adapters import support_matrix
+
+        print(support_matrix(), end="")
+        return 0
+
     table = Table(title="zooprune methods")
     table.add_column("method", style="bold")
     table.add_column("what it keeps")
@@ -374,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
 
     methods = commands.add_parser("methods", help="list the pruning methods")
+    methods.add_argument(
+        "--matrix", action="store_true", help="print the model x method support table (Markdown)"
+    )
     methods.set_defaults(handler=_methods)
 
     speed = commands.add_parser("speed", help="time unpruned vs pruned end to end, per budget")

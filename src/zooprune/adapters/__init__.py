@@ -25,4 +25,35 @@ def adapter_for(model: nn.Module) -> Adapter:
     )
 
 
-__all__ = ["ADAPTERS", "Adapter", "adapter_for"]
+def support_matrix() -> str:
+    """The family x method table of the README, in Markdown, from the registries."""
+    from zooprune.select import METHODS
+
+    names = sorted(METHODS)
+    lines = [
+        "| model class | N per image | " + " | ".join(f"`{name}`" for name in names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    notes: list[str] = []
+    for adapter in ADAPTERS.values():
+        cells = []
+        for name in names:
+            conditions = [adapter.extras.get(need, "") for need in sorted(METHODS[name].needs)]
+            if not all(conditions):
+                cells.append("–")
+            elif conditions:
+                notes.append(f"`{name}` on {adapter.name}: {'; '.join(conditions)}")
+                cells.append(f"✓ ({len(notes)})")
+            else:
+                cells.append("✓")
+        classes = ", ".join(f"`{cls.__name__}`" for cls in adapter.model_classes)
+        lines.append(
+            f"| {classes} {adapter.requirement} | {adapter.tokens_per_image} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines += ["", *[f"({i}) {note}" for i, note in enumerate(notes, 1)]]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+__all__ = ["ADAPTERS", "Adapter", "adapter_for", "support_matrix"]

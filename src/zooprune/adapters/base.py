@@ -45,6 +45,10 @@ class Adapter(ABC):
     model_classes: tuple[type[nn.Module], ...]
     #: one line on what in those classes is supported, for error messages and the README
     requirement: str = ""
+    #: what N is for one image, in words, for the README's support matrix
+    tokens_per_image: str = ""
+    #: for each extra a method may need, when this family's models provide it ("" = never)
+    extras: dict[str, str] = {}
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:

@@ -42,6 +42,8 @@ class LlavaAdapter(Adapter):
     name = "llava"
     model_classes = (LlavaForConditionalGeneration,)
     requirement = "with a CLIP or SigLIP vision tower (the LLaVA-1.5 layout)"
+    tokens_per_image = "(image side / patch)^2, CLS excluded"
+    extras = {"cls_attention": "CLIP tower, `default` feature strategy, one feature layer"}
     image_input_names = (
         "pixel_values",
         "image_sizes",
