@@ -33,6 +33,8 @@ def test_run_answers_on_a_tiny_model_saved_to_disk(tmp_path, capsys):
             "9",
             "--max-new-tokens",
             "3",
+            "--show",
+            str(tmp_path / "kept.png"),
         ]
     )
     out = capsys.readouterr().out
@@ -40,6 +42,7 @@ def test_run_answers_on_a_tiny_model_saved_to_disk(tmp_path, capsys):
     assert "answer:" in out and "9 / 64" in out
     for column in ("vision encode", "selection", "prefill", "decode"):
         assert column in out
+    assert (tmp_path / "kept.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_run_reports_bad_input(tmp_path, capsys):

@@ -132,6 +132,13 @@ def _run(args: argparse.Namespace) -> int:
     console.print(
         f"[dim]{new_tokens} new tokens, {args.dtype}, {torch.get_num_threads()} threads[/dim]"
     )
+    if args.show:
+        from zooprune.viz import plot_selection, processed_image
+
+        images = processor.image_processor
+        picture = processed_image(inputs["pixel_values"][0], images.image_mean, images.image_std)
+        path = plot_selection(picture, [(args.method, selection.images[0])], args.show)
+        console.print(f"wrote {path}")
     return 0
 
 
@@ -374,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, default=32)
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     run.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    run.add_argument("--show", metavar="PNG", help="draw the kept patches and scores to this file")
     run.add_argument(
         "--option", action="append", default=[], metavar="NAME=VALUE", help="a method option"
     )

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display is assumed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 
 
 def plot_speed(result: dict[str, Any], path: str | Path) -> Path:
@@ -50,6 +51,74 @@ def plot_speed(result: dict[str, Any], path: str | Path) -> Path:
     right.set_ylabel("speed-up over unpruned (x)")
     right.legend(fontsize=8)
     fig.suptitle(f"{result['model']}\n{result['dtype']}, {result['machine']['cpu']}", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def processed_image(pixel_values: Any, mean: Any, std: Any) -> Any:
+    """The image the model saw, as ``[H, W, 3]`` floats in [0, 1]: normalisation undone.
+
+    Args:
+        pixel_values: ``[3, H, W]`` one image as the processor produced it.
+        mean, std: the processor's per-channel normalisation.
+    """
+    import torch
+
+    x = pixel_values.detach().float().cpu()
+    x = x * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    return x.clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def plot_selection(image: Any, selections: list[tuple[str, Any]], path: str | Path) -> Path:
+    """Which patches each method kept, and the score it ranked by, over the image.
+
+    Args:
+        image: ``[H, W, 3]`` in [0, 1] (see :func:`processed_image`).
+        selections: ``(title, ImageSelection)`` pairs, one column each; the second row
+            shows the method's per-token score as a heatmap when it has one.
+    """
+    import numpy as np
+
+    rows = 2 if any(sel.scores is not None for _, sel in selections) else 1
+    fig, axes = plt.subplots(rows, len(selections), figsize=(3.2 * len(selections), 3.3 * rows))
+    axes = np.array(axes).reshape(rows, len(selections))
+    height, width = image.shape[:2]
+    for column, (title, sel) in enumerate(selections):
+        grid_h, grid_w = sel.grid
+        kept = np.zeros(grid_h * grid_w, dtype=bool)
+        kept[sel.indices.cpu().numpy()] = True
+        shade = np.where(kept.reshape(grid_h, grid_w), 1.0, 0.25)
+        shade = np.kron(shade, np.ones((-(-height // grid_h), -(-width // grid_w))))[
+            :height, :width
+        ]
+        ax = axes[0, column]
+        ax.imshow(image * shade[..., None])
+        cell_h, cell_w = height / grid_h, width / grid_w
+        for index in np.flatnonzero(kept):
+            r, c = divmod(int(index), grid_w)
+            ax.add_patch(
+                Rectangle(
+                    (c * cell_w - 0.5, r * cell_h - 0.5),
+                    cell_w,
+                    cell_h,
+                    fill=False,
+                    edgecolor="#00e5ff",
+                    linewidth=0.8,
+                )
+            )
+        ax.set_title(f"{title}: {sel.kept}/{sel.num_tokens} kept", fontsize=9)
+        ax.axis("off")
+        if rows == 2:
+            ax = axes[1, column]
+            ax.axis("off")
+            if sel.scores is not None:
+                ax.imshow(image)
+                heat = sel.scores.float().cpu().numpy().reshape(grid_h, grid_w)
+                ax.imshow(heat, cmap="inferno", alpha=0.6, extent=(0, width, height, 0))
+                ax.set_title("score per patch", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
