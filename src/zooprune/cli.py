@@ -34,17 +34,6 @@ def _methods(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Clock:
-    """A logits processor that timestamps every decoding step without changing scores."""
-
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids, scores):  # noqa: ANN001 (transformers' protocol)
-        self.stamps.append(time.perf_counter())
-        return scores
-
-
 def _run(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
@@ -85,7 +74,9 @@ def _run(args: argparse.Namespace) -> int:
     except zooprune.PruneError as error:
         console.print(f"[red]{error}[/red]")
         return 2
-    clock = _Clock()
+    from zooprune.bench.timing import StepClock
+
+    clock = StepClock()
     try:
         with console.status(f"generating with {args.method}"), torch.no_grad():
             start = time.perf_counter()
@@ -95,7 +86,6 @@ def _run(args: argparse.Namespace) -> int:
                 do_sample=False,
                 logits_processor=LogitsProcessorList([clock]),
             )
-            end = time.perf_counter()
     except zooprune.PruneError as error:
         console.print(f"[red]{error}[/red]")
         return 2
@@ -106,8 +96,7 @@ def _run(args: argparse.Namespace) -> int:
     selection = handle.selection
     new_tokens = output.shape[1] - prompt_length
     prefill = clock.stamps[0] - start - selection.encode_seconds - selection.select_seconds
-    # Steps after the first each cost one cached forward; with one token there is none.
-    decode = (end - clock.stamps[0]) / (new_tokens - 1) if new_tokens > 1 else None
+    decode = clock.per_step()
     answer = answer.strip() or f"[dim](no text: the model ended after {new_tokens} token(s))[/dim]"
     console.print(f"[bold]answer:[/bold] {answer}")
     table = Table(show_header=True)
@@ -303,6 +292,7 @@ def _speed_kernels(args: argparse.Namespace) -> int:
         budgets=args.budgets,
         images=args.images,
         num_directions=args.num_directions,
+        token_scale=args.token_scale,
         device=args.device,
     )
     _set_threads(args.threads)
@@ -330,8 +320,10 @@ def _speed_kernels(args: argparse.Namespace) -> int:
     console.print(table)
     gram_ms = result["setup"]["exact_gram_kernel_s"] * 1e3
     console.print(
-        f"exact: one-off Gram kernel {gram_ms:.0f} ms per model (cached); "
-        f"zo: m={config.num_directions}, h=0.01, float32"
+        f"one-off per model (cached): exact's Gram kernel {gram_ms:.0f} ms, lowrank's SVD "
+        f"{result['setup']['lowrank_svd_s'] * 1e3:.0f} ms; zo: m={config.num_directions}, "
+        f"h=0.01, float32; jvp and lowrank use zo's direction bank; features: N(0, 1)"
+        + (f" x log-normal({config.token_scale}) per token" if config.token_scale else "")
     )
     greedy = Table(title="greedy selection vs the naive re-slicing loop")
     for column in (
@@ -351,6 +343,8 @@ def _speed_kernels(args: argparse.Namespace) -> int:
             f"{row['naive_reslice_s'] * 1e3:.2f}",
             f"{row['speedup']:.1f}",
             f"{row['distance_matrix_s'] * 1e3:.2f}",
+            f"{row['ours_loop_s'] * 1e3:.2f}",
+            f"{row['naive_loop_s'] * 1e3:.2f}",
             f"{row['loop_speedup']:.1f}",
             str(row["same_selection"]),
         )
@@ -416,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.add_argument("--budgets", type=_budgets, default=(64, 128, 192))
     kernels.add_argument("--images", type=int, default=4)
     kernels.add_argument("--num-directions", type=int, default=64)
+    kernels.add_argument(
+        "--token-scale", type=float, default=0.0, help="sigma of a log-normal per-token scale"
+    )
     kernels.add_argument("--device", default="cpu")
     kernels.add_argument("--threads", type=int, default=0)
     kernels.add_argument("--out", default="out/speed")

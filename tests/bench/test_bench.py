@@ -43,6 +43,9 @@ def test_kernel_benchmark_on_small_shapes():
     assert rows["jvp"]["spearman_vs_zo"] > 0.99  # same directions, no step: nearly identical
     assert rows["exact"]["spearman_vs_zo"] > 0.8
     assert all(row["same_selection"] for row in result["greedy"])
+    for row in result["greedy"]:
+        assert 0 < row["ours_loop_s"] and 0 < row["naive_loop_s"] and row["distance_matrix_s"] > 0
+    assert result["setup"]["exact_gram_kernel_s"] > 0 and result["setup"]["lowrank_svd_s"] > 0
     assert [row["k"] for row in result["greedy"]] == [4, 12]
 
 
@@ -71,6 +74,9 @@ def test_speed_rows_are_consistent(speed_result):
     assert lm[0] > lm[1] > lm[2] > 0
     assert rows[0]["select_s"] == 0 and all(r["select_s"] > 0 for r in rows[1:])
     assert rows[1]["estimator"] == "exact"
+    assert all(r["greedy_s"] > 0 and r["scoring_s"] > 0 for r in rows[1:])
+    assert all(r["decode_per_token_s"] > 0 for r in rows)  # timed inside generate
+    assert set(rows[0]["peak_memory_bytes"]) == {"prefill", "generate", "end_to_end", "first_token"}
     assert rows[0]["prefill_speedup"] == 1.0
 
 

@@ -66,3 +66,39 @@ def test_exact_scoring_is_a_small_share_of_a_7b_prefill():
     )
     zo_share = flops.scoring(seven_b, 576, "zo") / flops.prefill(seven_b, 576 + 64)
     assert share < 0.005 < 0.1 < zo_share
+
+
+def test_scoring_counts_match_the_flop_counter():
+    from torch import nn
+
+    from zooprune.select.mlp import as_mlp, exact_sensitivity, low_rank_projector
+    from zooprune.select.sensitivity import jvp_sensitivity, zo_sensitivity
+
+    d_v, hidden, d_l, n, m = 16, 40, 24, 30, 16
+    s = flops.Shapes(
+        vision_dim=d_v,
+        vision_layers=1,
+        vision_ffn=1,
+        vision_tokens=n + 1,
+        patch_inputs=1,
+        projector_hidden=hidden,
+        text_dim=d_l,
+        text_layers=1,
+        text_ffn=1,
+        kv_dim=1,
+        vocab=1,
+    )
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(d_v, hidden), nn.GELU(), nn.Linear(hidden, d_l))
+    x = torch.randn(1, n, d_v)
+    mlp = as_mlp(module)
+    exact_sensitivity(module, mlp, x)  # build the cached kernel outside the count
+    low = low_rank_projector(module, mlp, 8, x.device)
+    measured = {
+        "exact": counted(lambda: exact_sensitivity(module, mlp, x)),
+        "zo": counted(lambda: zo_sensitivity(module, x, num_directions=m)),
+        "jvp": counted(lambda: jvp_sensitivity(module, x, num_directions=m)),
+        "lowrank": counted(lambda: zo_sensitivity(low, x, num_directions=m)),
+    }
+    for estimator, value in measured.items():
+        assert value == flops.scoring(s, n, estimator, directions=m, rank=8), estimator

@@ -56,6 +56,17 @@ def test_jvp_equals_jacobian_times_directions_exactly():
     torch.testing.assert_close(got[0], expected, rtol=1e-12, atol=0)
 
 
+def test_exact_is_the_root_mean_square_directional_derivative():
+    # E||J u||^2 = ||J||_F^2 / d_v holds exactly for unit u; the bank's sample mean of
+    # ||J u_j||^2 converges to it, so exact must sit within sampling error of it.
+    module = mlp(seed=8)
+    x = torch.randn(1, 6, D_V, dtype=torch.float64)
+    bank = direction_bank(20_000, D_V, seed=1).double()
+    squares = (jacobians(module, x[0]) @ bank.T).pow(2).sum(dim=1).mean(dim=-1)
+    exact = exact_sensitivity(module, as_mlp(module), x)[0].double()
+    torch.testing.assert_close(exact, squares.sqrt(), rtol=0.01, atol=0)
+
+
 def test_zo_approaches_exact_as_m_grows_and_h_shrinks():
     module = mlp(seed=2)
     x = torch.randn(1, 6, D_V, dtype=torch.float64)
@@ -96,6 +107,30 @@ def test_gram_kernel_is_cached_and_rebuilt_when_weights_change():
     module.load_state_dict(mlp(seed=5, dtype=torch.float32).state_dict())
     exact_sensitivity(module, as_mlp(module), x)
     assert GRAM_KERNELS.builds == builds + 3
+
+
+def test_gram_kernel_cache_sees_replaced_parameters_data_edits_and_dtype_changes():
+    module = mlp(seed=6, dtype=torch.float32)
+    x = torch.randn(1, 5, D_V)
+
+    def check():
+        got = exact_sensitivity(module, as_mlp(module), x)
+        reference = mlp(seed=0, dtype=torch.float32)
+        reference.load_state_dict({k: v.float() for k, v in module.state_dict().items()})
+        torch.testing.assert_close(got, exact_sensitivity(reference, as_mlp(reference), x))
+
+    check()
+    for scale in (2.0, 3.0):  # a new Parameter each time; ids may be reused after GC
+        module[2].weight = nn.Parameter(module[2].weight.detach() * scale)
+        check()
+    with torch.no_grad():
+        module[0].weight.data.mul_(0.5)  # .data has its own version counter
+    check()
+    module.to(torch.float64)
+    check()
+    with torch.inference_mode():
+        frozen = mlp(seed=7, dtype=torch.float32)
+    assert exact_sensitivity(frozen, as_mlp(frozen), x).shape == (1, 5)
 
 
 def test_as_mlp_recognises_only_plain_gelu_mlps():

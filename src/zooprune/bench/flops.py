@@ -79,12 +79,21 @@ def projector(s: Shapes, tokens: int) -> float:
     return 2.0 * tokens * (s.vision_dim * s.projector_hidden + s.projector_hidden * s.text_dim)
 
 
-def scoring(s: Shapes, tokens: int, estimator: str, directions: int = 64, rank: int = 128) -> float:
+def scoring(
+    s: Shapes,
+    tokens: int,
+    estimator: str,
+    directions: int = 64,
+    rank: int = 128,
+    chunk: int = 8,
+) -> float:
     """Per image; the exact estimator's one-off H x H kernel is in :func:`exact_setup`."""
     if estimator == "exact":
         return 2.0 * tokens * (s.vision_dim * s.projector_hidden + s.projector_hidden**2)
-    if estimator in ("zo", "jvp"):  # 2 projector passes per direction (jvp: primal + tangent)
+    if estimator == "zo":  # M(x + h u) and M(x - h u) for every direction
         return 2 * directions * projector(s, tokens)
+    if estimator == "jvp":  # one tangent pass per direction, two primal passes per chunk
+        return (directions + 2 * -(-directions // chunk)) * projector(s, tokens)
     if estimator == "lowrank":
         per_token = rank * (s.vision_dim + 2 * s.projector_hidden + s.text_dim)
         return 2 * directions * 2.0 * tokens * per_token

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import statistics
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LogitsProcessorList
 
 import zooprune
 from zooprune.adapters import adapter_for
 from zooprune.bench import flops
-from zooprune.bench.timing import machine, median_seconds
+from zooprune.bench.timing import StepClock, machine, median_seconds
 from zooprune.select import TokenSet, get_method
 from zooprune.select.methods import sensitivity_scores
 from zooprune.tiny import llava_layout_config
@@ -134,6 +135,35 @@ def _reset_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def _phase(peaks: dict[str, int | None], device: str, name: str, run: Callable[[], Any]) -> Any:
+    """``run()``, recording the peak device memory it reached under ``name`` (CUDA only)."""
+    _reset_peak(device)
+    result = run()
+    peaks[name] = _peak_memory(device)
+    return result
+
+
+def self_timed_generate(
+    model: Any,
+    prepared: dict[str, Any],
+    options: dict[str, Any],
+    config: SpeedConfig,
+    measure: Callable[[Callable[[], Any]], float],
+) -> tuple[float, float]:
+    """Median LM generation time, and median decode step timed inside the same calls."""
+    steps: list[float] = []
+
+    def run() -> None:
+        clock = StepClock()
+        model.generate(**prepared, **options, logits_processor=LogitsProcessorList([clock]))
+        if clock.per_step() is not None:
+            steps.append(clock.per_step())
+
+    seconds = measure(run)
+    timed_steps = steps[config.warmup :] or steps
+    return seconds, statistics.median(timed_steps) if timed_steps else float("nan")
+
+
 def run_speed_benchmark(
     config: SpeedConfig, progress: Callable[[str], None] = lambda _: None
 ) -> dict[str, Any]:
@@ -169,7 +199,7 @@ def run_speed_benchmark(
                     "keep": keep if keep is not None else n,
                     "pruned": keep is not None,
                 }
-                scoring_s = select_s = 0.0
+                scoring_s = select_s = greedy_s = 0.0
                 estimator = None
                 if handle is None:
                     prepared = {
@@ -189,34 +219,49 @@ def run_speed_benchmark(
                         keys=None if encoded.keys is None else encoded.keys[0][None],
                     )
                     select_s = measure(partial(method, tokens, keep))
-                    if "estimator" in method.options:
+                    choose = getattr(method.fn, "choose", None)
+                    if choose is not None:  # a sensitivity-scored method: time both stages
                         scoring_s = measure(partial(sensitivity_scores, tokens))
-                        estimator = sensitivity_scores(tokens)[1]
+                        scores, estimator = sensitivity_scores(tokens)
+                        greedy_s = measure(partial(choose, tokens, keep, scores))
                     prepared = handle.prepare(dict(inputs))
                 length = prepared["input_ids"].shape[1]
-                _reset_peak(config.device)
+                peaks: dict[str, int | None] = {}
+                phase = partial(_phase, peaks, config.device)
                 prefill = partial(model, **prepared, logits_to_keep=1, use_cache=True)
-                prefill_s = measure(prefill)
+                prefill_s = phase("prefill", partial(measure, prefill))
                 cache = prefill().past_key_values
-                generate_s = measure(partial(model.generate, **prepared, **generate_options))
-                end_to_end_s = measure(partial(model.generate, **inputs, **generate_options))
-                first_token_s = measure(
-                    partial(model.generate, **inputs, max_new_tokens=1, do_sample=False)
+                generate_s, decode_s = phase(
+                    "generate",
+                    partial(
+                        self_timed_generate, model, prepared, generate_options, config, measure
+                    ),
+                )
+                end_to_end_s = phase(
+                    "end_to_end",
+                    partial(measure, partial(model.generate, **inputs, **generate_options)),
+                )
+                first_token_s = phase(
+                    "first_token",
+                    partial(
+                        measure,
+                        partial(model.generate, **inputs, max_new_tokens=1, do_sample=False),
+                    ),
                 )
                 row.update(
                     sequence_length=length,
                     encode_s=encode_s,
                     select_s=select_s,
                     scoring_s=scoring_s,
-                    greedy_s=max(select_s - scoring_s, 0.0),
+                    greedy_s=greedy_s,
                     estimator=estimator,
                     prefill_s=prefill_s,
-                    decode_per_token_s=(generate_s - prefill_s) / max(config.new_tokens - 1, 1),
+                    decode_per_token_s=decode_s,
                     generate_s=generate_s,
                     end_to_end_s=end_to_end_s,
                     time_to_first_token_s=first_token_s,
                     kv_cache_bytes=_cache_bytes(cache),
-                    peak_memory_bytes=_peak_memory(config.device),
+                    peak_memory_bytes=peaks,
                     flops={
                         "vision": flops.vision(shapes),
                         "projector": flops.projector(shapes, n),

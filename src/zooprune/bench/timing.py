@@ -35,6 +35,26 @@ def median_seconds(
     return statistics.median(timed(fn, device)[0] for _ in range(max(1, repeats)))
 
 
+class StepClock:
+    """A logits processor that timestamps every decoding step and leaves scores alone.
+
+    The first stamp comes right after prefill; the gaps after it are cached decode steps.
+    """
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.stamps.append(time.perf_counter())
+        return scores
+
+    def per_step(self) -> float | None:
+        """Mean seconds per decode step (None with fewer than two steps)."""
+        if len(self.stamps) < 2:
+            return None
+        return (self.stamps[-1] - self.stamps[0]) / (len(self.stamps) - 1)
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     cpu = platform.processor() or platform.machine()

@@ -34,6 +34,12 @@ def unit_rows(features: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def pairwise_distances(features: Tensor) -> Tensor:
+    """1 - cos between all tokens of each image, ``[B, N, d] -> [B, N, N]``, one GEMM."""
+    unit = unit_rows(features)
+    return _distance(unit @ unit.transpose(-1, -2))
+
+
 def maxmin_select(
     features: Tensor,
     k: int,
@@ -42,6 +48,7 @@ def maxmin_select(
     mask: Tensor | None = None,
     fusion: Fusion = "product",
     first: FirstPick = "max_weight",
+    distances: Tensor | None = None,
 ) -> Tensor:
     """Greedy max-min selection of ``k`` tokens per image, in pick order.
 
@@ -63,6 +70,7 @@ def maxmin_select(
         fusion: how weights and diversity combine.
         first: ``max_weight`` starts at argmax w (needs weights); ``farthest_neighbour``
             starts at the token whose nearest neighbour is farthest (DivPrune's rule).
+        distances: optional precomputed ``[B, N, N]`` from :func:`pairwise_distances`.
 
     Returns:
         ``[B, k]`` int64 token indices in the order they were picked.
@@ -75,15 +83,16 @@ def maxmin_select(
     if first == "max_weight" and weights is None:
         raise ValueError("first='max_weight' needs weights")
     device = features.device
-    unit = unit_rows(features)
     if mask is None:
         mask = torch.ones(batch, n, dtype=torch.bool, device=device)
-    distances = _distance(unit @ unit.transpose(1, 2))  # [B, N, N]
-    rows = distances.view(batch * n, n)
+    if distances is None:
+        distances = pairwise_distances(features)
+    rows = distances.reshape(batch * n, n)
     offsets = torch.arange(batch, device=device) * n
     # 0 for candidates, -inf once picked (or padding): added to every score.
-    penalty = torch.zeros(batch, n, dtype=unit.dtype, device=device).masked_fill(~mask, -torch.inf)
-    w = weights.to(unit.dtype) if weights is not None else None
+    dtype = distances.dtype
+    penalty = torch.zeros(batch, n, dtype=dtype, device=device).masked_fill(~mask, -torch.inf)
+    w = weights.to(dtype) if weights is not None else None
 
     if first == "max_weight":
         pick = (w + penalty).argmax(dim=-1)
@@ -97,7 +106,7 @@ def maxmin_select(
         raise ValueError(f"unknown first-pick rule {first!r}")
 
     picks = [pick]
-    min_dist = torch.full((batch, n), torch.inf, dtype=unit.dtype, device=device)
+    min_dist = torch.full((batch, n), torch.inf, dtype=dtype, device=device)
     score = torch.empty_like(min_dist)
     for _ in range(1, k):
         flat = pick + offsets

@@ -86,11 +86,27 @@ def gelu_derivative(a: Tensor, kind: GeluKind) -> Tensor:
     return 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * a * a)
 
 
+def _tensor_state(t: Tensor) -> tuple:
+    """What changes when a weight does: storage, in-place version, dtype, device, values.
+
+    The values are summarised by a strided sample, which also catches edits through
+    ``.data`` (its own version counter) and weights made under inference mode (none).
+    """
+    try:
+        version = t._version
+    except RuntimeError:  # inference tensors track no version
+        version = None
+    flat = t.detach().reshape(-1)
+    sample = flat[:: max(1, flat.numel() // 4096)]
+    return (t.data_ptr(), version, t.dtype, t.device, float(sample.double().sum()))
+
+
 class _PerWeightsCache:
     """Values derived from a projector's weights, rebuilt whenever a weight changes.
 
-    Keyed weakly by module; a weight's identity, storage and in-place version counter
-    detect ``load_state_dict``, optimiser steps, ``.to()`` and replaced parameters.
+    Keyed weakly by module. An entry holds weak references to the very weight tensors it
+    was built from (so a replaced Parameter never matches, even if Python reuses an id)
+    and their :func:`_tensor_state`.
     """
 
     def __init__(self, build: Callable[[MLPWeights, torch.device], object]) -> None:
@@ -99,24 +115,30 @@ class _PerWeightsCache:
         self.builds = 0
 
     def get(self, projector: nn.Module, mlp: MLPWeights, device: torch.device) -> object:
-        signature = tuple(
-            (id(t), t.data_ptr(), t._version, t.dtype, t.device)
-            for t in (mlp.w1, mlp.b1, mlp.w2, mlp.b2)
-            if t is not None
-        ) + (mlp.gelu, device)
+        tensors = [t for t in (mlp.w1, mlp.b1, mlp.w2, mlp.b2) if t is not None]
+        state = (tuple(_tensor_state(t) for t in tensors), mlp.gelu, device)
         entry = self._entries.get(projector)
-        if entry is None or entry[0] != signature:
+        fresh = (
+            entry is not None
+            and len(entry[0]) == len(tensors)
+            and all(ref() is t for ref, t in zip(entry[0], tensors, strict=True))
+            and entry[1] == state
+        )
+        if not fresh:
             with torch.no_grad():
-                entry = (signature, self.build(mlp, device))
+                value = self.build(mlp, device)
+            entry = (tuple(weakref.ref(t) for t in tensors), state, value)
             self._entries[projector] = entry
             self.builds += 1
-        return entry[1]
+        return entry[2]
 
 
-def _gram_kernel(mlp: MLPWeights, device: torch.device) -> Tensor:
+def _gram_kernel(mlp: MLPWeights, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
+    """K = (W2^T W2) o (W1 W1^T), and float32 W1, b1 for the per-image part."""
     w1 = mlp.w1.to(device, torch.float32)
     w2 = mlp.w2.to(device, torch.float32)
-    return (w2.T @ w2) * (w1 @ w1.T)  # [H, H]
+    b1 = None if mlp.b1 is None else mlp.b1.to(device, torch.float32)
+    return (w2.T @ w2) * (w1 @ w1.T), w1, b1
 
 
 GRAM_KERNELS = _PerWeightsCache(_gram_kernel)
@@ -133,17 +155,18 @@ def exact_sensitivity(projector: nn.Module, mlp: MLPWeights, features: Tensor) -
     Returns:
         ``[B, N]`` float32.
     """
-    kernel = GRAM_KERNELS.get(projector, mlp, features.device)
+    kernel, w1, b1 = GRAM_KERNELS.get(projector, mlp, features.device)
     x = features.to(torch.float32)
-    a = x @ mlp.w1.to(torch.float32).T
-    if mlp.b1 is not None:
-        a = a + mlp.b1.to(torch.float32)
+    a = x @ w1.T
+    if b1 is not None:
+        a = a + b1
     g = gelu_derivative(a, mlp.gelu)  # [B, N, H]
     squared = ((g @ kernel) * g).sum(dim=-1)
     return (squared.clamp_min(0.0) / x.shape[-1]).sqrt()
 
 
-def _low_rank_factors(mlp: MLPWeights, device: torch.device, rank: int) -> list[Tensor]:
+def low_rank_factors(mlp: MLPWeights, device: torch.device, rank: int) -> list[Tensor]:
+    """``[A1, C1, A2, C2]`` with ``x @ A @ C`` the rank-``rank`` SVD truncation of ``x @ W^T``."""
     factors = []
     for w in (mlp.w1, mlp.w2):
         u, s, vh = torch.linalg.svd(w.to(device, torch.float32), full_matrices=False)
@@ -167,7 +190,7 @@ def low_rank_projector(
     if rank < 1:
         raise ValueError(f"rank must be positive, got {rank}")
     if rank not in _LOW_RANK:
-        _LOW_RANK[rank] = _PerWeightsCache(lambda m, d, r=rank: _low_rank_factors(m, d, r))
+        _LOW_RANK[rank] = _PerWeightsCache(lambda m, d, r=rank: low_rank_factors(m, d, r))
     a1, c1, a2, c2 = _LOW_RANK[rank].get(projector, mlp, device)
     b1 = None if mlp.b1 is None else mlp.b1.to(device, torch.float32)
     b2 = None if mlp.b2 is None else mlp.b2.to(device, torch.float32)

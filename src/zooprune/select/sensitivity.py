@@ -163,8 +163,13 @@ def jvp_sensitivity(
     """
 
     def derivative(x: Tensor, u: Tensor) -> Tensor:
-        # Dual tensors need their own memory: no expanded (aliased) views.
-        primal = x.expand(u.shape[0], *x.shape).contiguous()
-        return torch.func.jvp(project, (primal,), (u.expand_as(primal).contiguous(),))[1]
+        def along(direction: Tensor) -> Tensor:
+            # Dual tensors need their own memory: no expanded (aliased) view as tangent.
+            tangent = direction.expand_as(x).contiguous()
+            return torch.func.jvp(project, (x,), (tangent,))[1]
+
+        # vmap batches only the tangents: the primal pass runs once per chunk, so m
+        # directions cost about m tangent passes plus two primal passes per chunk.
+        return torch.func.vmap(along)(u)
 
     return _mean_norm_over_bank(derivative, features, num_directions, seed, chunk_size, mask)
