@@ -391,7 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--model", default=None, help="default: a LLaVA-1.5-shaped random model")
     speed.add_argument("--budgets", type=_budgets, default=(192, 128, 64))
     speed.add_argument("--method", default="zoo")
-    speed.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    speed.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="auto: bfloat16 where the hardware computes it natively, else float32",
+    )
     speed.add_argument("--new-tokens", type=int, default=20)
     speed.add_argument("--repeats", type=int, default=3)
     speed.add_argument("--warmup", type=int, default=1)

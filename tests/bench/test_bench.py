@@ -88,8 +88,6 @@ def test_speed_command_writes_json_and_png(tiny_llava_dir, tmp_path, capsys):
             str(tiny_llava_dir),
             "--budgets",
             "8",
-            "--dtype",
-            "float32",
             "--new-tokens",
             "2",
             "--repeats",
@@ -105,4 +103,5 @@ def test_speed_command_writes_json_and_png(tiny_llava_dir, tmp_path, capsys):
     assert "8/64" in out and "speed-up" in out
     result = json.loads((tmp_path / "speed.json").read_text())
     assert result["visual_tokens"] == 64 and len(result["rows"]) == 2
+    assert result["dtype"] in ("float32", "bfloat16")  # "auto" resolved to a real dtype
     assert (tmp_path / "speed.png").read_bytes()[:4] == b"\x89PNG"

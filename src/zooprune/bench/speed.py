@@ -11,7 +11,7 @@ import contextlib
 import resource
 import statistics
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -21,7 +21,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, LogitsProce
 import zooprune
 from zooprune.adapters import adapter_for
 from zooprune.bench import flops
-from zooprune.bench.timing import StepClock, machine, median_seconds
+from zooprune.bench.timing import StepClock, fast_dtype, machine, median_seconds
 from zooprune.select import TokenSet, get_method
 from zooprune.select.methods import sensitivity_scores
 from zooprune.tiny import llava_layout_config
@@ -34,7 +34,7 @@ class SpeedConfig:
     model: str | None = None
     budgets: tuple[int, ...] = (192, 128, 64)
     method: str = "zoo"
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # bfloat16 where the hardware has it, else float32
     new_tokens: int = 20
     text_tokens: int = 40
     repeats: int = 3
@@ -168,6 +168,8 @@ def run_speed_benchmark(
     config: SpeedConfig, progress: Callable[[str], None] = lambda _: None
 ) -> dict[str, Any]:
     """Measure unpruned and every budget; returns a JSON-ready dict."""
+    if config.dtype == "auto":
+        config = replace(config, dtype=fast_dtype(config.device))
     progress("loading the model")
     model, inputs, description = load(config)
     adapter = adapter_for(model)

@@ -78,6 +78,19 @@ def machine() -> dict[str, Any]:
     return facts
 
 
+def fast_dtype(device: torch.device | str) -> str:
+    """``bfloat16`` where the hardware computes it natively (CUDA, or a CPU with
+    avx512_bf16 / AMX), else ``float32``: emulated bf16 on a CPU is slower than fp32."""
+    if torch.device(device).type == "cuda":
+        return "bfloat16"
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = set(info.read().split())
+    except OSError:
+        return "float32"
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & flags else "float32"
+
+
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman rank correlation of two score vectors (ties broken by position)."""
     ranks = [x.double().argsort().argsort().double() for x in (a, b)]
