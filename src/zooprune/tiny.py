@@ -36,8 +36,13 @@ def llava_layout_config(
     vocab_size: int,
     image_token_id: int,
     projection_dim: int = 32,
+    vision_feature_layer: int = -2,
+    max_positions: int = 4096,
+    tie_word_embeddings: bool = False,
 ) -> LlavaConfig:
     """The LLaVA-1.5 layout (CLIP tower, 2-layer GELU projector, Llama LM) at any size.
+
+    Token ids follow :data:`SPECIAL`: pad 0, bos 2, eos 3.
 
     Args:
         vision: ``(hidden, layers, heads, ffn)`` of the CLIP tower.
@@ -62,13 +67,14 @@ def llava_layout_config(
             num_hidden_layers=t_layers,
             num_attention_heads=t_heads,
             num_key_value_heads=t_kv_heads,
-            max_position_embeddings=4096,
-            pad_token_id=0,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=tie_word_embeddings,
+            pad_token_id=SPECIAL.index("<pad>"),
             bos_token_id=SPECIAL.index("<s>"),
             eos_token_id=SPECIAL.index("</s>"),
         ),
         image_token_id=image_token_id,
-        vision_feature_layer=-2,
+        vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )

@@ -39,7 +39,8 @@ class KernelBenchConfig:
     num_directions: int = 64
     rank: int = 128
     greedy_repeats: int = 5
-    estimators: tuple[str, ...] = ("exact", "jvp", "lowrank", "zo")
+    #: "zo-reseeded" is zo with another direction bank: how well zo agrees with itself
+    estimators: tuple[str, ...] = ("exact", "jvp", "lowrank", "zo-reseeded")
     #: sigma of a per-token log-normal scale on the features; 0 = plain N(0, 1) features.
     #: Scaled tokens differ more in sensitivity, which makes rankings easier to agree on.
     token_scale: float = 0.0
@@ -94,6 +95,7 @@ def run_kernel_benchmark(
     m = config.num_directions
     estimators: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "zo": lambda x: zo_sensitivity(projector, x, num_directions=m),
+        "zo-reseeded": lambda x: zo_sensitivity(projector, x, num_directions=m, seed=1),
         "jvp": lambda x: jvp_sensitivity(projector, x, num_directions=m),
         "lowrank": lambda x: zo_sensitivity(
             low_rank_projector(projector, mlp, config.rank, x.device), x, num_directions=m

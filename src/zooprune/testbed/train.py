@@ -1,0 +1,666 @@
+"""Training recipe for the test-bed VLM (CPU, bf16 autocast, seeded, resumable).
+
+Two phases, both counted in optimiser steps so a run is reproducible:
+
+1. **Vision pretraining.** Only the CLIP tower plus small dense heads on its
+   patch states: per-patch colour (background + colours), shape (background +
+   shapes), digit of the patch's object, object-centre flag and (x, y) of the
+   patch. Perception from scratch on 6 px patches is the bottleneck the
+   earlier probes hit; dense labels give 576 supervised outputs per image.
+2. **Joint training** on all visual tokens (no token subsets at any point, so
+   no pruning method is favoured). Each image carries several question/answer
+   turns in one sequence (loss on the answer tokens only); the dense heads stay
+   on as an auxiliary loss so the features keep what the questions ask about.
+
+``evaluate`` asks one question per prompt (greedy, all or a kept subset of the
+visual tokens) and reports per-family accuracy; the benchmark reuses it.
+
+Run as ``python -m zooprune.testbed.train OUT_DIR [--vision-steps N ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+from zooprune.testbed import scenes
+from zooprune.testbed.model import (
+    PAD_ID,
+    encode_prompt,
+    forward_answer_logits,
+    num_image_tokens,
+    pixel_values_from_images,
+    prompt_text,
+    save_testbed,
+    testbed_config,
+    testbed_processor,
+    vision_features,
+)
+from zooprune.testbed.scenes import FAMILIES, Sample, Scene, SceneConfig
+
+__all__ = [
+    "AuxHeads",
+    "KeepFn",
+    "TrainConfig",
+    "evaluate",
+    "oracle_keep",
+    "patch_labels",
+    "random_keep",
+    "train",
+    "training_example",
+]
+
+# A keep function gets the sample and its projected visual tokens [N, D] and
+# returns the indices (into 0..N-1) of the tokens to keep.
+KeepFn = Callable[[Sample, torch.Tensor], Sequence[int] | torch.Tensor]
+
+_CKPT = "checkpoint.pt"
+# Salt for the per-image question RNG, distinct from the generator's split seeds.
+_QA_SALT = 0x7EB_0A
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """All knobs of a run; defaults are sized for ~150 min on 2 CPU cores.
+
+    Sizing (576 tokens, bf16, 2 shared cores, measured in the probe): a vision
+    step of 16 images takes ~3.7-5.7 s, a joint step of 8 multi-turn images
+    ~4.6-5.9 s, an evaluation of 7 x 30 questions ~0.5 min. 650 vision steps
+    (~45 min) + 1150 joint steps (~100 min) + 12 evaluations ~ 150 min.
+    """
+
+    seed: int = 0
+    scene: SceneConfig = scenes.DEFAULT_CONFIG
+    families: tuple[str, ...] = FAMILIES
+    # Keyword arguments of ``testbed_config`` (sizes).
+    model: dict[str, Any] = field(default_factory=dict)
+    # Phase 1: vision tower + dense heads.
+    vision_steps: int = 650
+    vision_batch: int = 16
+    vision_lr: float = 1.5e-3
+    # Phase 2: joint training on all visual tokens.
+    joint_steps: int = 1150
+    batch: int = 8
+    lr_lm: float = 1e-3
+    lr_projector: float = 2e-3
+    lr_vision: float = 3e-4
+    warmup: int = 60
+    min_lr_frac: float = 0.05
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    aux_weight: float = 0.5
+    # Question rounds over the families per image, and the cap on turns.
+    rounds: int = 2
+    max_turns: int = 10
+    # Patches with fewer object pixels than this (but > 0) are unlabelled.
+    min_object_pixels: int = 8
+    background_weight: float = 0.2
+    eval_every: int = 100
+    eval_n_per_family: int = 30
+    log_every: int = 25
+    checkpoint_every: int = 100
+    bf16: bool = True
+    threads: int = 2
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["scene"] = dataclasses.asdict(self.scene)
+        return d
+
+
+# ------------------------------------------------------------------ labels ---
+
+
+def patch_labels(scene: Scene, min_object_pixels: int = 8) -> dict[str, np.ndarray]:
+    """Dense per-patch targets for ``scene``, each of length ``N = grid**2``.
+
+    ``color``/``shape``: 0 = background, ``1 + index`` in the config's lists,
+    -100 for slivers (1 .. ``min_object_pixels - 1`` object pixels);
+    ``digit``: ``1 + digit`` or 0 (no digit) on object patches, -100 elsewhere;
+    ``center``: float 1.0 on the patch holding each object's centre;
+    ``pixels``: object pixel count of the patch (for the oracle ordering).
+    """
+    cfg = scene.config
+    p, g = cfg.patch_size, cfg.grid_size
+    n = g * g
+    color = np.zeros(n, np.int64)
+    shape = np.zeros(n, np.int64)
+    digit = np.full(n, -100, np.int64)
+    center = np.zeros(n, np.float32)
+    best = np.zeros(n, np.int64)
+    for obj in scene.objects:
+        counts = obj.mask(cfg.image_size).reshape(g, p, g, p).sum(axis=(1, 3)).reshape(-1)
+        win = counts > best
+        best = np.where(win, counts, best)
+        color[win] = cfg.colors.index(obj.color) + 1
+        shape[win] = cfg.shapes.index(obj.shape) + 1
+        digit[win] = 0 if obj.digit is None else obj.digit + 1
+        row = min(int(obj.cy // p), g - 1)
+        col = min(int(obj.cx // p), g - 1)
+        center[row * g + col] = 1.0
+    sliver = (best > 0) & (best < min_object_pixels)
+    color[sliver] = shape[sliver] = digit[sliver] = -100
+    return {"color": color, "shape": shape, "digit": digit, "center": center, "pixels": best}
+
+
+class AuxHeads(nn.Module):
+    """Linear dense heads on the vision tower's patch states ``[B, N, Dv]``."""
+
+    def __init__(self, hidden: int, n_colors: int, n_shapes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.color = nn.Linear(hidden, n_colors + 1)
+        self.shape = nn.Linear(hidden, n_shapes + 1)
+        self.digit = nn.Linear(hidden, 11)
+        self.center = nn.Linear(hidden, 1)
+        self.xy = nn.Linear(hidden, 2)
+
+    def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.norm(h)
+        return {
+            "color": self.color(h),
+            "shape": self.shape(h),
+            "digit": self.digit(h),
+            "center": self.center(h).squeeze(-1),
+            "xy": self.xy(h),
+        }
+
+
+def _aux_loss(
+    out: dict[str, torch.Tensor], lab: dict[str, torch.Tensor], bg_weight: float, grid: int
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Sum of the dense losses; also per-head object-patch accuracies."""
+    w_color = torch.ones(out["color"].shape[-1])
+    w_color[0] = bg_weight
+    w_shape = torch.ones(out["shape"].shape[-1])
+    w_shape[0] = bg_weight
+    oc, os_, od = out["color"].float(), out["shape"].float(), out["digit"].float()
+    l_color = F.cross_entropy(oc.flatten(0, 1), lab["color"].flatten(), weight=w_color)
+    l_shape = F.cross_entropy(os_.flatten(0, 1), lab["shape"].flatten(), weight=w_shape)
+    has_digit = (lab["digit"] >= 0).any()
+    l_digit = (
+        F.cross_entropy(od.flatten(0, 1), lab["digit"].flatten()) if has_digit else od.sum() * 0.0
+    )
+    # ~3 centres among 576 patches: up-weight positives so they are not ignored.
+    l_center = F.binary_cross_entropy_with_logits(
+        out["center"].float(), lab["center"], pos_weight=torch.tensor(20.0)
+    )
+    # Patch (x, y) in [-1, 1]: keeps position in the features the LM reads.
+    idx = torch.arange(grid * grid)
+    xy = torch.stack([idx % grid, idx // grid], -1).float() / (grid - 1) * 2 - 1
+    l_xy = F.mse_loss(out["xy"].float(), xy.expand_as(out["xy"]))
+    loss = l_color + l_shape + 0.5 * l_digit + l_center + l_xy
+    with torch.no_grad():
+        obj = lab["shape"] > 0
+        stats = {
+            "aux_loss": float(loss.detach()),
+            "shape_acc": float((os_.argmax(-1)[obj] == lab["shape"][obj]).float().mean()),
+            "color_acc": float((oc.argmax(-1)[obj] == lab["color"][obj]).float().mean()),
+        }
+        dig = lab["digit"] > 0
+        if dig.any():
+            stats["digit_acc"] = float((od.argmax(-1)[dig] == lab["digit"][dig]).float().mean())
+    return loss, stats
+
+
+# -------------------------------------------------------------------- data ---
+
+
+def training_example(
+    index: int, config: TrainConfig
+) -> tuple[Scene, list[tuple[str, str]], dict[str, np.ndarray]]:
+    """Training image ``index``: its scene, shuffled QA turns and dense labels.
+
+    The scene is ``make_sample("train", index)``'s; up to ``rounds`` passes over
+    the families (duplicate questions skipped, at most ``max_turns``), drawn
+    from an RNG seeded by ``index`` only, so any step can be regenerated.
+    """
+    fams = config.families
+    first = scenes.make_sample("train", index, fams[index % len(fams)], config.scene)
+    rng = np.random.default_rng([_QA_SALT, index])
+    turns = [(first.question, first.answer)]
+    seen = {first.question}
+    for _ in range(config.rounds):
+        for fi in rng.permutation(len(fams)):
+            s = scenes.ask(first.scene, fams[fi], rng)
+            if s is not None and s.question not in seen:
+                seen.add(s.question)
+                turns.append((s.question, s.answer))
+    order = rng.permutation(len(turns))[: config.max_turns]
+    turns = [turns[i] for i in order]
+    return first.scene, turns, patch_labels(first.scene, config.min_object_pixels)
+
+
+def _example_index(config: TrainConfig, phase: int, step: int, j: int, batch: int) -> int:
+    # Disjoint index ranges per seed and phase; data is a pure function of the step.
+    return config.seed * 10**10 + phase * 10**9 + step * batch + j
+
+
+def _batch(
+    config: TrainConfig, phase: int, step: int, vocab: dict[str, int], n_image: int
+) -> dict[str, torch.Tensor]:
+    bsz = config.vision_batch if phase == 1 else config.batch
+    ex = [training_example(_example_index(config, phase, step, j, bsz), config) for j in range(bsz)]
+    out: dict[str, torch.Tensor] = {
+        "pixel_values": pixel_values_from_images(np.stack([e[0].image for e in ex])),
+    }
+    for k in ("color", "shape", "digit", "center"):
+        out[k] = torch.from_numpy(np.stack([e[2][k] for e in ex]))
+    if phase == 2:
+        enc = [encode_prompt(e[1], vocab, n_image) for e in ex]
+        length = max(len(i) for i, _ in enc)
+        ids = torch.full((bsz, length), PAD_ID, dtype=torch.long)
+        tgt = torch.full((bsz, length), -100, dtype=torch.long)
+        for r, (i, t) in enumerate(enc):
+            ids[r, : len(i)] = torch.tensor(i)
+            tgt[r, : len(t)] = torch.tensor(t)
+        out["input_ids"], out["targets"] = ids, tgt
+    return out
+
+
+# -------------------------------------------------------------- evaluation ---
+
+
+def random_keep(k: int, seed: int = 0) -> KeepFn:
+    """Keep ``k`` visual tokens uniformly at random (seeded per scene)."""
+
+    def fn(sample: Sample, feats: torch.Tensor) -> np.ndarray:
+        rng = np.random.default_rng([seed, sample.scene.seed % 2**63])
+        return np.sort(rng.choice(feats.shape[0], size=k, replace=False))
+
+    return fn
+
+
+def oracle_keep(k: int, seed: int = 0) -> KeepFn:
+    """Keep object patches first (most object pixels first), then random background."""
+
+    def fn(sample: Sample, feats: torch.Tensor) -> np.ndarray:
+        pixels = patch_labels(sample.scene)["pixels"]
+        assert pixels.shape[0] == feats.shape[0]
+        rng = np.random.default_rng([seed, sample.scene.seed % 2**63])
+        tie = rng.random(pixels.shape[0])
+        order = np.lexsort((tie, -pixels))
+        return np.sort(order[:k])
+
+    return fn
+
+
+@torch.no_grad()
+def evaluate(
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    split: str = "test",
+    n_per_family: int = 100,
+    keep_fn: KeepFn | None = None,
+    families: Sequence[str] = FAMILIES,
+    scene_config: SceneConfig = scenes.DEFAULT_CONFIG,
+    batch_size: int = 32,
+    bf16: bool = False,
+    start: int = 0,
+) -> dict[str, Any]:
+    """Per-family exact-match accuracy, one question per prompt, greedy.
+
+    Samples ``make_sample(split, start + i, family)`` for ``i < n_per_family``;
+    inputs come from ``processor`` (the real path). ``keep_fn`` prunes visual
+    tokens after the projector (kept tokens keep their position ids). Returns
+    ``{"overall": macro mean, "families": {family: acc}, "n": total}``.
+    """
+    was_training = model.training
+    model.eval()
+    tok = processor.tokenizer
+    samples = [
+        scenes.make_sample(split, start + i, fam, scene_config)
+        for fam in families
+        for i in range(n_per_family)
+    ]
+    correct: dict[str, list[bool]] = {f: [] for f in families}
+    for b0 in range(0, len(samples), batch_size):
+        chunk = samples[b0 : b0 + batch_size]
+        enc = [
+            processor(
+                images=s.scene.to_pil(), text=prompt_text([(s.question, None)]), return_tensors="pt"
+            )
+            for s in chunk
+        ]
+        length = max(e.input_ids.shape[1] for e in enc)
+        ids = torch.full((len(chunk), length), PAD_ID, dtype=torch.long)
+        query = torch.zeros(len(chunk), length, dtype=torch.bool)
+        for r, e in enumerate(enc):
+            n = e.input_ids.shape[1]
+            ids[r, :n] = e.input_ids[0]
+            query[r, n - 1] = True
+        pv = torch.cat([e.pixel_values for e in enc])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            _, feats = vision_features(model, pv)
+            keep = None
+            if keep_fn is not None:
+                keep = [
+                    torch.as_tensor(np.sort(np.asarray(keep_fn(s, feats[r]))), dtype=torch.long)
+                    for r, s in enumerate(chunk)
+                ]
+            logits = forward_answer_logits(model, ids, feats, query, keep)
+        pred = tok.convert_ids_to_tokens(logits.argmax(-1).tolist())
+        for s, p in zip(chunk, pred, strict=True):
+            correct[s.family].append(p == s.answer)
+    model.train(was_training)
+    fam_acc = {f: float(np.mean(v)) for f, v in correct.items()}
+    return {
+        "overall": float(np.mean(list(fam_acc.values()))),
+        "families": fam_acc,
+        "n": len(samples),
+    }
+
+
+# ---------------------------------------------------------------- training ---
+
+
+def _lr_factor(step: int, total: int, warmup: int, min_frac: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _make_optimizer(
+    phase: int, model: LlavaForConditionalGeneration, heads: AuxHeads, config: TrainConfig
+) -> torch.optim.AdamW:
+    m = model.model
+    if phase == 1:
+        groups = [
+            {"params": [*m.vision_tower.parameters(), *heads.parameters()], "lr": config.vision_lr}
+        ]
+    else:
+        lm = [*m.language_model.parameters(), *model.lm_head.parameters()]
+        groups = [
+            {"params": lm, "lr": config.lr_lm},
+            {"params": list(m.multi_modal_projector.parameters()), "lr": config.lr_projector},
+            {
+                "params": [*m.vision_tower.parameters(), *heads.parameters()],
+                "lr": config.lr_vision,
+            },
+        ]
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=config.weight_decay, eps=1e-8)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    # Write then rename, so a kill mid-save never leaves a corrupt checkpoint.
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _write_curve(out_dir: Path, curve: list[dict[str, Any]]) -> None:
+    (out_dir / "curve.json").write_text(json.dumps(curve, indent=1))
+    if not curve:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    mins = [c["minutes"] for c in curve]
+    ax.plot(mins, [c["overall"] for c in curve], "k-o", lw=2, label="overall")
+    for fam in curve[-1]["families"]:
+        ax.plot(mins, [c["families"][fam] for c in curve], "-", marker=".", label=fam)
+    ax.set(xlabel="minutes", ylabel="held-out accuracy (all tokens)", ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out_dir / "curve.png", dpi=100)
+    plt.close(fig)
+
+
+def _step(
+    phase: int,
+    model: LlavaForConditionalGeneration,
+    heads: AuxHeads,
+    batch: dict[str, torch.Tensor],
+    config: TrainConfig,
+    grid: int,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one batch (no backward) and its statistics."""
+    labels = {k: batch[k] for k in ("color", "shape", "digit", "center")}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        if phase == 1:
+            out = model.model.vision_tower(
+                batch["pixel_values"], output_hidden_states=True, return_dict=True
+            )
+            hidden = out.hidden_states[model.config.vision_feature_layer][:, 1:]
+        else:
+            hidden, proj = vision_features(model, batch["pixel_values"])
+        aux, stats = _aux_loss(heads(hidden), labels, config.background_weight, grid)
+        if phase == 1:
+            return aux, stats
+        query = batch["targets"] >= 0
+        logits = forward_answer_logits(model, batch["input_ids"], proj, query)
+    tgt = batch["targets"][query]
+    ans = F.cross_entropy(logits.float(), tgt)
+    stats["answer_loss"] = float(ans.detach())
+    stats["answer_acc"] = float((logits.argmax(-1) == tgt).float().mean())
+    return ans + config.aux_weight * aux, stats
+
+
+def _build(config: TrainConfig) -> tuple[LlavaForConditionalGeneration, AuxHeads, LlavaProcessor]:
+    torch.manual_seed(config.seed)
+    mcfg = testbed_config(
+        image_size=config.scene.image_size, patch_size=config.scene.patch_size, **config.model
+    )
+    processor = testbed_processor(mcfg, config.scene)
+    model = LlavaForConditionalGeneration(mcfg)
+    heads = AuxHeads(
+        mcfg.vision_config.hidden_size, len(config.scene.colors), len(config.scene.shapes)
+    )
+    return model, heads, processor
+
+
+def train(
+    config: TrainConfig = TrainConfig(),
+    out_dir: str | Path = "/tmp/testbed",
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    stop_after_steps: int | None = None,
+) -> Path:
+    """Train (or resume from ``out_dir/checkpoint.pt``) and save the model.
+
+    Writes ``checkpoint.pt`` every ``checkpoint_every`` steps, ``curve.json`` /
+    ``curve.png`` (per-family validation accuracy vs minutes) at every
+    evaluation, and the final ``save_pretrained`` folder ``out_dir/model``,
+    whose path is returned. ``stop_after_steps`` ends the call (after a
+    checkpoint) once that many global steps are done: for tests and for
+    splitting a run across sessions. ``progress`` receives event dicts.
+    """
+    torch.set_num_threads(config.threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    emit = progress or (lambda e: None)
+    model, heads, processor = _build(config)
+    vocab = processor.tokenizer.get_vocab()
+    n_image = num_image_tokens(model.config)
+    grid = config.scene.grid_size
+    phase, step, elapsed, curve = 1, 0, 0.0, []
+    opt = _make_optimizer(1, model, heads, config)
+    ckpt = out / _CKPT
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        heads.load_state_dict(state["heads"])
+        phase, step, elapsed, curve = (state[k] for k in ("phase", "step", "elapsed", "curve"))
+        opt = _make_optimizer(phase, model, heads, config)
+        opt.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        emit({"event": "resumed", "phase": phase, "step": step})
+    (out / "train_config.json").write_text(json.dumps(config.to_json(), indent=1))
+    model.train()
+    heads.train()
+    t0 = time.monotonic() - elapsed
+
+    def minutes() -> float:
+        return (time.monotonic() - t0) / 60
+
+    def checkpoint() -> None:
+        state = {
+            "model": model.state_dict(),
+            "heads": heads.state_dict(),
+            "optimizer": opt.state_dict(),
+            "phase": phase,
+            "step": step,
+            "elapsed": time.monotonic() - t0,
+            "curve": curve,
+            "rng": _rng_state(),
+            "config": config.to_json(),
+        }
+        _save_checkpoint(ckpt, state)
+
+    def run_eval() -> None:
+        res = evaluate(
+            model,
+            processor,
+            split="validation",
+            n_per_family=config.eval_n_per_family,
+            families=config.families,
+            scene_config=config.scene,
+            bf16=config.bf16,
+        )
+        curve.append({"minutes": round(minutes(), 2), "phase": phase, "step": step, **res})
+        _write_curve(out, curve)
+        emit({"event": "eval", **curve[-1]})
+
+    done = 0
+    while phase <= 2:
+        total = config.vision_steps if phase == 1 else config.joint_steps
+        warmup = 30 if phase == 1 else config.warmup
+        while step < total:
+            if stop_after_steps is not None and done >= stop_after_steps:
+                checkpoint()
+                return out
+            if phase == 2 and step % config.eval_every == 0:
+                run_eval()
+            f = _lr_factor(step, total, warmup, config.min_lr_frac)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * f
+            ts = time.monotonic()
+            batch = _batch(config, phase, step, vocab, n_image)
+            td = time.monotonic() - ts
+            loss, stats = _step(phase, model, heads, batch, config, grid)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            params = [p for g in opt.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            opt.step()
+            step += 1
+            done += 1
+            if step % config.log_every == 0 or step == total:
+                emit(
+                    {
+                        "event": "step",
+                        "phase": phase,
+                        "step": step,
+                        "loss": float(loss.detach()),
+                        "minutes": round(minutes(), 2),
+                        "step_s": round(time.monotonic() - ts, 3),
+                        "data_s": round(td, 3),
+                        "lr_factor": round(f, 4),
+                        **{k: round(v, 4) for k, v in stats.items()},
+                    }
+                )
+            if step % config.checkpoint_every == 0:
+                checkpoint()
+        if phase == 1:
+            phase, step = 2, 0
+            opt = _make_optimizer(2, model, heads, config)
+            checkpoint()
+        else:
+            break
+    run_eval()
+    checkpoint()
+    model.eval()
+    return save_testbed(model, processor, out / "model")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI for probes: ``python -m zooprune.testbed.train OUT [--key value ...]``."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir")
+    for f in dataclasses.fields(TrainConfig):
+        if f.type in ("int", "float", "bool"):
+            kind = {"int": int, "float": float, "bool": lambda s: s.lower() in ("1", "true")}
+            ap.add_argument("--" + f.name.replace("_", "-"), type=kind[f.type])
+    ap.add_argument("--families", help="comma-separated subset of the families")
+    ap.add_argument("--final-eval", type=int, default=0, help="questions per family after training")
+    args = ap.parse_args(argv)
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    if args.families:
+        overrides["families"] = tuple(args.families.split(","))
+    config = TrainConfig(**overrides)
+    log = open(Path(args.out_dir).parent / (Path(args.out_dir).name + ".jsonl"), "a")  # noqa: SIM115
+
+    def progress(e: dict[str, Any]) -> None:
+        print(json.dumps(e), flush=True)
+        log.write(json.dumps(e) + "\n")
+        log.flush()
+
+    path = train(config, args.out_dir, progress)
+    if args.final_eval:
+        model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+        processor = testbed_processor(model.config, config.scene)
+        n_img = num_image_tokens(model.config)
+        k = round(n_img / 9)
+        results = {}
+        for name, fn in (
+            ("all", None),
+            (f"random{k}", random_keep(k)),
+            (f"oracle{k}", oracle_keep(k)),
+        ):
+            t = time.monotonic()
+            results[name] = evaluate(
+                model,
+                processor,
+                "test",
+                args.final_eval,
+                fn,
+                config.families,
+                config.scene,
+                bf16=config.bf16,
+            )
+            results[name]["seconds"] = round(time.monotonic() - t, 1)
+            progress({"event": "final", "keep": name, **results[name]})
+        (Path(args.out_dir) / "final_eval.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

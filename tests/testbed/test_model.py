@@ -1,0 +1,171 @@
+"""Fast tests of the test-bed model, processor and training loop (tiny sizes)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from zooprune.testbed import model as tb
+from zooprune.testbed import scenes
+from zooprune.testbed.model import (
+    IMAGE_ID,
+    encode_prompt,
+    forward_answer_logits,
+    load_testbed,
+    num_image_tokens,
+    pixel_values_from_images,
+    prompt_text,
+    save_testbed,
+    vision_features,
+)
+from zooprune.testbed.train import (
+    TrainConfig,
+    _batch,
+    _build,
+    _step,
+    evaluate,
+    oracle_keep,
+    patch_labels,
+    random_keep,
+    train,
+)
+
+TINY_SCENE = scenes.SceneConfig(image_size=48, patch_size=6, min_size=8, max_size=12, max_objects=3)
+TINY_FAMILIES = ("color", "shape", "count", "exists", "spatial", "location")
+TINY_MODEL = dict(
+    vision_hidden=32,
+    vision_layers=2,
+    vision_heads=2,
+    vision_ffn=64,
+    text_hidden=32,
+    text_layers=2,
+    text_heads=2,
+    text_ffn=64,
+    max_positions=256,
+)
+TINY_TRAIN = TrainConfig(
+    scene=TINY_SCENE,
+    families=TINY_FAMILIES,
+    model=TINY_MODEL,
+    vision_steps=2,
+    vision_batch=2,
+    joint_steps=4,
+    batch=2,
+    warmup=2,
+    eval_every=100,
+    eval_n_per_family=1,
+    log_every=1,
+    checkpoint_every=1,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, _, processor = _build(TINY_TRAIN)
+    return model.eval(), processor
+
+
+def test_default_processor_pixels_and_576_tokens():
+    cfg = tb.testbed_config()
+    proc = tb.testbed_processor(cfg)
+    assert num_image_tokens(cfg) == 576
+    s = scenes.make_sample("test", 5)
+    inp = proc(images=s.scene.to_pil(), text=prompt_text([(s.question, None)]), return_tensors="pt")
+    assert int((inp.input_ids == IMAGE_ID).sum()) == 576
+    # No resize/crop distortion: exactly the CLIP normalisation of the raw pixels.
+    assert inp.pixel_values.shape == (1, 3, 144, 144)
+    torch.testing.assert_close(
+        inp.pixel_values, pixel_values_from_images(s.scene.image[None]), rtol=0, atol=1e-6
+    )
+    ids, targets = encode_prompt([(s.question, s.answer)], proc.tokenizer.get_vocab(), 576)
+    assert ids[:-1] == inp.input_ids[0].tolist()
+    assert targets[len(ids) - 2] == proc.tokenizer.convert_tokens_to_ids(s.answer)
+    assert sum(t >= 0 for t in targets) == 1
+
+
+def test_round_trip_and_argmax_equals_generate(tiny, tmp_path):
+    model, processor = tiny
+    path = save_testbed(model, processor, tmp_path / "m")
+    model2, proc2 = load_testbed(path)
+    s = scenes.make_sample("test", 1, "shape", TINY_SCENE)
+    text = prompt_text([(s.question, None)])
+    inp = proc2(images=s.scene.to_pil(), text=text, return_tensors="pt")
+    assert int((inp.input_ids == IMAGE_ID).sum()) == 64
+    assert inp.input_ids.tolist() == processor(text=text, images=s.scene.to_pil()).input_ids
+    with torch.no_grad():
+        ref = model(**inp).logits[0, -1]
+        torch.testing.assert_close(model2(**inp).logits[0, -1], ref)
+        _, feats = vision_features(model2, inp.pixel_values)
+        query = torch.zeros_like(inp.input_ids, dtype=torch.bool)
+        query[0, -1] = True
+        ours = forward_answer_logits(model2, inp.input_ids, feats, query)[0]
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+        # Keeping every token is the unpruned forward.
+        kept = forward_answer_logits(model2, inp.input_ids, feats, query, [torch.arange(64)])[0]
+        torch.testing.assert_close(kept, ref, rtol=1e-4, atol=1e-4)
+        gen = model2.generate(**inp, max_new_tokens=1, do_sample=False)
+    assert int(gen[0, -1]) == int(ref.argmax())
+
+
+def test_keep_functions_and_evaluate(tiny):
+    model, processor = tiny
+    s = scenes.make_sample("test", 2, "shape", TINY_SCENE)
+    feats = torch.zeros(64, 4)
+    pixels = patch_labels(s.scene)["pixels"]
+    n_obj = int((pixels > 0).sum())
+    k = min(8, n_obj)
+    keep = oracle_keep(k)(s, feats)
+    assert len(keep) == k and (pixels[keep] > 0).all()
+    assert len(set(random_keep(8)(s, feats))) == 8
+    res = evaluate(model, processor, "test", 2, random_keep(8), TINY_FAMILIES, TINY_SCENE)
+    assert set(res["families"]) == set(TINY_FAMILIES) and res["n"] == 12
+    assert 0.0 <= res["overall"] <= 1.0
+
+
+def test_joint_steps_reduce_loss_on_fixed_batch():
+    model, heads, processor = _build(TINY_TRAIN)
+    batch = _batch(TINY_TRAIN, 2, 0, processor.tokenizer.get_vocab(), 64)
+    params = [*model.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    losses = []
+    for _ in range(6):
+        loss, _ = _step(2, model, heads, batch, TINY_TRAIN, TINY_SCENE.grid_size)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_resume_reproduces_next_step_loss(tmp_path):
+    def losses_of(out, stop):
+        seen: dict[tuple[int, int], float] = {}
+        train(
+            TINY_TRAIN,
+            out,
+            lambda e: (
+                seen.update({(e["phase"], e["step"]): e["loss"]}) if e["event"] == "step" else None
+            ),
+            stop_after_steps=stop,
+        )
+        return seen
+
+    # 3 global steps = both vision steps and the first joint step.
+    straight = losses_of(tmp_path / "a", 4)
+    losses_of(tmp_path / "b", 3)
+    resumed = losses_of(tmp_path / "b", 1)
+    assert list(resumed) == [(2, 2)]
+    assert resumed[(2, 2)] == pytest.approx(straight[(2, 2)], rel=1e-6, abs=1e-6)
+
+
+def test_train_writes_model_and_curve(tmp_path):
+    cfg = dataclasses.replace(TINY_TRAIN, vision_steps=1, joint_steps=1)
+    path = train(cfg, tmp_path)
+    assert (tmp_path / "curve.json").exists() and (tmp_path / "curve.png").exists()
+    model = LlavaForConditionalGeneration.from_pretrained(path)
+    assert model.config.vision_config.image_size == 48
+    assert np.isfinite(sum(float(p.sum()) for p in model.parameters()))
