@@ -94,9 +94,16 @@ def tiny_llava_config(
     )
 
 
-def tiny_llava_processor(image_size: int = 48, patch_size: int = 6) -> LlavaProcessor:
-    """A word-level tokenizer and a PIL image processor wrapped as a LlavaProcessor."""
-    vocab = {word: i for i, word in enumerate(SPECIAL + WORDS)}
+def word_level_llava_processor(
+    words: list[str],
+    image_size: int,
+    patch_size: int,
+    image_mean: list[float] | None = None,
+    image_std: list[float] | None = None,
+) -> LlavaProcessor:
+    """A LlavaProcessor over a word-level tokenizer (``words``, :data:`SPECIAL` first) and a
+    PIL image processor that passes ``image_size`` square images through unresized."""
+    vocab = {word: i for i, word in enumerate(words)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     # <image> must split off even when glued to a word, as the processor expands it in place.
     tokenizer.add_special_tokens(SPECIAL)
@@ -109,9 +116,11 @@ def tiny_llava_processor(image_size: int = 48, patch_size: int = 6) -> LlavaProc
         eos_token="</s>",
         padding_side="left",
     )
+    normalisation = {} if image_mean is None else {"image_mean": image_mean, "image_std": image_std}
     images = CLIPImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
+        **normalisation,
     )
     return LlavaProcessor(
         image_processor=images,
@@ -121,6 +130,11 @@ def tiny_llava_processor(image_size: int = 48, patch_size: int = 6) -> LlavaProc
         image_token="<image>",
         num_additional_image_tokens=1,
     )
+
+
+def tiny_llava_processor(image_size: int = 48, patch_size: int = 6) -> LlavaProcessor:
+    """The tiny model's processor: a few dozen words, 48 px images."""
+    return word_level_llava_processor(SPECIAL + WORDS, image_size, patch_size)
 
 
 def save_tiny_llava(path: str | Path, seed: int = 0) -> Path:

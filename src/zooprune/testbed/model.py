@@ -26,18 +26,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoProcessor,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
-    PreTrainedTokenizerFast,
 )
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from zooprune.testbed.scenes import DEFAULT_CONFIG, SceneConfig, vocabulary
-from zooprune.tiny import SPECIAL, llava_layout_config
+from zooprune.tiny import SPECIAL, llava_layout_config, word_level_llava_processor
 
 __all__ = [
     "IMAGE_MEAN",
@@ -122,31 +119,8 @@ def testbed_processor(
     words = testbed_vocabulary(scene_config)
     if len(words) > config.text_config.vocab_size:
         raise ValueError("vocabulary larger than the model's vocab_size")
-    vocab = {w: i for i, w in enumerate(words)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        padding_side="left",
-    )
-    images = CLIPImageProcessorPil(
-        size={"shortest_edge": v.image_size},
-        crop_size={"height": v.image_size, "width": v.image_size},
-        image_mean=list(IMAGE_MEAN),
-        image_std=list(IMAGE_STD),
-    )
-    return LlavaProcessor(
-        image_processor=images,
-        tokenizer=fast,
-        patch_size=v.patch_size,
-        vision_feature_select_strategy="default",
-        image_token="<image>",
-        num_additional_image_tokens=1,
+    return word_level_llava_processor(
+        words, v.image_size, v.patch_size, list(IMAGE_MEAN), list(IMAGE_STD)
     )
 
 
