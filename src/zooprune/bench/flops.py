@@ -87,7 +87,8 @@ def scoring(
     rank: int = 128,
     chunk: int = 8,
 ) -> float:
-    """Per image; the exact estimator's one-off H x H kernel is in :func:`exact_setup`."""
+    """Per image; the exact estimator's one-off H x H kernel (built once per model) is not
+    counted here: ``zooprune speed-kernels`` times it separately."""
     if estimator == "exact":
         return 2.0 * tokens * (s.vision_dim * s.projector_hidden + s.projector_hidden**2)
     if estimator == "zo":  # M(x + h u) and M(x - h u) for every direction
@@ -98,11 +99,6 @@ def scoring(
         per_token = rank * (s.vision_dim + 2 * s.projector_hidden + s.text_dim)
         return 2 * directions * 2.0 * tokens * per_token
     return 0.0
-
-
-def exact_setup(s: Shapes) -> float:
-    h = s.projector_hidden
-    return 2.0 * h * h * (s.text_dim + s.vision_dim)
 
 
 def greedy(s: Shapes, tokens: int, keep: int) -> float:
