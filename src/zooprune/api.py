@@ -20,8 +20,15 @@ import torch
 from torch import Tensor, nn
 
 from zooprune.adapters import adapter_for
-from zooprune.adapters.base import Adapter, EncodedImages, locate_images, padding_side, shrink
-from zooprune.budget import Budget
+from zooprune.adapters.base import (
+    Adapter,
+    EncodedImages,
+    ImageLayout,
+    locate_images,
+    padding_side,
+    shrink,
+)
+from zooprune.budget import Budget, split_evenly
 from zooprune.errors import AlreadyPrunedError, NonFiniteFeaturesError, PruneError
 from zooprune.record import ImageSelection, Selection
 from zooprune.select import METHODS, MethodSpec, TokenSet, get_method
@@ -50,7 +57,8 @@ def prune(
         positions: ``"compact"`` re-numbers the shortened prompt contiguously (the
             authors' choice); ``"original"`` keeps each token's unpruned position.
         **options: the method's options (e.g. ``num_directions``, ``step``, ``seed`` for
-            ``zoo``).
+            ``zoo``), and the model family's layout options where it has any
+            (``Adapter.options``; e.g. ``crop_budget="global"`` for LLaVA-NeXT).
 
     Returns:
         a :class:`PruneHandle`; ``handle.remove()`` undoes everything.
@@ -59,11 +67,12 @@ def prune(
         PruneError subclasses on bad input; the model is then left untouched.
     """
     spec = get_method(method)
+    adapter = adapter_for(model)
+    layout = adapter.take_options(options)
     spec.check_options(options)
     budget = Budget(keep=keep, ratio=ratio)
     if positions not in ("compact", "original"):
         raise PruneError(f"positions must be 'compact' or 'original', got {positions!r}")
-    adapter = adapter_for(model)
     provided = adapter.provides(model)
     missing = spec.needs - provided
     if missing:
@@ -77,7 +86,7 @@ def prune(
             f"this {type(model).__name__} is already pruned "
             f"({model.__dict__[_MARK]!r}); call .remove() on that handle first"
         )
-    return PruneHandle(model, adapter, spec, budget, positions, options)
+    return PruneHandle(model, adapter, spec, budget, positions, options, layout)
 
 
 class PruneHandle:
@@ -91,6 +100,7 @@ class PruneHandle:
         budget: Budget,
         positions: Positions,
         options: dict[str, Any],
+        layout: dict[str, str] | None = None,
     ) -> None:
         self.model = model
         self.adapter = adapter
@@ -98,6 +108,8 @@ class PruneHandle:
         self.budget = budget
         self.positions = positions
         self.options = dict(options)
+        #: the family's layout options (``crop_budget``, ``separators``), defaults filled
+        self.layout = dict(layout or {})
         #: what the last pruned call kept (None before the first call)
         self.selection: Selection | None = None
         self._pruned_caches: weakref.WeakSet = weakref.WeakSet()
@@ -206,6 +218,7 @@ class PruneHandle:
         Encodes the images, selects the kept tokens, shortens ``input_ids``,
         ``attention_mask``, ``position_ids`` (always given explicitly), ``labels`` and
         ``token_type_ids``, and replaces the image inputs by ``mm_encoder_outputs``.
+        Separator placeholders (row newlines) stay or go with ``self.layout``.
         Records the choice in ``self.selection``.
         """
         call = dict(inputs)
@@ -220,16 +233,22 @@ class PruneHandle:
         encoded = self.adapter.encode(self.model, image_inputs, self.method.needs)
         _sync(input_ids.device)
         encoded_at = time.perf_counter()
-        counts = [f.shape[0] for f in encoded.features]
+        layouts = [encoded.layout(i) for i in range(len(encoded.features))]
+        counts = [layout.slots for layout in layouts]
         located = locate_images(input_ids, self.adapter.image_token_id(self.model), counts)
-        kept_idx, kept_tokens, scores, details = self._select(encoded)
+        kept_idx, kept_tokens, scores, details = self._select(encoded, layouts)
+        separators = self.layout.get("separators", "all")
+        runs = [
+            layout.assemble(idx, tokens, separators)
+            for layout, idx, tokens in zip(layouts, kept_idx, kept_tokens, strict=True)
+        ]
         _sync(input_ids.device)
         selected_at = time.perf_counter()
 
         keep = input_ids != self.adapter.image_token_id(self.model)
-        kept_idx = [idx.to(row.device) for (row, _), idx in zip(located, kept_idx, strict=True)]
-        for (row, col), idx in zip(located, kept_idx, strict=True):
-            keep[row[idx], col[idx]] = True
+        for (row, col), (slots, _, _) in zip(located, runs, strict=True):
+            slots = slots.to(row.device)
+            keep[row[slots], col[slots]] = True
         mask = call.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(input_ids)
@@ -246,22 +265,16 @@ class PruneHandle:
         pad_values = {"input_ids": _pad_token(self.model, input_ids, mask), "labels": -100}
         call.update(shrink(keep, sequences, pad_values, padding_side(mask)))
         call["mm_encoder_outputs"] = {
-            "image": self.adapter.encoder_output(encoded, kept_tokens),
+            "image": self.adapter.encoder_output(encoded, [run for _, run, _ in runs]),
         }
         self.selection = Selection(
             method=self.method.name,
             budget=str(self.budget),
             images=[
-                ImageSelection(
-                    image=i,
-                    prompt=int(row[0]) if row.numel() else -1,
-                    num_tokens=counts[i],
-                    indices=idx,
-                    scores=scores[i],
-                    grid=encoded.grids[i],
-                    positions=col[idx],
+                _image_record(i, place, idx, scores[i], layout, run[2], encoded.grids[i])
+                for i, (place, idx, layout, run) in enumerate(
+                    zip(located, kept_idx, layouts, runs, strict=True)
                 )
-                for i, ((row, col), idx) in enumerate(zip(located, kept_idx, strict=True))
             ],
             encode_seconds=encoded_at - start,
             select_seconds=selected_at - encoded_at,
@@ -270,48 +283,84 @@ class PruneHandle:
         return call
 
     def _select(
-        self, encoded: EncodedImages
+        self, encoded: EncodedImages, layouts: list[ImageLayout]
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor | None], dict[str, Any]]:
-        """Run the method on images grouped by token count (one batched call per group)."""
+        """Run the method on every image's budget units (crops, or the whole image).
+
+        Each image's budget is shared over its units (``self.layout["crop_budget"]``);
+        units of equal size, budget and grid go through the method in one batched call.
+
+        Returns:
+            per image: ``[K]`` kept indices ascending, ``[K, d_l]`` the tokens placed
+            there, ``[N]`` scores (NaN for tokens of a unit that kept nothing) or None;
+            and the methods' details.
+        """
+        crop_budget = self.layout.get("crop_budget", "split")
+        # (image, token indices [n_u], grid, kept) per unit
+        units: list[tuple[int, Tensor, tuple[int, int], int]] = []
+        for i, layout in enumerate(layouts):
+            for name, t in (("features", encoded.features[i]), ("tokens", encoded.projected[i])):
+                if not bool(torch.isfinite(t).all()):
+                    raise NonFiniteFeaturesError(f"image {i}'s visual {name} contain NaN or inf")
+            k = self.budget.tokens_for(encoded.features[i].shape[0], i)
+            parts = layout.units(crop_budget)
+            shares = split_evenly(k, [idx.numel() for idx, _ in parts])
+            units += [
+                (i, idx, grid, share)
+                for (idx, grid), share in zip(parts, shares, strict=True)
+                if share
+            ]
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for u, (_, idx, grid, share) in enumerate(units):
+            groups[(idx.numel(), grid, share)].append(u)
+        picked: dict[int, list[tuple[Tensor, Tensor]]] = defaultdict(list)
         count = len(encoded.features)
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i, feats in enumerate(encoded.features):
-            groups[feats.shape[0]].append(i)
-        indices: list[Tensor] = [None] * count  # type: ignore[list-item]
-        tokens: list[Tensor] = [None] * count  # type: ignore[list-item]
         scores: list[Tensor | None] = [None] * count
         details: dict[str, Any] = {}
-        for n, members in groups.items():
-            k = self.budget.tokens_for(n, members[0])
-            for i in members:
-                for name, t in (
-                    ("features", encoded.features[i]),
-                    ("tokens", encoded.projected[i]),
-                ):
-                    if not bool(torch.isfinite(t).all()):
-                        raise NonFiniteFeaturesError(
-                            f"image {i}'s visual {name} contain NaN or inf"
-                        )
+
+        def gather(per_image: list[Tensor] | None, members: list[int]) -> Tensor | None:
+            if per_image is None:
+                return None
+            # A unit of the whole image needs no gather (every single-crop model).
+            return torch.stack(
+                [
+                    per_image[i] if idx.numel() == per_image[i].shape[0] else per_image[i][idx]
+                    for i, idx, _, _ in (units[u] for u in members)
+                ]
+            )
+
+        for (_, grid, k), members in groups.items():
             token_set = TokenSet(
-                features=_stack(encoded.features, members),
-                projected=_stack(encoded.projected, members),
+                features=gather(encoded.features, members),
+                projected=gather(encoded.projected, members),
                 projector=self.adapter.projector(self.model),
-                grid=encoded.grids[members[0]],
-                cls_attention=_stack(encoded.cls_attention, members),
-                keys=_stack(encoded.keys, members),
+                grid=grid,
+                cls_attention=gather(encoded.cls_attention, members),
+                keys=gather(encoded.keys, members),
             )
             result = self.method(token_set, k, **self.options)
             details.update(result.details)
-            for row, i in enumerate(members):
-                idx = result.indices[row]
-                indices[i] = idx
+            for row, u in enumerate(members):
+                i, idx = units[u][0], units[u][1]
                 projected = encoded.projected[i]
-                tokens[i] = (
-                    projected[idx]
+                chosen = idx[result.indices[row].to(idx.device)]
+                made = (
+                    projected[chosen]
                     if result.tokens is None
                     else result.tokens[row].to(projected.dtype)
                 )
-                scores[i] = None if result.scores is None else result.scores[row]
+                picked[i].append((chosen, made))
+                if result.scores is not None:
+                    if scores[i] is None:
+                        n = projected.shape[0]
+                        scores[i] = result.scores.new_full((n,), float("nan"))
+                    scores[i][idx.to(result.scores.device)] = result.scores[row]
+        indices: list[Tensor] = []
+        tokens: list[Tensor] = []
+        for i in range(count):
+            chosen, order = torch.cat([c for c, _ in picked[i]]).sort()
+            indices.append(chosen)
+            tokens.append(torch.cat([t for _, t in picked[i]])[order])
         return indices, tokens, scores, details
 
 
@@ -323,8 +372,32 @@ def _delegate(original: Any, replacement: Any) -> Any:
     return wrapper
 
 
-def _stack(per_image: list[Tensor] | None, members: list[int]) -> Tensor | None:
-    return None if per_image is None else torch.stack([per_image[i] for i in members])
+def _image_record(
+    image: int,
+    place: Tensor,
+    indices: Tensor,
+    scores: Tensor | None,
+    layout: ImageLayout,
+    separators: Tensor,
+    grid: tuple[int, int],
+) -> ImageSelection:
+    """What one image kept, mapped back to prompt positions, crops and patch cells."""
+    row, col = place
+    device = col.device  # the record lives with the prompt, as the caller's inputs do
+    return ImageSelection(
+        image=image,
+        prompt=int(row[0]) if row.numel() else -1,
+        num_tokens=layout.token_slots.numel(),
+        indices=indices.to(device),
+        scores=scores,
+        grid=grid,
+        positions=col[layout.token_slots[indices].to(device)],
+        separators=col[separators.to(device)],
+        crops=layout.crop[indices].to(device),
+        cells=layout.cell[indices].to(device),
+        patch_grids=tuple(layout.patch_grids),
+        boxes=None if layout.boxes is None else tuple(layout.boxes),
+    )
 
 
 def _default_positions(mask: Tensor, cache: Any, for_generate: bool) -> Tensor:

@@ -52,3 +52,28 @@ class Budget:
 
     def __str__(self) -> str:
         return f"keep={self.keep}" if self.keep is not None else f"ratio={self.ratio}"
+
+
+def split_evenly(total: int, sizes: list[int]) -> list[int]:
+    """Share ``total`` kept tokens evenly over groups of ``sizes`` tokens (e.g. crops).
+
+    Water-filling: every group that still has room gets the same share, a group never
+    gets more than it holds (what it cannot take is shared again over the others), and
+    the last remainder goes one each to the first groups with room. The shares sum to
+    ``min(total, sum(sizes))``; a pure function of the sizes.
+    """
+    shares = [0] * len(sizes)
+    open_groups = [i for i, size in enumerate(sizes) if size > 0]
+    left = min(total, sum(sizes))
+    while left > 0:
+        each = left // len(open_groups)
+        if each == 0:
+            for i in open_groups[:left]:
+                shares[i] += 1
+            break
+        for i in open_groups:
+            give = min(each, sizes[i] - shares[i])
+            shares[i] += give
+            left -= give
+        open_groups = [i for i in open_groups if shares[i] < sizes[i]]
+    return shares

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 
@@ -19,8 +20,17 @@ class ImageSelection:
         indices: ``[K]`` kept token indices into the image's N tokens, ascending; with the
             grid, index j is patch cell ``(j // width, j % width)``.
         scores: ``[N]`` the score the method ranked by (ZOO-Prune: sensitivity), or None.
-        grid: ``(height, width)`` of the patch grid, or ``(1, N)``.
+        grid: ``(height, width)`` of the patch grid, or ``(1, N)`` (e.g. several crops).
         positions: ``[K]`` where the kept tokens stood in the original prompt.
+        separators: ``[S']`` where the kept separator tokens (LLaVA-NeXT's row newlines)
+            stood in the original prompt; empty for families without separators.
+        crops: ``[K]`` the crop each kept token comes from (0 for single-crop models; for
+            AnyRes, 0 is the base image and 1.. the sub-crops in raster order).
+        cells: ``[K, 2]`` (row, column) of each kept token's patch in its crop's grid.
+        patch_grids: per crop, ``(height, width)`` of its patch grid.
+        boxes: per crop, ``(top, left, bottom, right)`` in the original image's pixels, or
+            None when the adapter cannot know it (LLaVA-1.5: the crop is the image as
+            processed).
     """
 
     image: int
@@ -30,10 +40,28 @@ class ImageSelection:
     scores: Tensor | None
     grid: tuple[int, int]
     positions: Tensor
+    separators: Tensor | None = None
+    crops: Tensor | None = None
+    cells: Tensor | None = None
+    patch_grids: tuple[tuple[int, int], ...] = ()
+    boxes: tuple[tuple[float, float, float, float], ...] | None = None
 
     @property
     def kept(self) -> int:
         return int(self.indices.numel())
+
+    def regions(self) -> Tensor | None:
+        """``[K, 4]`` each kept token's patch as (top, left, bottom, right) image pixels.
+
+        For heatmaps over the original image; None when the crops' boxes are unknown.
+        """
+        if self.boxes is None or self.crops is None or self.cells is None:
+            return None
+        boxes = torch.tensor(self.boxes, dtype=torch.float64)[self.crops.cpu()]
+        grids = torch.tensor(self.patch_grids, dtype=torch.float64)[self.crops.cpu()]
+        step = (boxes[:, 2:] - boxes[:, :2]) / grids
+        start = boxes[:, :2] + self.cells.cpu().double() * step
+        return torch.cat([start, start + step], dim=-1)
 
 
 @dataclass(frozen=True)

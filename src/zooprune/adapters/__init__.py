@@ -6,9 +6,13 @@ from torch import nn
 
 from zooprune.adapters.base import Adapter
 from zooprune.adapters.llava import LlavaAdapter
+from zooprune.adapters.llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 from zooprune.errors import UnsupportedModelError
 
-ADAPTERS: dict[str, Adapter] = {adapter.name: adapter for adapter in [LlavaAdapter()]}
+ADAPTERS: dict[str, Adapter] = {
+    adapter.name: adapter
+    for adapter in [LlavaAdapter(), LlavaNextAdapter(), LlavaOnevisionAdapter()]
+}
 
 
 def adapter_for(model: nn.Module) -> Adapter:

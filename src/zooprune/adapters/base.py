@@ -14,7 +14,114 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zooprune.errors import PlaceholderMismatchError
+from zooprune.errors import PlaceholderMismatchError, PruneError
+
+#: the layout options a multi-crop family may accept (``Adapter.options``), first = default
+CROP_BUDGETS = ("split", "global")
+SEPARATOR_POLICIES = ("all", "nonempty")
+
+
+@dataclass
+class ImageLayout:
+    """Where one image's visual tokens sit in its run of placeholders, and what they show.
+
+    The run holds S placeholders: the N visual tokens (the candidates a method chooses
+    from) and S - N separators (e.g. LLaVA-NeXT's ``image_newline`` after each row), which
+    are never scored nor counted in the budget. Each visual token comes from one crop
+    (crop 0 is the only one of a single-crop model; for AnyRes, crop 0 is the base image
+    and crops 1.. are the sub-crops in raster order) and one patch cell of that crop.
+
+    Attributes:
+        packed: ``[S, d_l]`` what the model itself places in the run, separators included.
+        token_slots: ``[N]`` slot of each visual token in the run, ascending.
+        separator_of: ``[N]`` slot of the separator that closes the token's row, -1 if none.
+        crop: ``[N]`` crop index of each visual token.
+        cell: ``[N, 2]`` (row, column) of the token's patch in its crop's ``patch_grids``.
+        crop_grids: per crop, ``(rows, cols)`` its tokens form in the prompt, raster order
+            (after unpadding or pooling); ``(1, n)`` when they form no rectangle.
+        patch_grids: per crop, ``(height, width)`` of the patch grid the tower saw.
+        boxes: per crop, ``(top, left, bottom, right)`` in the original image's pixels, or
+            None when unknown; a crop holding padding reaches past the image.
+    """
+
+    packed: Tensor
+    token_slots: Tensor
+    separator_of: Tensor
+    crop: Tensor
+    cell: Tensor
+    crop_grids: list[tuple[int, int]]
+    patch_grids: list[tuple[int, int]]
+    boxes: list[tuple[float, float, float, float]] | None = None
+
+    @classmethod
+    def single(cls, projected: Tensor, grid: tuple[int, int]) -> ImageLayout:
+        """One crop, no separators: the run is the ``[N, d_l]`` tokens on ``grid``."""
+        n, device = projected.shape[0], projected.device
+        index = torch.arange(n, device=device)
+        return cls(
+            packed=projected,
+            token_slots=index,
+            separator_of=torch.full((n,), -1, dtype=torch.long, device=device),
+            crop=torch.zeros(n, dtype=torch.long, device=device),
+            cell=torch.stack([index // grid[1], index % grid[1]], dim=-1),
+            crop_grids=[grid],
+            patch_grids=[grid],
+        )
+
+    @property
+    def slots(self) -> int:
+        """S, the image's placeholders in the prompt."""
+        return self.packed.shape[0]
+
+    @property
+    def separator_slots(self) -> Tensor:
+        """``[S - N]`` the slots holding separators."""
+        is_token = torch.zeros(self.slots, dtype=torch.bool, device=self.token_slots.device)
+        is_token[self.token_slots] = True
+        return (~is_token).nonzero().flatten()
+
+    def units(self, crop_budget: str) -> list[tuple[Tensor, tuple[int, int]]]:
+        """The groups a budget is split over: ``(token indices [n_u], grid)`` each.
+
+        ``"split"``: one group per non-empty crop, on that crop's grid. ``"global"``: one
+        group of all N tokens, on the crop's grid if there is one crop, else ``(1, N)``.
+        """
+        n = self.token_slots.numel()
+        counts = torch.bincount(self.crop, minlength=len(self.crop_grids)).tolist()
+        crops = [c for c, count in enumerate(counts) if count]
+        if len(crops) == 1:
+            return [(torch.arange(n, device=self.crop.device), self.crop_grids[crops[0]])]
+        if crop_budget == "global":
+            return [(torch.arange(n, device=self.crop.device), (1, n))]
+        return [((self.crop == c).nonzero().flatten(), self.crop_grids[c]) for c in crops]
+
+    def assemble(
+        self, indices: Tensor, tokens: Tensor, separators: str
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The kept slots of the run and what fills them.
+
+        Args:
+            indices: ``[K]`` kept visual tokens, ascending.
+            tokens: ``[K, d_l]`` the token placed at each of them.
+            separators: ``"all"`` keeps every separator; ``"nonempty"`` keeps only those
+                closing a row that still holds a kept token.
+
+        Returns:
+            ``[K + S']`` kept slots ascending, ``[K + S', d_l]`` their tokens, ``[S']`` the
+            kept separators' slots.
+        """
+        token_slots = self.token_slots[indices]
+        every = self.separator_slots
+        if every.numel() == 0:
+            return token_slots, tokens, every
+        if separators == "all":
+            kept_separators = every
+        else:
+            closing = self.separator_of[indices]
+            kept_separators = closing[closing >= 0].unique()
+        slots, order = torch.cat([token_slots, kept_separators]).sort()
+        filled = torch.cat([tokens.to(self.packed.dtype), self.packed[kept_separators]])
+        return slots, filled[order], kept_separators
 
 
 @dataclass
@@ -28,6 +135,8 @@ class EncodedImages:
         cls_attention: per image ``[N_i]``, when asked for.
         keys: per image ``[N_i, d_k]``, when asked for.
         encoder_output: the model's own encoder output, reused when calling the model.
+        layouts: per image, where its tokens sit among its placeholders (separators,
+            crops); None means every image is one crop of N placeholders on its grid.
     """
 
     features: list[Tensor]
@@ -36,6 +145,13 @@ class EncodedImages:
     cls_attention: list[Tensor] | None
     keys: list[Tensor] | None
     encoder_output: Any
+    layouts: list[ImageLayout] | None = None
+
+    def layout(self, image: int) -> ImageLayout:
+        """Image ``image``'s layout, the single-crop one when the adapter gives none."""
+        if self.layouts is not None:
+            return self.layouts[image]
+        return ImageLayout.single(self.projected[image], self.grids[image])
 
 
 class Adapter(ABC):
@@ -49,10 +165,24 @@ class Adapter(ABC):
     tokens_per_image: str = ""
     #: for each extra a method may need, when this family's models provide it ("" = never)
     extras: dict[str, str] = {}
+    #: layout options ``prune()`` accepts for this family, with their allowed values
+    #: (the first is the default): ``crop_budget`` (:data:`CROP_BUDGETS`) and
+    #: ``separators`` (:data:`SEPARATOR_POLICIES`), see :class:`ImageLayout`
+    options: dict[str, tuple[str, ...]] = {}
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
         return isinstance(model, cls.model_classes)
+
+    def take_options(self, options: dict[str, Any]) -> dict[str, str]:
+        """Remove this family's layout options from ``options``; all of them, defaults filled."""
+        chosen = {}
+        for name, allowed in self.options.items():
+            value = options.pop(name, allowed[0])
+            if value not in allowed:
+                raise PruneError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+            chosen[name] = value
+        return chosen
 
     def provides(self, model: nn.Module) -> frozenset[str]:
         """What this model can give methods beyond features (e.g. ``"cls_attention"``)."""
@@ -74,7 +204,11 @@ class Adapter(ABC):
 
     @abstractmethod
     def encoder_output(self, encoded: EncodedImages, kept_tokens: list[Tensor]) -> Any:
-        """The model's encoder-output object carrying only the kept tokens per image."""
+        """The model's encoder-output object carrying only the kept run per image.
+
+        ``kept_tokens[i]`` is ``[S'_i, d_l]``: the kept visual tokens of image i with its
+        kept separators between them, in prompt order.
+        """
 
     #: keyword arguments of forward/generate that belong to the vision side
     image_input_names: tuple[str, ...] = ("pixel_values",)
@@ -94,16 +228,17 @@ def locate_images(input_ids: Tensor, image_token_id: int, counts: list[int]) -> 
 
     Args:
         input_ids: ``[B, L]``.
-        counts: visual tokens per image, in the order the images were given.
+        counts: placeholders per image (its visual tokens and separators, ``S_i``), in the
+            order the images were given.
 
     Returns:
-        per image, ``[2, N_i]`` (row, column) of its placeholders in the batch.
+        per image, ``[2, S_i]`` (row, column) of its placeholders in the batch.
     """
     rows, cols = (input_ids == image_token_id).nonzero(as_tuple=True)
     if rows.numel() != sum(counts):
         raise PlaceholderMismatchError(
             f"the prompts hold {rows.numel()} image tokens but the {len(counts)} image(s) give "
-            f"{sum(counts)} visual tokens ({' + '.join(map(str, counts))}); build the prompt "
+            f"{sum(counts)} placeholders ({' + '.join(map(str, counts))}); build the prompt "
             "with the model's processor from the same images"
         )
     located, start = [], 0

@@ -7,6 +7,7 @@ and each visual token fills one ``<image>`` placeholder of the prompt, in order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
@@ -92,11 +93,54 @@ class LlavaAdapter(Adapter):
     def encode(
         self, model: nn.Module, image_inputs: dict[str, Any], needs: frozenset[str]
     ) -> EncodedImages:
+        layer, strategy = self._feature_choice(model, image_inputs)
+        output, features, projected, cls_attention, keys = self._encode_hooked(
+            model,
+            needs,
+            layer,
+            strategy,
+            lambda: model.model.get_image_features(
+                pixel_values=image_inputs["pixel_values"],
+                vision_feature_layer=layer,
+                vision_feature_select_strategy=strategy,
+                image_sizes=image_inputs.get("image_sizes"),
+                return_dict=True,
+            ),
+        )
+        return EncodedImages(
+            features=list(features),
+            projected=list(projected),
+            grids=[square_grid(f.shape[0]) for f in features],
+            cls_attention=None if cls_attention is None else list(cls_attention),
+            keys=None if keys is None else list(keys),
+            encoder_output=output,
+        )
+
+    def _feature_choice(self, model: nn.Module, image_inputs: dict[str, Any]) -> tuple[Any, str]:
+        """The vision feature layer and select strategy of this call (config defaults)."""
         config = model.config
         layer = image_inputs.get("vision_feature_layer")
         layer = config.vision_feature_layer if layer is None else layer
         strategy = image_inputs.get("vision_feature_select_strategy")
         strategy = config.vision_feature_select_strategy if strategy is None else strategy
+        return layer, strategy
+
+    def _encode_hooked(
+        self,
+        model: nn.Module,
+        needs: frozenset[str],
+        layer: Any,
+        strategy: str,
+        run: Callable[[], Any],
+    ) -> tuple[Any, Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Run the vision side with ``run()``, capturing what the projector saw.
+
+        Returns:
+            the model's encoder output; projector inputs ``[P, T, d_v]`` and outputs
+            ``[P, T, d_l]`` of all P crops (images, for LLaVA-1.5); and, when
+            ``"cls_attention"`` is needed, ``[P, T]`` CLS attention and ``[P, T, d_k]``
+            keys aligned with the feature tokens (else None, None).
+        """
         captured: dict[str, Tensor] = {}
 
         def on_projector(module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -110,31 +154,17 @@ class LlavaAdapter(Adapter):
             attention = self._attention_layer(model, layer)
             hooks.append(attention.register_forward_pre_hook(on_attention, with_kwargs=True))
         try:
-            output = model.model.get_image_features(
-                pixel_values=image_inputs["pixel_values"],
-                vision_feature_layer=layer,
-                vision_feature_select_strategy=strategy,
-                image_sizes=image_inputs.get("image_sizes"),
-                return_dict=True,
-            )
+            output = run()
         finally:
             for hook in hooks:
                 hook.remove()
-        features, projected = captured["features"], captured["projected"]
         cls_attention = keys = None
         if "cls_attention" in needs:
             attn, k = _cls_attention_and_keys(attention, captured["attention_input"])
             # Align with the feature tokens: without CLS under "default", with it otherwise.
             skip = 1 if strategy == "default" else 0
-            cls_attention, keys = list(attn[:, skip:]), list(k[:, skip:])
-        return EncodedImages(
-            features=list(features),
-            projected=list(projected),
-            grids=[square_grid(f.shape[0]) for f in features],
-            cls_attention=cls_attention,
-            keys=keys,
-            encoder_output=output,
-        )
+            cls_attention, keys = attn[:, skip:], k[:, skip:]
+        return output, captured["features"], captured["projected"], cls_attention, keys
 
     def encoder_output(self, encoded: EncodedImages, kept_tokens: list[Tensor]) -> Any:
         return BaseModelOutputWithPooling(pooler_output=kept_tokens)
