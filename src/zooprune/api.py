@@ -230,7 +230,8 @@ class PruneHandle:
         }
         start = time.perf_counter()
         # The caller's grad mode: training through a pruned model reaches the vision side.
-        encoded = self.adapter.encode(self.model, image_inputs, self.method.needs)
+        prompt = {"input_ids": input_ids} if self.adapter.reads_prompt else {}
+        encoded = self.adapter.encode(self.model, image_inputs, self.method.needs, **prompt)
         _sync(input_ids.device)
         encoded_at = time.perf_counter()
         layouts = [encoded.layout(i) for i in range(len(encoded.features))]

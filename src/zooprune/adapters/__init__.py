@@ -5,13 +5,21 @@ from __future__ import annotations
 from torch import nn
 
 from zooprune.adapters.base import Adapter
+from zooprune.adapters.gemma3 import Gemma3Adapter
+from zooprune.adapters.idefics3 import Idefics3Adapter
 from zooprune.adapters.llava import LlavaAdapter
 from zooprune.adapters.llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 from zooprune.errors import UnsupportedModelError
 
 ADAPTERS: dict[str, Adapter] = {
     adapter.name: adapter
-    for adapter in [LlavaAdapter(), LlavaNextAdapter(), LlavaOnevisionAdapter()]
+    for adapter in [
+        LlavaAdapter(),
+        LlavaNextAdapter(),
+        LlavaOnevisionAdapter(),
+        Gemma3Adapter(),
+        Idefics3Adapter(),
+    ]
 }
 
 

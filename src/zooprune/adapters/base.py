@@ -169,6 +169,9 @@ class Adapter(ABC):
     #: (the first is the default): ``crop_budget`` (:data:`CROP_BUDGETS`) and
     #: ``separators`` (:data:`SEPARATOR_POLICIES`), see :class:`ImageLayout`
     options: dict[str, tuple[str, ...]] = {}
+    #: True when the grouping of encoded crops into images is spelled out only in the
+    #: prompt's text tokens (Idefics3): ``encode`` then also gets ``input_ids=[B, L]``
+    reads_prompt: bool = False
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -200,7 +203,10 @@ class Adapter(ABC):
     def encode(
         self, model: nn.Module, image_inputs: dict[str, Any], needs: frozenset[str]
     ) -> EncodedImages:
-        """Run the vision side on ``image_inputs`` (pixel_values and friends)."""
+        """Run the vision side on ``image_inputs`` (pixel_values and friends).
+
+        An adapter with ``reads_prompt`` takes a keyword ``input_ids`` too.
+        """
 
     @abstractmethod
     def encoder_output(self, encoded: EncodedImages, kept_tokens: list[Tensor]) -> Any:
