@@ -17,11 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(VENV)/bin/zooprune tiny .cache/tiny-llava
-	$(PY) -c "from zooprune.testbed.scenes import make_scene; make_scene(7).to_pil().save('.cache/scene.png')"
-	$(VENV)/bin/zooprune run --model .cache/tiny-llava --image .cache/scene.png \
-		--prompt "what color is the square ?" --method zoo --keep 8 --max-new-tokens 8 \
-		--show .cache/kept.png
+	$(VENV)/bin/zooprune demo --out .cache/demo.png
 
 test: install
 	$(PY) -m pytest

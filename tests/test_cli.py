@@ -54,3 +54,109 @@ def test_run_reports_bad_input(tmp_path, capsys):
     assert "known methods" in capsys.readouterr().out
     assert main([*base[:4], str(tmp_path / "missing.png"), *base[5:]]) == 2
     assert "no such image" in capsys.readouterr().out
+
+
+def test_cli_families_match_the_generator():
+    from zooprune.cli import _FAMILIES
+    from zooprune.testbed.scenes import FAMILIES
+
+    assert _FAMILIES == FAMILIES
+
+
+def test_fraction_arguments():
+    import argparse
+
+    import pytest
+
+    from zooprune.cli import _fraction, _fractions
+
+    assert _fractions("1/3, 22%,0.11") == (1 / 3, 0.22, 0.11)
+    with pytest.raises(argparse.ArgumentTypeError, match="not a fraction"):
+        _fraction("1/0")
+
+
+def test_bench_on_a_jsonl_file_with_any_model(tmp_path, capsys):
+    import json
+
+    assert main(["tiny", str(tmp_path / "model")]) == 0
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
+        lines.append(json.dumps({"image": f"{i}.png", "question": "what ?", "answer": "red"}))
+    (tmp_path / "data.jsonl").write_text("\n".join(lines))
+    args = ["bench", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data.jsonl")]
+    out_dir = tmp_path / "bench"
+    code = main([*args, "--methods", "zoo,grid", "--ratios", "1/4", "--out", str(out_dir)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "all (n=3)" in out and "zoo" in out and "grid" in out and "25.0% (16)" in out
+    summary = json.loads((out_dir / "accuracy.json").read_text())
+    assert [c["method"] for c in summary["conditions"]] == ["unpruned", "zoo", "grid"]
+    assert (out_dir / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    # Bad requests fail with a message, not a traceback.
+    assert main([*args, "--methods", "nope"]) == 2
+    assert "unknown method" in capsys.readouterr().out
+    assert main(["bench", "--data", str(tmp_path / "data.jsonl")]) == 2
+    assert "--data needs --model" in capsys.readouterr().out
+    assert main([*args, "--ratios", "1.5"]) == 2
+    assert "(0, 1)" in capsys.readouterr().out
+
+
+def test_testbed_train_command_runs_and_resumes(tmp_path, capsys, monkeypatch):
+    import functools
+
+    from tests.testbed.test_model import TINY_TRAIN
+    from zooprune.testbed import train
+
+    tiny = functools.partial(
+        train.TrainConfig,
+        **{f: getattr(TINY_TRAIN, f) for f in ("scene", "families", "model", "batch", "warmup")},
+        vision_steps=2,
+        vision_batch=2,
+        joint_steps=3,
+        eval_every=2,
+        eval_n_per_family=1,
+        checkpoint_every=1,
+    )
+    monkeypatch.setattr(train, "TrainConfig", tiny)
+    out = tmp_path / "run"
+    assert main(["testbed", "train", "--out", str(out), "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "validation" in text and "curve.png" in text
+    assert (out / "model" / "config.json").is_file() and (out / "curve.png").is_file()
+    # A second call resumes at the end and only saves again.
+    assert main(["testbed", "train", "--out", str(out), "--threads", "1"]) == 0
+    assert "saved" in capsys.readouterr().out
+
+
+def test_demo_answers_and_draws(tmp_path, capsys):
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--out", str(out), "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "question:" in text and "unpruned" in text and "zoo" in text and "divprune" in text
+    assert "28 / 256" in text and "256 / 256" in text
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert main(["demo", "--method", "nope"]) == 2
+    assert main(["demo", "--ratio", "2"]) == 2
+
+
+def test_bench_quick_on_the_bundled_test_bed(tmp_path, capsys):
+    import json
+
+    from zooprune import METHODS
+    from zooprune.testbed.scenes import FAMILIES
+
+    out_dir = tmp_path / "bench"
+    assert main(["bench", "--quick", "--out", str(out_dir)]) == 0
+    text = capsys.readouterr().out
+    for family in ("overall", *FAMILIES):
+        assert f"{family} (n=" in text
+    assert "zoo - divprune at 11.1%" in text
+    summary = json.loads((out_dir / "accuracy.json").read_text())
+    methods = {c["method"] for c in summary["conditions"]}
+    assert methods == {"unpruned", *METHODS}
+    assert len(summary["conditions"]) == 1 + 4 * len(METHODS)
+    assert {c["kept_mean"] for c in summary["conditions"][1:]} == {85, 56, 28, 14}

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import TextColumn
 from rich.table import Table
+
+# Kept in step with zooprune.testbed.scenes.FAMILIES (a test checks), so that
+# `zooprune --help` does not import numpy and the scene generator.
+_FAMILIES = ("color", "shape", "count", "exists", "spatial", "location", "glyph")
 
 console = Console()
 
@@ -358,6 +364,287 @@ def _speed_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fraction(text: str) -> float:
+    """``0.25``, ``25%`` or ``1/9``."""
+    text = text.strip()
+    try:
+        if text.endswith("%"):
+            return float(text[:-1]) / 100
+        if "/" in text:
+            numerator, denominator = text.split("/", 1)
+            return float(numerator) / float(denominator)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(
+            f"not a fraction: {text!r} (try 0.11, 11% or 1/9)"
+        ) from None
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    return tuple(_fraction(part) for part in text.split(",") if part.strip())
+
+
+def _testbed_train(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from zooprune.testbed.train import TrainConfig, train
+
+    config = TrainConfig(seed=args.seed)
+    if args.threads:
+        config = dataclasses.replace(config, threads=args.threads)
+    out = Path(args.out)
+    console.print(
+        f"training the test-bed VLM into {out} (seed {config.seed}; "
+        f"at most {config.vision_steps} vision + {config.joint_steps} joint steps; "
+        "resumes from its checkpoint if one is there)"
+    )
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+    )
+    with Progress(*columns, console=console) as progress:
+        vision = progress.add_task("vision", total=config.vision_steps, status="")
+        joint = progress.add_task("joint", total=config.joint_steps, status="")
+
+        def report(event: dict) -> None:
+            kind = event["event"]
+            if kind == "step":
+                task = vision if event["phase"] == 1 else joint
+                status = (
+                    f"shape {event['shape_ema']:.3f}"
+                    if event["phase"] == 1
+                    else f"answer acc {event['answer_acc']:.2f}"
+                )
+                progress.update(task, completed=event["step"], status=status)
+            elif kind == "vision_done":
+                progress.update(vision, total=event["step"], completed=event["step"])
+            elif kind == "resumed":
+                if event["phase"] == 2:
+                    progress.update(vision, total=1, completed=1, status="done before")
+                task = vision if event["phase"] == 1 else joint
+                progress.update(task, completed=event["step"])
+            elif kind == "eval":
+                families = " ".join(f"{f} {a:.2f}" for f, a in event["families"].items())
+                progress.console.print(
+                    f"[dim]{event['minutes']:.1f} min, joint step {event['step']}:[/dim] "
+                    f"validation {event['overall']:.3f} ({families})"
+                )
+
+        path = train(config, out, report)
+    console.print(f"saved {path}; learning curve in {out / 'curve.png'}")
+    return 0
+
+
+def _load_for_bench(args: argparse.Namespace) -> tuple[object, object, str]:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if args.model is None:
+        from zooprune.testbed.model import bundled_path, load_testbed
+
+        model, processor = load_testbed()
+        return model, processor, f"zooprune test bed ({bundled_path().name})"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        args.dtype
+    ]
+    with console.status(f"loading {args.model}"):
+        processor = AutoProcessor.from_pretrained(args.model)
+        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).eval()
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.padding_side = "left"  # generate() continues every prompt from its end
+    return model, processor, args.model
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from zooprune.bench.accuracy import (
+        DEFAULT_RATIOS,
+        jsonl_items,
+        run_accuracy,
+        testbed_items,
+    )
+    from zooprune.bench.timing import machine
+    from zooprune.select import METHODS
+    from zooprune.viz import plot_accuracy
+
+    if args.data is not None and args.model is None:
+        console.print("[red]--data needs --model (the test bed answers its own questions)[/red]")
+        return 2
+    methods = args.methods or sorted(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        console.print(
+            f"[red]unknown method(s) {unknown}; known: {', '.join(sorted(METHODS))}[/red]"
+        )
+        return 2
+    ratios = args.ratios or DEFAULT_RATIOS
+    bad = [r for r in ratios if not 0 < r < 1]
+    if bad:
+        console.print(f"[red]budget ratios must lie in (0, 1), got {bad}[/red]")
+        return 2
+    n = args.n_per_family or (12 if args.quick else 100)
+    _set_threads(args.threads)
+    try:
+        items = jsonl_items(args.data) if args.data else testbed_items(n, split="test")
+    except (OSError, ValueError) as error:
+        console.print(f"[red]{error}[/red]")
+        return 2
+    if args.data and args.limit:
+        items = items[: args.limit]
+    model, processor, name = _load_for_bench(args)
+    max_new = args.max_new_tokens or (1 if args.data is None else 16)
+    out = Path(args.out)
+    total = (1 + len(methods) * len(ratios)) * -(-len(items) // args.batch_size)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    finished: dict[str, int] = {}
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("accuracy", total=total)
+
+        def report(condition: str, done: int, batches: int) -> None:
+            finished[condition] = done
+            progress.update(task, completed=sum(finished.values()), description=condition)
+
+        summary = run_accuracy(
+            model,
+            processor,
+            items,
+            out,
+            methods,
+            ratios,
+            model_name=name,
+            batch_size=args.batch_size,
+            max_new_tokens=max_new,
+            prompt_template=args.prompt,
+            seed=args.seed,
+            on_progress=report,
+        )
+    _print_accuracy(summary)
+    plot = plot_accuracy(summary, out / "accuracy.png")
+    m = machine()
+    console.print(
+        f"[dim]{len(items)} questions, greedy, seed {args.seed}, {m['cpu']}, "
+        f"{m['torch_threads']} threads; wrote {out / 'accuracy.json'}, "
+        f"{out / 'accuracy.csv'}, {plot}[/dim]"
+    )
+    return 0
+
+
+def _print_accuracy(summary: dict) -> None:
+    from zooprune.bench.accuracy import condition_stats
+
+    conds = summary["conditions"]
+    base = conds[0]
+    families = list(base["families"])
+
+    def cell(stats: dict) -> str:
+        return f"{100 * stats['accuracy']:.0f} [{100 * stats['low']:.0f},{100 * stats['high']:.0f}]"
+
+    for family in ["overall", *families]:
+        n = condition_stats(base, family)["n"]
+        table = Table(title=f"{family} (n={n}): accuracy % [95% CI] (relative to unpruned)")
+        table.add_column("method", style="bold")
+        ratios = sorted({c["ratio"] for c in conds[1:]}, reverse=True)
+        for ratio in ratios:
+            kept = next(c["kept_mean"] for c in conds if c["ratio"] == ratio)
+            table.add_column(f"{100 * ratio:.1f}% ({kept:.0f})", justify="right")
+        table.add_row("unpruned", *[cell(condition_stats(base, family))] * len(ratios))
+        for method in sorted({c["method"] for c in conds[1:]}):
+            row = []
+            for ratio in ratios:
+                match = next(c for c in conds if c["method"] == method and c["ratio"] == ratio)
+                stats = condition_stats(match, family)
+                relative = "" if stats["relative"] is None else f" ({100 * stats['relative']:.0f}%)"
+                row.append(cell(stats) + relative)
+            table.add_row(method, *row)
+        console.print(table)
+    for comp in summary["comparisons"]:
+        if comp["b"] == "divprune":
+            console.print(
+                f"zoo - divprune at {100 * comp['ratio']:.1f}%: "
+                f"{100 * comp['difference']:+.1f} points "
+                f"[{100 * comp['low']:+.1f}, {100 * comp['high']:+.1f}] (paired 95% CI)"
+            )
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import torch
+
+    import zooprune
+    from zooprune.bench.accuracy import is_correct
+    from zooprune.testbed import scenes
+    from zooprune.testbed.model import load_testbed
+    from zooprune.viz import plot_selection, processed_image
+
+    _set_threads(args.threads)
+    for method in (args.method, args.baseline):
+        if method not in zooprune.METHODS:
+            console.print(f"[red]unknown method {method!r}; see `zooprune methods`[/red]")
+            return 2
+    if not 0 < args.ratio < 1:
+        console.print(f"[red]--ratio must lie in (0, 1), got {args.ratio}[/red]")
+        return 2
+    sample = scenes.make_sample("test", args.index, args.family)
+    with console.status("loading the bundled test-bed model"):
+        model, processor = load_testbed()
+    image = sample.scene.to_pil()
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]}
+    ]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    length = inputs["input_ids"].shape[1]
+
+    def answer() -> str:
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        return processor.batch_decode(output[:, length:], skip_special_tokens=True)[0].strip()
+
+    console.print(f"[bold]question:[/bold] {sample.question}   [dim](truth: {sample.answer})[/dim]")
+    table = Table()
+    for column in ("visual tokens", "method", "answer", "correct"):
+        table.add_column(column)
+    unpruned = answer()
+    total = inputs["input_ids"].eq(model.config.image_token_id).sum().item()
+    table.add_row(
+        f"{total} / {total}", "unpruned", unpruned, _mark(is_correct(unpruned, sample.answer))
+    )
+    selections = []
+    said_by = {"unpruned": unpruned}
+    for method in (args.method, args.baseline):
+        with zooprune.prune(model, method, ratio=args.ratio) as handle:
+            said = answer()
+        sel = handle.selection.images[0]
+        selections.append((method, sel))
+        said_by[method] = said
+        table.add_row(
+            f"{sel.kept} / {sel.num_tokens}", method, said, _mark(is_correct(said, sample.answer))
+        )
+    console.print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images = processor.image_processor
+    picture = processed_image(inputs["pixel_values"][0], images.image_mean, images.image_std)
+    answers = ", ".join(f"{name}: {said}" for name, said in said_by.items())
+    title = f"{sample.question} (truth: {sample.answer})\n{answers}"
+    plot_selection(picture, selections, out, title=title)
+    console.print(f"wrote {out}: the patches each method kept, and the scores it ranked by")
+    return 0
+
+
+def _mark(ok: bool) -> str:
+    return "[green]yes[/green]" if ok else "[red]no[/red]"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zooprune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -430,6 +717,52 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(handler=_tiny)
+
+    testbed = commands.add_parser("testbed", help="the bundled test-bed VLM")
+    testbed_commands = testbed.add_subparsers(dest="testbed_command", required=True)
+    train = testbed_commands.add_parser(
+        "train", help="train the test-bed model from a seed (the recipe of the shipped one)"
+    )
+    train.add_argument("--out", default="out/testbed", help="run folder (resumed if present)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=0, help="default: the recipe's 2")
+    train.set_defaults(handler=_testbed_train)
+
+    bench = commands.add_parser(
+        "bench", help="accuracy vs token budget for every method, per question family"
+    )
+    bench.add_argument("--model", help="a VLM folder or hub id (default: the bundled test bed)")
+    bench.add_argument("--data", help='JSON lines {"image", "question", "answer"[, "family"]}')
+    bench.add_argument("--methods", type=lambda t: [m for m in t.split(",") if m], default=None)
+    bench.add_argument(
+        "--ratios",
+        type=_fractions,
+        default=None,
+        help="fractions of the visual tokens kept (default 1/3,2/9,1/9,1/18)",
+    )
+    bench.add_argument("--n-per-family", type=int, default=0, help="test-bed questions per family")
+    bench.add_argument("--quick", action="store_true", help="12 questions per family")
+    bench.add_argument("--limit", type=int, default=0, help="first N questions of --data")
+    bench.add_argument("--prompt", help="template with {image} and {question} (default: chat)")
+    bench.add_argument("--max-new-tokens", type=int, default=0)
+    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--threads", type=int, default=0)
+    bench.add_argument("--out", default="out/bench", help="results folder (resumed if present)")
+    bench.set_defaults(handler=_bench)
+
+    demo = commands.add_parser(
+        "demo", help="one test-bed question, unpruned and pruned, with a picture of what was kept"
+    )
+    demo.add_argument("--family", default="color", choices=list(_FAMILIES))
+    demo.add_argument("--index", type=int, default=0, help="which test question of the family")
+    demo.add_argument("--method", default="zoo")
+    demo.add_argument("--baseline", default="divprune")
+    demo.add_argument("--ratio", type=_fraction, default=1 / 9, help="fraction kept (default 1/9)")
+    demo.add_argument("--threads", type=int, default=0)
+    demo.add_argument("--out", default="out/demo.png")
+    demo.set_defaults(handler=_demo)
     return parser
 
 

@@ -94,6 +94,20 @@ def tiny_llava_config(
     )
 
 
+# "<s> <image> question" for a user turn, " answer" for an assistant turn: the prompt
+# format the test-bed model is trained on, so chat-template callers need no special case.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first %}<s>{% endif -%}"
+    "{%- if message['content'] is string %} {{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' %} <image>"
+    "{%- elif part['type'] == 'text' %} {{ part['text'] }}{% endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
 def word_level_llava_processor(
     words: list[str],
     image_size: int,
@@ -129,6 +143,7 @@ def word_level_llava_processor(
         vision_feature_select_strategy="default",
         image_token="<image>",
         num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
     )
 
 

@@ -1,4 +1,4 @@
-"""Pictures: where the time goes per budget, and which tokens a method kept."""
+"""Pictures: where the time goes per budget, which tokens a method kept, accuracy per budget."""
 
 from __future__ import annotations
 
@@ -51,11 +51,7 @@ def plot_speed(result: dict[str, Any], path: str | Path) -> Path:
     right.set_ylabel("speed-up over unpruned (x)")
     right.legend(fontsize=8)
     fig.suptitle(f"{result['model']}\n{result['dtype']}, {result['machine']['cpu']}", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def processed_image(pixel_values: Any, mean: Any, std: Any) -> Any:
@@ -72,21 +68,25 @@ def processed_image(pixel_values: Any, mean: Any, std: Any) -> Any:
     return x.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def plot_selection(image: Any, selections: list[tuple[str, Any]], path: str | Path) -> Path:
+def plot_selection(
+    image: Any, selections: list[tuple[str, Any]], path: str | Path, title: str | None = None
+) -> Path:
     """Which patches each method kept, and the score it ranked by, over the image.
 
     Args:
         image: ``[H, W, 3]`` in [0, 1] (see :func:`processed_image`).
         selections: ``(title, ImageSelection)`` pairs, one column each; the second row
             shows the method's per-token score as a heatmap when it has one.
+        title: a line above the panels (e.g. the question and the answers).
     """
     import numpy as np
 
     rows = 2 if any(sel.scores is not None for _, sel in selections) else 1
+
     fig, axes = plt.subplots(rows, len(selections), figsize=(3.2 * len(selections), 3.3 * rows))
     axes = np.array(axes).reshape(rows, len(selections))
     height, width = image.shape[:2]
-    for column, (title, sel) in enumerate(selections):
+    for column, (name, sel) in enumerate(selections):
         grid_h, grid_w = sel.grid
         kept = np.zeros(grid_h * grid_w, dtype=bool)
         kept[sel.indices.cpu().numpy()] = True
@@ -109,7 +109,7 @@ def plot_selection(image: Any, selections: list[tuple[str, Any]], path: str | Pa
                     linewidth=0.8,
                 )
             )
-        ax.set_title(f"{title}: {sel.kept}/{sel.num_tokens} kept", fontsize=9)
+        ax.set_title(f"{name}: {sel.kept}/{sel.num_tokens} kept", fontsize=9)
         ax.axis("off")
         if rows == 2:
             ax = axes[1, column]
@@ -118,9 +118,71 @@ def plot_selection(image: Any, selections: list[tuple[str, Any]], path: str | Pa
                 ax.imshow(image)
                 heat = sel.scores.float().cpu().numpy().reshape(grid_h, grid_w)
                 ax.imshow(heat, cmap="inferno", alpha=0.6, extent=(0, width, height, 0))
-                ax.set_title("score per patch", fontsize=9)
+                ax.set_title(f"{name} score per patch", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_accuracy(summary: dict[str, Any], path: str | Path) -> Path:
+    """Overall accuracy (with 95% intervals) against the fraction of tokens kept, per method;
+    one small panel per family below."""
+    from zooprune.bench.accuracy import UNPRUNED, condition_stats
+
+    conds = summary["conditions"]
+    base = conds[0]
+    families = list(base["families"])
+    methods = sorted({c["method"] for c in conds[1:]})
+    panels = 1 + len(families)
+    columns = min(4, panels)
+    rows = -(-panels // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.0 * rows), squeeze=False)
+    for panel, family in enumerate(["overall", *families]):
+        ax = axes.flat[panel]
+        for method in methods:
+            points = sorted(
+                ((c["ratio"], condition_stats(c, family)) for c in conds if c["method"] == method),
+                key=lambda point: point[0],
+            )
+            xs = [100 * r for r, _ in points]
+            ys = [100 * s["accuracy"] for _, s in points]
+            err = [
+                [100 * (s["accuracy"] - s["low"]) for _, s in points],
+                [100 * (s["high"] - s["accuracy"]) for _, s in points],
+            ]
+            style = {"lw": 2.4, "zorder": 3} if method == "zoo" else {"lw": 1.2}
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=err if family == "overall" else None,
+                marker="o",
+                ms=3,
+                capsize=2,
+                label=method,
+                **style,
+            )
+        ax.axhline(
+            100 * condition_stats(base, family)["accuracy"],
+            color="k",
+            ls="--",
+            lw=1,
+            label=UNPRUNED,
+        )
+        ax.set_title(family, fontsize=10)
+        ax.set_xlabel("% of visual tokens kept", fontsize=8)
+        ax.set_ylabel("accuracy %", fontsize=8)
+        ax.set_ylim(0, 102)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[panels:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"accuracy vs visual-token budget: {summary.get('model', '')}", fontsize=11)
+    return _save(fig, path, dpi=100)
+
+
+def _save(fig: Any, path: str | Path, dpi: int = 110) -> Path:
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path

@@ -69,19 +69,19 @@ def tiny():
     return model.eval(), processor
 
 
-def test_default_processor_pixels_and_576_tokens():
+def test_default_processor_pixels_and_256_tokens():
     cfg = tb.testbed_config()
     proc = tb.testbed_processor(cfg)
-    assert num_image_tokens(cfg) == 576
+    assert num_image_tokens(cfg) == 256
     s = scenes.make_sample("test", 5)
     inp = proc(images=s.scene.to_pil(), text=prompt_text([(s.question, None)]), return_tensors="pt")
-    assert int((inp.input_ids == IMAGE_ID).sum()) == 576
+    assert int((inp.input_ids == IMAGE_ID).sum()) == 256
     # No resize/crop distortion: exactly the CLIP normalisation of the raw pixels.
     assert inp.pixel_values.shape == (1, 3, 144, 144)
     torch.testing.assert_close(
         inp.pixel_values, pixel_values_from_images(s.scene.image[None]), rtol=0, atol=1e-6
     )
-    ids, targets = encode_prompt([(s.question, s.answer)], proc.tokenizer.get_vocab(), 576)
+    ids, targets = encode_prompt([(s.question, s.answer)], proc.tokenizer.get_vocab(), 256)
     assert ids[:-1] == inp.input_ids[0].tolist()
     assert targets[len(ids) - 2] == proc.tokenizer.convert_tokens_to_ids(s.answer)
     assert sum(t >= 0 for t in targets) == 1

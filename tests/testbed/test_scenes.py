@@ -19,6 +19,8 @@ from zooprune.testbed import scenes as S
 from zooprune.testbed.scenes import Scene, SceneConfig, SceneObject
 
 CFG = SceneConfig()
+# Spatial/location margins are one patch of the default config, in pixels.
+MARGIN = CFG.spatial_margin_patches * CFG.patch_size
 
 
 def obj(
@@ -416,7 +418,7 @@ def test_glyph_pixels_spell_the_digit() -> None:
 
 def test_object_token_mask() -> None:
     sc = scene([obj("square", "red", 12, 12, size=18), obj("circle", "blue", 60, 90)])
-    mask = sc.object_token_mask()
+    mask = sc.object_token_mask(patch_size=6)
     assert mask.shape == (24, 24)
     assert mask[2:5, 2:5].all()
     expected = np.zeros((144, 144), dtype=bool)
@@ -429,11 +431,11 @@ def test_object_token_mask() -> None:
         ]
     )
     assert (mask == brute).all()
-    assert sc.object_token_mask(patch_size=9).shape == (16, 16)
+    assert sc.object_token_mask().shape == (16, 16)  # the default 9 px patches
     fractions = []
     for seed in range(50):
         g = S.make_scene(seed)
-        m = g.object_token_mask()
+        m = g.object_token_mask(patch_size=6)
         for o in g.objects:
             assert m[int(o.cy) // 6, int(o.cx) // 6]
         fractions.append(m.mean())
@@ -562,11 +564,11 @@ def reference_answer(objects: list[SceneObject], question: str) -> str:
     if m := re.fullmatch(r"is the (\w+) object (left of|above) the (\w+) object \?", question):
         a, b = by_colour[m[1]], by_colour[m[3]]
         da, db = (a.cx, b.cx) if m[2] == "left of" else (a.cy, b.cy)
-        assert abs(da - db) > 6  # only unambiguous pairs may be asked
+        assert abs(da - db) > MARGIN  # only unambiguous pairs may be asked
         return "yes" if da < db else "no"
     if m := re.fullmatch(r"where is the (\w+) object \?", question):
         o = by_colour[m[1]]
-        assert abs(o.cx - 72) > 6 and abs(o.cy - 72) > 6
+        assert abs(o.cx - 72) > MARGIN and abs(o.cy - 72) > MARGIN
         return ("top" if o.cy < 72 else "bottom") + ("left" if o.cx < 72 else "right")
     if m := re.fullmatch(r"what digit is on the (\w+) object \?", question):
         return number[by_colour[m[1]].digit]
@@ -581,8 +583,8 @@ def askable(objects: list[SceneObject], family: str) -> bool:
         "shape": bool(objects),
         "count": True,
         "exists": True,
-        "spatial": any(abs(a.cx - b.cx) > 6 or abs(a.cy - b.cy) > 6 for a, b in pairs),
-        "location": any(abs(o.cx - 72) > 6 and abs(o.cy - 72) > 6 for o in objects),
+        "spatial": any(abs(a.cx - b.cx) > MARGIN or abs(a.cy - b.cy) > MARGIN for a, b in pairs),
+        "location": any(abs(o.cx - 72) > MARGIN and abs(o.cy - 72) > MARGIN for o in objects),
         "glyph": any(o.digit is not None for o in objects),
     }[family]
 

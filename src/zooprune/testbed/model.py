@@ -1,14 +1,14 @@
 """The test-bed VLM: a small, real ``LlavaForConditionalGeneration`` for the scenes.
 
-Layout follows LLaVA-1.5 at toy size: a CLIP vision tower (144 px images, 6 px
-patches -> 24x24 = 576 visual tokens, CLS dropped), the standard 2-layer GELU
+Layout follows LLaVA-1.5 at toy size: a CLIP vision tower (144 px images, 9 px
+patches -> 16x16 = 256 visual tokens, CLS dropped), the standard 2-layer GELU
 projector, and a Llama language model over a word-level vocabulary.
 
 Prompt format (one or more turns, the answer is always the next single token)::
 
     <s> <image> what shape is the red object ? square how many ... ? two
 
-The processor expands ``<image>`` into 576 image tokens. Prediction is the argmax
+The processor expands ``<image>`` into 256 image tokens. Prediction is the argmax
 of the logits at the last token of the question (``"?"``), which is exactly
 ``generate(max_new_tokens=1)``.
 
@@ -37,9 +37,11 @@ from zooprune.testbed.scenes import DEFAULT_CONFIG, SceneConfig, vocabulary
 from zooprune.tiny import SPECIAL, llava_layout_config, word_level_llava_processor
 
 __all__ = [
+    "BUNDLED",
     "IMAGE_MEAN",
     "IMAGE_STD",
     "SPECIAL_TOKENS",
+    "bundled_path",
     "encode_prompt",
     "forward_answer_logits",
     "load_testbed",
@@ -68,7 +70,7 @@ def testbed_vocabulary(scene_config: SceneConfig = DEFAULT_CONFIG) -> list[str]:
 def testbed_config(
     vocab_size: int | None = None,
     image_size: int = 144,
-    patch_size: int = 6,
+    patch_size: int = 9,
     vision_hidden: int = 192,
     vision_layers: int = 4,
     vision_heads: int = 6,
@@ -80,7 +82,7 @@ def testbed_config(
     max_positions: int = 1024,
     vision_feature_layer: int = -1,
 ) -> LlavaConfig:
-    """LLaVA-1.5 layout at test-bed size (defaults: ~5.2 M parameters, 576 tokens).
+    """LLaVA-1.5 layout at test-bed size (defaults: ~5.2 M parameters, 256 tokens).
 
     ``vision_feature_layer=-1`` because the dense auxiliary losses are put on
     the last layer, so that is where colour/shape/position are known to live.
@@ -244,9 +246,24 @@ def save_testbed(
     return path
 
 
+# The trained checkpoint ships inside the package, so nothing is ever downloaded.
+BUNDLED = Path(__file__).parent / "weights"
+
+
+def bundled_path() -> Path:
+    """The folder of the shipped test-bed checkpoint (a standard ``save_pretrained`` folder)."""
+    if not (BUNDLED / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the bundled test-bed checkpoint is missing from {BUNDLED}; "
+            "reinstall zooprune or rebuild it with `zooprune testbed train`"
+        )
+    return BUNDLED
+
+
 def load_testbed(
-    path: str | Path, dtype: torch.dtype = torch.float32
+    path: str | Path | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Plain ``from_pretrained`` of both halves; the model is returned in eval mode."""
+    """Plain ``from_pretrained`` of both halves (default: the bundled checkpoint), in eval mode."""
+    path = bundled_path() if path is None else path
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
     return model, AutoProcessor.from_pretrained(path)

@@ -1,6 +1,6 @@
 """Seeded synthetic scenes with single-word question/answer pairs.
 
-Each scene is a small RGB image (default 144x144 px, i.e. a 24x24 grid of 6 px
+Each scene is a small RGB image (default 144x144 px, i.e. a 16x16 grid of 9 px
 patches) showing 1-4 flat-coloured shapes on a dark, noisy, cluttered
 background. Most patches are background; only the few patches covering objects
 carry the answer, which is what makes the task useful for measuring how
@@ -157,7 +157,7 @@ class SceneConfig:
     """
 
     image_size: int = 144
-    patch_size: int = 6
+    patch_size: int = 9
     shapes: tuple[str, ...] = SHAPES
     colors: tuple[str, ...] = tuple(COLOR_RGB)
     min_size: int = 14

@@ -1,0 +1,399 @@
+"""Accuracy versus visual-token budget, per method and question family.
+
+The harness asks every question once unpruned and once per (method, budget), through
+the public path only: ``zooprune.prune(model, ...)`` then ``model.generate`` with greedy
+decoding on the processor's own inputs. Every condition's per-question results go to
+``results.jsonl`` as soon as they exist, so an interrupted run resumes where it stopped.
+
+Scoring is exact match after :func:`normalize` (lowercase, punctuation and articles
+dropped). Intervals are percentile bootstraps over questions; the overall accuracy is the
+mean over families, resampled within each family.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+import zooprune
+
+__all__ = [
+    "DEFAULT_RATIOS",
+    "Item",
+    "bootstrap_interval",
+    "condition_stats",
+    "is_correct",
+    "jsonl_items",
+    "normalize",
+    "paired_difference",
+    "run_accuracy",
+    "summarize",
+    "testbed_items",
+]
+
+# 33%, 22%, 11% and 5.6% of the tokens: 192/128/64/32 of LLaVA-1.5's 576, as in the paper.
+DEFAULT_RATIOS: tuple[float, ...] = (1 / 3, 2 / 9, 1 / 9, 1 / 18)
+UNPRUNED = "unpruned"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One question: ``image`` is a file path or a PIL image; ``family`` groups the scores."""
+
+    image: Any
+    question: str
+    answer: str
+    family: str = "all"
+
+    def pil(self) -> Image.Image:
+        if isinstance(self.image, Image.Image):
+            return self.image.convert("RGB")
+        with Image.open(self.image) as image:
+            return image.convert("RGB")
+
+
+def testbed_items(
+    n_per_family: int, split: str = "test", families: Sequence[str] | None = None, start: int = 0
+) -> list[Item]:
+    """``n_per_family`` test-bed questions per family (fixed seeds, so always the same)."""
+    from zooprune.testbed import scenes
+
+    families = scenes.FAMILIES if families is None else tuple(families)
+    items = []
+    for family in families:
+        for index in range(start, start + n_per_family):
+            sample = scenes.make_sample(split, index, family)
+            items.append(Item(sample.scene.to_pil(), sample.question, sample.answer, family))
+    return items
+
+
+def jsonl_items(path: str | Path) -> list[Item]:
+    """Questions from a JSON-lines file: ``{"image", "question", "answer"[, "family"]}``.
+
+    A relative image path is read relative to the file's folder.
+    """
+    path = Path(path)
+    items = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+        missing = [key for key in ("image", "question", "answer") if key not in row]
+        if missing:
+            raise ValueError(f"{path}:{number}: missing {', '.join(missing)}")
+        image = Path(row["image"])
+        image = image if image.is_absolute() else path.parent / image
+        if not image.is_file():
+            raise ValueError(f"{path}:{number}: no image file {image}")
+        items.append(
+            Item(str(image), row["question"], str(row["answer"]), row.get("family", "all"))
+        )
+    if not items:
+        raise ValueError(f"{path} holds no questions")
+    return items
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = re.compile(r"[^\w\s]")
+
+
+def normalize(text: str) -> str:
+    """Lowercase, punctuation and English articles removed, whitespace collapsed."""
+    text = _PUNCTUATION.sub(" ", text.lower())
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def is_correct(prediction: str, answer: str) -> bool:
+    """Exact match after :func:`normalize`, or the prediction starts with the answer's words.
+
+    The prefix rule lets ``"yes, there is"`` count for ``"yes"`` while ``"yesterday"`` does
+    not.
+    """
+    pred, gold = normalize(prediction).split(), normalize(answer).split()
+    return bool(gold) and pred[: len(gold)] == gold
+
+
+def bootstrap_interval(
+    correct_by_family: dict[str, np.ndarray], reps: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95% percentile interval of the mean over families of per-family accuracy.
+
+    Args:
+        correct_by_family: per family, bool ``[n_f]``; each family is resampled on its own.
+    """
+    rng = np.random.default_rng(seed)
+    means = np.zeros(reps)
+    for correct in correct_by_family.values():
+        picks = rng.integers(0, len(correct), size=(reps, len(correct)))
+        means += correct[picks].mean(axis=1)
+    means /= len(correct_by_family)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def paired_difference(
+    a: dict[str, np.ndarray], b: dict[str, np.ndarray], reps: int = 2000, seed: int = 0
+) -> dict[str, float]:
+    """Accuracy of ``a`` minus ``b`` on the same questions, with a paired 95% interval.
+
+    Both map family to bool ``[n_f]`` over the same questions in the same order; one
+    resample draws the same questions for both, so the interval reflects only where the
+    two conditions disagree.
+    """
+    rng = np.random.default_rng(seed)
+    diffs = np.zeros(reps)
+    for family, first in a.items():
+        delta = first.astype(float) - b[family].astype(float)
+        picks = rng.integers(0, len(delta), size=(reps, len(delta)))
+        diffs += delta[picks].mean(axis=1)
+    diffs /= len(a)
+    observed = float(np.mean([a[f].mean() - b[f].mean() for f in a]))
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return {"difference": observed, "low": float(low), "high": float(high)}
+
+
+def _prompt(processor: Any, question: str, template: str | None) -> str:
+    token = getattr(processor, "image_token", "<image>")
+    if template is not None:
+        return template.replace("{image}", token).replace("{question}", question)
+    if getattr(processor, "chat_template", None):
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+        ]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return f"{token}\n{question}"
+
+
+def _answer(
+    model: nn.Module,
+    processor: Any,
+    items: Sequence[Item],
+    prompt_template: str | None,
+    max_new_tokens: int,
+) -> list[str]:
+    images = [item.pil() for item in items]
+    texts = [_prompt(processor, item.question, prompt_template) for item in items]
+    inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    dtype = next(model.parameters()).dtype
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = output[:, inputs["input_ids"].shape[1] :]
+    return processor.batch_decode(new, skip_special_tokens=True)
+
+
+def _condition_key(method: str, ratio: float | None) -> str:
+    return UNPRUNED if ratio is None else f"{method}@{ratio:.6f}"
+
+
+def _fingerprint(
+    items: Sequence[Item], model: nn.Module, model_name: str, settings: dict[str, Any]
+) -> str:
+    digest = hashlib.sha256(model_name.encode())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    # Retrained weights under the same name must not reuse old results.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            digest.update(f"{name}{tuple(param.shape)}{float(param.double().sum()):.10e}".encode())
+    for item in items:
+        image = item.image if isinstance(item.image, str) else item.pil().tobytes()
+        digest.update(image if isinstance(image, bytes) else image.encode())
+        digest.update(f"\0{item.question}\0{item.answer}\0{item.family}".encode())
+    return digest.hexdigest()[:16]
+
+
+def run_accuracy(
+    model: nn.Module,
+    processor: Any,
+    items: Sequence[Item],
+    out_dir: str | Path,
+    methods: Sequence[str],
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    *,
+    model_name: str = "model",
+    batch_size: int = 32,
+    max_new_tokens: int = 1,
+    prompt_template: str | None = None,
+    seed: int = 0,
+    reps: int = 2000,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Score every (method, ratio) and the unpruned model on ``items``; resumable.
+
+    Writes ``results.jsonl`` (one line per finished condition, with every prediction),
+    then ``accuracy.json`` and ``accuracy.csv`` from :func:`summarize`. A condition already
+    in ``results.jsonl`` with the same fingerprint (model name, questions, settings) is not
+    run again. ``on_progress(condition, done, total)`` is called after every batch.
+    """
+    for method in methods:
+        if method not in zooprune.METHODS:
+            raise zooprune.UnknownMethodError(
+                f"unknown method {method!r}; known: {', '.join(sorted(zooprune.METHODS))}"
+            )
+    for ratio in ratios:
+        if not 0 < ratio < 1:
+            raise ValueError(f"budget ratios must lie in (0, 1), got {ratio}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"max_new_tokens": max_new_tokens, "prompt": prompt_template, "seed": seed}
+    fingerprint = _fingerprint(items, model, model_name, settings)
+    results_path = out / "results.jsonl"
+    done: dict[str, dict[str, Any]] = {}
+    if results_path.exists():
+        for line in results_path.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("fingerprint") == fingerprint:
+                done[row["key"]] = row
+    conditions = [(UNPRUNED, None)] + [(m, r) for m in methods for r in ratios]
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    for method, ratio in conditions:
+        key = _condition_key(method, ratio)
+        if key in done:
+            if on_progress:
+                on_progress(key, len(batches), len(batches))
+            continue
+        torch.manual_seed(seed)
+        predictions: list[str] = []
+        kept: list[int] = []
+        start = time.perf_counter()
+        for number, batch in enumerate(batches, 1):
+            if ratio is None:
+                predictions += _answer(model, processor, batch, prompt_template, max_new_tokens)
+            else:
+                options = {"seed": seed} if "seed" in zooprune.METHODS[method].options else {}
+                with zooprune.prune(model, method, ratio=ratio, **options) as handle:
+                    predictions += _answer(model, processor, batch, prompt_template, max_new_tokens)
+                kept += [image.kept for image in handle.selection.images]
+            if on_progress:
+                on_progress(key, number, len(batches))
+        row = {
+            "fingerprint": fingerprint,
+            "key": key,
+            "method": method,
+            "ratio": ratio,
+            "kept_mean": float(np.mean(kept)) if kept else None,
+            "seconds": round(time.perf_counter() - start, 2),
+            "predictions": predictions,
+            "correct": [is_correct(p, it.answer) for p, it in zip(predictions, items, strict=True)],
+        }
+        with results_path.open("a") as file:
+            file.write(json.dumps(row) + "\n")
+        done[key] = row
+    rows = [done[_condition_key(m, r)] for m, r in conditions]
+    summary = summarize(rows, [it.family for it in items], reps=reps, seed=seed)
+    summary.update(model=model_name, questions=len(items), fingerprint=fingerprint, **settings)
+    (out / "accuracy.json").write_text(json.dumps(summary, indent=1))
+    _write_csv(summary, out / "accuracy.csv")
+    return summary
+
+
+def _split(correct: Sequence[bool], families: Sequence[str]) -> dict[str, np.ndarray]:
+    by_family: dict[str, list[bool]] = {}
+    for ok, family in zip(correct, families, strict=True):
+        by_family.setdefault(family, []).append(bool(ok))
+    return {family: np.array(values) for family, values in by_family.items()}
+
+
+def summarize(
+    rows: Sequence[dict[str, Any]], families: Sequence[str], reps: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """Accuracy, 95% interval and accuracy relative to unpruned, per condition and family.
+
+    Args:
+        rows: condition records (``method``, ``ratio``, ``correct`` per question); the first
+            must be the unpruned one.
+        families: the family of each question, in the order of ``correct``.
+
+    Returns:
+        ``{"conditions": [...], "comparisons": [...]}``; every condition has ``overall`` and
+        ``families``, each ``{"accuracy", "low", "high", "relative", "n"}``. Comparisons are
+        paired differences of ``zoo`` against every other method at each ratio.
+    """
+    if rows[0]["method"] != UNPRUNED:
+        raise ValueError("the first condition must be the unpruned one")
+    base = _split(rows[0]["correct"], families)
+    base_overall = float(np.mean([v.mean() for v in base.values()]))
+    conditions = []
+    by_key: dict[tuple[str, float | None], dict[str, np.ndarray]] = {}
+    for row in rows:
+        split = _split(row["correct"], families)
+        by_key[(row["method"], row["ratio"])] = split
+        fams = {}
+        for family, correct in split.items():
+            low, high = bootstrap_interval({family: correct}, reps, seed)
+            accuracy = float(correct.mean())
+            fams[family] = {
+                "accuracy": accuracy,
+                "low": low,
+                "high": high,
+                "relative": accuracy / base[family].mean() if base[family].mean() else None,
+                "n": len(correct),
+            }
+        overall = float(np.mean([v.mean() for v in split.values()]))
+        low, high = bootstrap_interval(split, reps, seed)
+        conditions.append(
+            {
+                "method": row["method"],
+                "ratio": row["ratio"],
+                "kept_mean": row.get("kept_mean"),
+                "seconds": row.get("seconds"),
+                "overall": {
+                    "accuracy": overall,
+                    "low": low,
+                    "high": high,
+                    "relative": overall / base_overall if base_overall else None,
+                    "n": len(row["correct"]),
+                },
+                "families": fams,
+            }
+        )
+    comparisons = []
+    for (method, ratio), split in by_key.items():
+        if method in (UNPRUNED, "zoo") or ("zoo", ratio) not in by_key:
+            continue
+        diff = paired_difference(by_key[("zoo", ratio)], split, reps, seed)
+        comparisons.append({"a": "zoo", "b": method, "ratio": ratio, **diff})
+    return {"conditions": conditions, "comparisons": comparisons}
+
+
+def _write_csv(summary: dict[str, Any], path: Path) -> None:
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(
+            ["method", "ratio", "kept_mean", "family", "accuracy", "low", "high", "relative", "n"]
+        )
+        for cond in summary["conditions"]:
+            for family, stats in [("overall", cond["overall"]), *cond["families"].items()]:
+                writer.writerow(
+                    [
+                        cond["method"],
+                        "" if cond["ratio"] is None else f"{cond['ratio']:.4f}",
+                        "" if cond["kept_mean"] is None else f"{cond['kept_mean']:.1f}",
+                        family,
+                        f"{stats['accuracy']:.4f}",
+                        f"{stats['low']:.4f}",
+                        f"{stats['high']:.4f}",
+                        "" if stats["relative"] is None else f"{stats['relative']:.4f}",
+                        stats["n"],
+                    ]
+                )
+
+
+def condition_stats(condition: dict[str, Any], family: str) -> dict[str, Any]:
+    """A condition's statistics for one family, or for ``"overall"``."""
+    return condition["overall"] if family == "overall" else condition["families"][family]
