@@ -43,7 +43,7 @@ def _methods(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessorList
+    from transformers import LogitsProcessorList
 
     import zooprune
 
@@ -54,12 +54,8 @@ def _run(args: argparse.Namespace) -> int:
         console.print(f"[red]no such image file: {image_path}[/red]")
         return 2
     _set_threads(args.threads)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-        args.dtype
-    ]
-    with console.status(f"loading {args.model}"):
-        processor = AutoProcessor.from_pretrained(args.model)
-        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).eval()
+    model, processor = _load_model(args.model, args.dtype)
+    dtype = model.dtype
     image = Image.open(image_path).convert("RGB")
     prompt = args.prompt
     token = getattr(processor, "image_token", "<image>")
@@ -438,21 +434,25 @@ def _testbed_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_for_bench(args: argparse.Namespace) -> tuple[object, object, str]:
-    import torch
+def _load_model(name: str, dtype: str) -> tuple[object, object]:
+    """A VLM and its processor from a folder or hub id, in eval mode, in ``dtype``."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from zooprune.bench.speed import DTYPES
+
+    with console.status(f"loading {name}"):
+        processor = AutoProcessor.from_pretrained(name)
+        model = AutoModelForImageTextToText.from_pretrained(name, dtype=DTYPES[dtype]).eval()
+    return model, processor
+
+
+def _load_for_bench(args: argparse.Namespace) -> tuple[object, object, str]:
     if args.model is None:
         from zooprune.testbed.model import bundled_path, load_testbed
 
         model, processor = load_testbed()
         return model, processor, f"zooprune test bed ({bundled_path().name})"
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-        args.dtype
-    ]
-    with console.status(f"loading {args.model}"):
-        processor = AutoProcessor.from_pretrained(args.model)
-        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).eval()
+    model, processor = _load_model(args.model, args.dtype)
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.padding_side = "left"  # generate() continues every prompt from its end

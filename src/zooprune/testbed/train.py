@@ -399,11 +399,11 @@ def _standardize_projector(model: LlavaForConditionalGeneration, config: TrainCo
     """Fold a standardisation of the tower's features into the projector's first layer.
 
     After dense pretraining the patch states share a large common component and sit far
-    from the scale of the text embeddings (norms ~70 against ~0.5), and the language
-    model then learns to tell image tokens apart only slowly. Centring them on the mean
-    patch state and dividing by their RMS spread, measured once on a fixed batch of
-    training images, starts joint training from comparable scales. The projector stays
-    the standard Linear-GELU-Linear, so the saved model is a stock LLaVA.
+    from the scale of the text embeddings. Centring them on the mean patch state and
+    dividing by their RMS spread, measured once on a fixed batch of training images,
+    starts joint training from comparable scales (on its own this did not get the
+    language model past the answer priors). The projector stays the standard
+    Linear-GELU-Linear, so the saved model is a stock LLaVA.
     """
     images = [
         scenes.make_sample(
