@@ -111,6 +111,41 @@ def test_round_trip_and_argmax_equals_generate(tiny, tmp_path):
     assert int(gen[0, -1]) == int(ref.argmax())
 
 
+def test_dropping_tokens_equals_masking_them_in_the_unpruned_model(tiny):
+    # Two prompts of different lengths (right padding) and different kept subsets.
+    model, processor = tiny
+    samples = [
+        scenes.make_sample("test", i, fam, TINY_SCENE) for i, fam in ((3, "shape"), (4, "spatial"))
+    ]
+    enc = [
+        processor(
+            images=s.scene.to_pil(), text=prompt_text([(s.question, None)]), return_tensors="pt"
+        )
+        for s in samples
+    ]
+    length = max(e.input_ids.shape[1] for e in enc)
+    ids = torch.full((2, length), tb.PAD_ID, dtype=torch.long)
+    query = torch.zeros(2, length, dtype=torch.bool)
+    for r, e in enumerate(enc):
+        ids[r, : e.input_ids.shape[1]] = e.input_ids[0]
+        query[r, e.input_ids.shape[1] - 1] = True
+    pixels = torch.cat([e.pixel_values for e in enc])
+    keep = [torch.tensor([0, 5, 9, 30, 63]), torch.arange(10, 50, 3)]
+    with torch.no_grad():
+        _, feats = vision_features(model, pixels)
+        ours = forward_answer_logits(model, ids, feats, query, keep)
+        # Reference: the stock forward over the whole prompt, the dropped image tokens
+        # (and the padding) masked out of attention, every token at its own position.
+        mask = (ids != tb.PAD_ID).long()
+        for r in range(2):
+            image = (ids[r] == IMAGE_ID).nonzero().squeeze(1)
+            dropped = torch.ones(image.numel(), dtype=torch.bool)
+            dropped[keep[r]] = False
+            mask[r, image[dropped]] = 0
+        reference = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits[query]
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+
 def test_keep_functions_and_evaluate(tiny):
     model, processor = tiny
     s = scenes.make_sample("test", 2, "shape", TINY_SCENE)

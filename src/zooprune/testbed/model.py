@@ -193,8 +193,7 @@ def forward_answer_logits(
 ) -> torch.Tensor:
     """Logits at the query positions, optionally with visual tokens dropped.
 
-    ``input_ids`` ``[B, L]`` right-padded (causal attention makes the padding
-    invisible to real tokens, so no attention mask is needed), each row with
+    ``input_ids`` ``[B, L]`` right-padded with ``PAD_ID``, each row with
     exactly ``N`` image tokens; ``image_embeds`` ``[B, N, Dt]``; ``query_mask``
     bool ``[B, L]`` marks positions whose next-token logits are wanted.
     ``keep``: per row, sorted indices into ``0..N-1`` of the visual tokens to
@@ -209,11 +208,12 @@ def forward_answer_logits(
     )
     b, length = input_ids.shape
     positions = torch.arange(length).unsqueeze(0).expand(b, -1)
+    real = input_ids != PAD_ID
     if keep is not None:
         rows_e, rows_p, rows_q = [], [], []
         for i in range(b):
             img_pos = is_img[i].nonzero().squeeze(1)
-            keep_mask = ~is_img[i]
+            keep_mask = ~is_img[i] & real[i]
             keep_mask[img_pos[keep[i]]] = True
             rows_e.append(embeds[i, keep_mask])
             rows_p.append(positions[i, keep_mask])
@@ -222,11 +222,19 @@ def forward_answer_logits(
         embeds = embeds.new_zeros(b, new_len, embeds.shape[-1])
         positions = torch.zeros(b, new_len, dtype=torch.long)
         query_mask = torch.zeros(b, new_len, dtype=torch.bool)
+        real = torch.zeros(b, new_len, dtype=torch.bool)
         for i in range(b):
             n = rows_e[i].shape[0]
             embeds[i, :n], positions[i, :n], query_mask[i, :n] = rows_e[i], rows_p[i], rows_q[i]
+            real[i, :n] = True
+    # The explicit mask matters: without one, transformers reads position ids that
+    # jump (the dropped tokens' gaps) as boundaries of packed sequences and stops
+    # attention at each gap.
     hidden = model.model.language_model(
-        inputs_embeds=embeds, position_ids=positions, use_cache=False
+        inputs_embeds=embeds,
+        attention_mask=real.long(),
+        position_ids=positions,
+        use_cache=False,
     ).last_hidden_state
     # Only the query positions go through the LM head: a few per row, not L.
     return model.lm_head(hidden[query_mask])
