@@ -44,7 +44,7 @@ def prune(
     *,
     keep: int | None = None,
     ratio: float | None = None,
-    positions: Positions = "compact",
+    positions: Positions | None = None,
     **options: Any,
 ) -> PruneHandle:
     """Prune the visual tokens of ``model`` on every later forward / generate call.
@@ -56,6 +56,8 @@ def prune(
         ratio: fraction kept per image: ``int(ratio * N)`` of an image's N tokens.
         positions: ``"compact"`` re-numbers the shortened prompt contiguously (the
             authors' choice); ``"original"`` keeps each token's unpruned position.
+            None (default): the family's default (``Adapter.position_modes``; compact
+            where positions are 1-D, original for M-RoPE models, which refuse compact).
         **options: the method's options (e.g. ``num_directions``, ``step``, ``seed`` for
             ``zoo``), and the model family's layout options where it has any
             (``Adapter.options``; e.g. ``crop_budget="global"`` for LLaVA-NeXT).
@@ -71,8 +73,14 @@ def prune(
     layout = adapter.take_options(options)
     spec.check_options(options)
     budget = Budget(keep=keep, ratio=ratio)
-    if positions not in ("compact", "original"):
-        raise PruneError(f"positions must be 'compact' or 'original', got {positions!r}")
+    modes = adapter.position_modes
+    positions = modes[0] if positions is None else positions
+    if positions not in modes:
+        note = f" ({adapter.position_note})" if adapter.position_note else ""
+        raise PruneError(
+            f"positions must be {' or '.join(map(repr, modes))} for {type(model).__name__}, "
+            f"got {positions!r}{note}"
+        )
     provided = adapter.provides(model)
     missing = spec.needs - provided
     if missing:
@@ -216,8 +224,9 @@ class PruneHandle:
         """Pruned keyword arguments for the model's original ``forward``/``generate``.
 
         Encodes the images, selects the kept tokens, shortens ``input_ids``,
-        ``attention_mask``, ``position_ids`` (always given explicitly), ``labels`` and
-        ``token_type_ids``, and replaces the image inputs by ``mm_encoder_outputs``.
+        ``attention_mask``, ``position_ids`` (always given explicitly, in the form the
+        adapter asks for), ``labels``, ``token_type_ids`` and ``mm_token_type_ids``, and
+        replaces the image inputs by ``mm_encoder_outputs``.
         Separator placeholders (row newlines) stay or go with ``self.layout``.
         Records the choice in ``self.selection``.
         """
@@ -255,16 +264,21 @@ class PruneHandle:
             mask = torch.ones_like(input_ids)
         positions = call.get("position_ids")
         if positions is None:
+            positions = self.adapter.unpruned_positions(self.model, call | image_inputs, mask)
+        if positions is None:
             positions = _default_positions(mask, call.get("past_key_values"), for_generate)
         if self.positions == "compact":
             positions = positions - (~keep).long().cumsum(dim=-1)
         positions = positions.masked_fill(mask == 0, 0)
         sequences = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
-        for name in ("labels", "token_type_ids"):
+        for name in ("labels", "token_type_ids", "mm_token_type_ids"):
             if call.get(name) is not None:
                 sequences[name] = call[name]
         pad_values = {"input_ids": _pad_token(self.model, input_ids, mask), "labels": -100}
         call.update(shrink(keep, sequences, pad_values, padding_side(mask)))
+        call["position_ids"] = self.adapter.pruned_positions(
+            self.model, call["position_ids"], call["attention_mask"]
+        )
         call["mm_encoder_outputs"] = {
             "image": self.adapter.encoder_output(encoded, [run for _, run, _ in runs]),
         }

@@ -124,11 +124,18 @@ def _run(args: argparse.Namespace) -> int:
         f"[dim]{new_tokens} new tokens, {args.dtype}, {torch.get_num_threads()} threads[/dim]"
     )
     if args.show:
-        from zooprune.viz import plot_selection, processed_image
+        from zooprune.viz import plot_regions, plot_selection, processed_image
 
-        images = processor.image_processor
-        picture = processed_image(inputs["pixel_values"][0], images.image_mean, images.image_std)
-        path = plot_selection(picture, [(args.method, selection.images[0])], args.show)
+        chosen = selection.images[0]
+        pixels = inputs["pixel_values"][0]
+        one_crop = chosen.crops is None or bool((chosen.crops == 0).all())
+        if pixels.dim() == 3 and one_crop and chosen.boxes is None:
+            # The image exactly as the tower saw it, under its own patch grid.
+            images = processor.image_processor
+            picture = processed_image(pixels, images.image_mean, images.image_std)
+            path = plot_selection(picture, [(args.method, chosen)], args.show)
+        else:
+            path = plot_regions(image, chosen, args.show, title=args.method)
         console.print(f"wrote {path}")
     return 0
 
@@ -661,7 +668,12 @@ def build_parser() -> argparse.ArgumentParser:
     budget = run.add_mutually_exclusive_group()
     budget.add_argument("--keep", type=int, help="visual tokens kept per image (default 64)")
     budget.add_argument("--ratio", type=float, help="fraction of visual tokens kept per image")
-    run.add_argument("--positions", choices=["compact", "original"], default="compact")
+    run.add_argument(
+        "--positions",
+        choices=["compact", "original"],
+        default=None,
+        help="position ids of the shortened prompt (default: the family's; M-RoPE: original)",
+    )
     run.add_argument("--max-new-tokens", type=int, default=32)
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     run.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")

@@ -124,6 +124,99 @@ def plot_selection(
     return _save(fig, path)
 
 
+def plot_regions(image: Any, selection: Any, path: str | Path, title: str | None = None) -> Path:
+    """Which tokens one image kept, for any model family (see :func:`regions_figure`)."""
+    return _save(regions_figure(image, selection, title), path)
+
+
+def regions_figure(image: Any, selection: Any, title: str | None = None) -> Any:
+    """The kept tokens of one :class:`~zooprune.record.ImageSelection`, drawn where they came from.
+
+    - Crop boxes known (LLaVA-NeXT / OneVision, InternVL given ``image_sizes``): one panel, each
+      kept token's region (``selection.regions()``) outlined on the original image.
+    - One crop, boxes unknown (LLaVA-1.5, Gemma 3, Qwen2-VL, a one-tile image): the crop's patch
+      grid stretched over the image, with the method's scores as a heatmap beside it.
+    - Several crops, boxes unknown (Idefics3 / SmolVLM, InternVL): one panel per crop, its
+      patch grid with the kept cells filled.
+
+    Args:
+        image: the original image, ``[H, W, 3]`` floats in [0, 1] or a PIL image.
+    """
+    import numpy as np
+
+    picture = np.asarray(image, dtype=np.float64)
+    if picture.max() > 1.0:
+        picture = picture / 255.0
+    height, width = picture.shape[:2]
+    grids = list(selection.patch_grids) or [selection.grid]
+    crops = (
+        selection.crops.cpu().numpy()
+        if selection.crops is not None
+        else np.zeros(selection.kept, dtype=int)
+    )
+    cells = selection.cells.cpu().numpy() if selection.cells is not None else None
+    if cells is None:
+        cells = np.stack(divmod(selection.indices.cpu().numpy(), selection.grid[1]), axis=-1)
+    regions = selection.regions()
+    caption = f"{selection.kept}/{selection.num_tokens} kept"
+    if regions is not None:
+        boxes = regions.numpy()
+    elif len(grids) == 1:
+        rows, cols = grids[0]
+        step = np.array([height / rows, width / cols])
+        boxes = np.concatenate([cells * step, (cells + 1) * step], axis=-1)
+    else:
+        return _crop_panels(grids, crops, cells, caption, title)
+    heat = selection.scores is not None and regions is None and len(grids) == 1
+    fig, axes = plt.subplots(1, 2 if heat else 1, figsize=(4.0 * (2 if heat else 1), 4.0))
+    axes = np.atleast_1d(axes)
+    lit = np.zeros((height, width), dtype=bool)
+    for top, left, bottom, right in boxes:
+        lit[max(int(top), 0) : int(np.ceil(bottom)), max(int(left), 0) : int(np.ceil(right))] = True
+    axes[0].imshow(picture * np.where(lit, 1.0, 0.3)[..., None])
+    for top, left, bottom, right in boxes:
+        axes[0].add_patch(
+            Rectangle(
+                (left - 0.5, top - 0.5),
+                right - left,
+                bottom - top,
+                fill=False,
+                edgecolor="#00e5ff",
+                linewidth=0.6,
+            )
+        )
+    axes[0].set_title(caption, fontsize=9)
+    if heat:
+        rows, cols = grids[0]
+        axes[1].imshow(picture)
+        scores = selection.scores.float().cpu().numpy().reshape(rows, cols)
+        axes[1].imshow(scores, cmap="inferno", alpha=0.6, extent=(0, width, height, 0))
+        axes[1].set_title("score per token", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _crop_panels(
+    grids: list[tuple[int, int]], crops: Any, cells: Any, caption: str, title: str | None
+) -> Any:
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(grids), figsize=(2.4 * len(grids), 2.8), squeeze=False)
+    for crop, ((rows, cols), ax) in enumerate(zip(grids, axes[0], strict=True)):
+        kept = np.zeros((rows, cols))
+        mine = cells[crops == crop]
+        kept[mine[:, 0], mine[:, 1]] = 1.0
+        ax.imshow(kept, cmap="Blues", vmin=0, vmax=1.2)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"crop {crop}: {len(mine)} kept", fontsize=8)
+    fig.suptitle(f"{title + chr(10) if title else ''}{caption} (crop boxes unknown)", fontsize=9)
+    return fig
+
+
 def plot_accuracy(summary: dict[str, Any], path: str | Path) -> Path:
     """Overall accuracy (with 95% intervals) against the fraction of tokens kept, per method;
     one small panel per family below."""

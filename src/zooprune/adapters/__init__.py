@@ -7,8 +7,10 @@ from torch import nn
 from zooprune.adapters.base import Adapter
 from zooprune.adapters.gemma3 import Gemma3Adapter
 from zooprune.adapters.idefics3 import Idefics3Adapter
+from zooprune.adapters.internvl import InternVLAdapter
 from zooprune.adapters.llava import LlavaAdapter
 from zooprune.adapters.llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
+from zooprune.adapters.qwen2_vl import Qwen2VLAdapter
 from zooprune.errors import UnsupportedModelError
 
 ADAPTERS: dict[str, Adapter] = {
@@ -19,6 +21,8 @@ ADAPTERS: dict[str, Adapter] = {
         LlavaOnevisionAdapter(),
         Gemma3Adapter(),
         Idefics3Adapter(),
+        InternVLAdapter(),
+        Qwen2VLAdapter(),
     ]
 }
 

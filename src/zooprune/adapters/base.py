@@ -172,10 +172,49 @@ class Adapter(ABC):
     #: True when the grouping of encoded crops into images is spelled out only in the
     #: prompt's text tokens (Idefics3): ``encode`` then also gets ``input_ids=[B, L]``
     reads_prompt: bool = False
+    #: the ``positions=`` modes ``prune()`` accepts for this family, first = default:
+    #: ``"compact"`` renumbers the shortened prompt 0..L'-1 (1-D positions only),
+    #: ``"original"`` keeps every token's unpruned position (any position layout)
+    position_modes: tuple[str, ...] = ("compact", "original")
+    #: why a mode is missing from ``position_modes``, for the error that refuses it
+    position_note: str = ""
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
         return isinstance(model, cls.model_classes)
+
+    def unpruned_positions(
+        self, model: nn.Module, inputs: dict[str, Any], attention_mask: Tensor
+    ) -> Tensor | None:
+        """The position ids the unpruned model gives the call's prompt, when not 1-D.
+
+        Called only when the caller passed no ``position_ids``.
+
+        Args:
+            inputs: the call's keyword arguments, image inputs included (read only).
+            attention_mask: ``[B, L]`` the call's mask (all ones when none was given).
+
+        Returns:
+            ``[..., B, L]`` with the sequence last (e.g. M-RoPE's ``[3, B, L]``), padding
+            slots free to hold anything; or None for the plain 1-D numbering of real
+            tokens (every family without its own position scheme).
+        """
+        return None
+
+    def pruned_positions(
+        self, model: nn.Module, positions: Tensor, attention_mask: Tensor
+    ) -> Tensor:
+        """The ``position_ids`` to hand the model for the shortened prompt.
+
+        Args:
+            positions: ``[..., B, L']`` the kept tokens' positions (what
+                :meth:`unpruned_positions` or the caller gave, shrunk with the prompt).
+            attention_mask: ``[B, L']`` the shortened prompt's mask.
+
+        A family may reshape them into the form its forward expects and update state the
+        model keeps for later cached steps. The default hands them over unchanged.
+        """
+        return positions
 
     def take_options(self, options: dict[str, Any]) -> dict[str, str]:
         """Remove this family's layout options from ``options``; all of them, defaults filled."""

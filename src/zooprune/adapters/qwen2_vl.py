@@ -1,0 +1,272 @@
+"""Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VL...``).
+
+How the model lays out one image (transformers v5): the processor resizes the image to
+multiples of ``patch * merge`` (``merge = spatial_merge_size``, 2 in the released models)
+and cuts it into a ``h x w`` grid of patches (``image_grid_thw[i] = (t, h, w)``, ``t = 1``
+for an image), ordered so that every ``merge x merge`` window of patches is consecutive.
+The vision tower turns the patches into states ``[t*h*w, C]``; the patch merger
+(``visual.merger``) normalises each patch state (LayerNorm in Qwen2-VL, RMSNorm in
+Qwen2.5-VL), concatenates the ``merge^2`` states of a window into one ``merge^2 * C``
+vector and runs a Linear -> GELU -> Linear MLP on it. Each image thus gives
+``N = t*h*w / merge^2`` tokens on the merged ``(h / merge) x (w / merge)`` grid, raster
+order, and the prompt holds one run of N ``<|image_pad|>`` placeholders between
+``<|vision_start|>`` and ``<|vision_end|>``.
+
+What "projector" means here: the merger is token-wise on the grouped vectors (token j's
+output depends on window j's ``merge^2`` states only), so the projector the methods score
+is the whole merger, norm included, on one grouped vector (:class:`MergerProjector`), and
+the projector inputs X are the tower's last hidden states grouped ``merge^2`` at a time,
+``[N, merge^2 * C]``. The norm in front makes it more than a GELU MLP, so
+``estimator="auto"`` runs ``jvp``; ``exact`` and ``lowrank`` are refused with a message
+naming ``jvp`` and ``zo`` (as for Gemma 3, whose projector also starts with a norm).
+
+Qwen2.5-VL's tower attends within windows and keeps its states in *window order*; the
+model reorders the merger output back to raster order at the end. The adapter applies the
+same inverse permutation (the argsort of ``get_vision_window_index``) to the grouped
+states, so feature row j belongs to the token that fills placeholder j.
+
+Positions (M-RoPE): the language model gives every token three position ids (temporal,
+height, width); an image's tokens carry their grid coordinates, offset by the text before
+them, and the text after an image continues from ``start + max(h, w) / merge``. Pruning
+keeps the ORIGINAL 3-D positions of the kept tokens and of all text
+(:meth:`Qwen2VLAdapter.unpruned_positions` computes them with the model's own
+``get_rope_index`` on the unpruned prompt), so generation continues with exactly the
+positions the unpruned model would use (each new token one past the prompt's last,
+which is the unpruned maximum when the prompt ends with text, as chat prompts do).
+``positions="compact"`` has no single meaning for 3-D positions and is refused; the
+family's default is ``"original"``. The model receives the ``[4, B, L']`` form: a row of
+contiguous 1-D positions (which the model uses for its attention mask only) above the
+three M-RoPE rows; ``model.model.rope_deltas`` is set as the model's own prefill would,
+relative to the shortened prompt, so a caller continuing a cache from
+``handle.prepare(...)`` without position ids still gets the right positions.
+
+Budget semantics:
+
+- **N** = ``t*h*w / merge^2`` for ``image_grid_thw[i] = (t, h, w)``: the merged tokens;
+  ``<|vision_start|>`` / ``<|vision_end|>`` are text, never scored, selected or counted,
+  and always kept. N differs between images of different sizes, and so does K under
+  ``ratio=``.
+- One image is one crop: ``handle.selection`` gives crop 0 for every kept token and its
+  ``cells`` (row, column) in the merged grid, ``grid == patch_grids[0] == (h/merge,
+  w/merge)``. The processor's resize is unknown to the model, so ``boxes`` is None (as
+  for LLaVA-1.5: draw over the image as processed, ``h*patch x w*patch`` pixels).
+
+Sequence surgery: ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` and the
+positions shrink together. Videos are not pruned: a call with only videos passes through
+unpruned; a call with images and videos is refused. The tower has no CLS token:
+``visionzip`` is refused, naming the methods that apply.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.vision_utils import get_vision_window_index
+
+from zooprune.adapters.base import Adapter, EncodedImages, ImageLayout
+from zooprune.errors import PlaceholderMismatchError, PruneError
+
+#: ``mm_token_type_ids`` value of image placeholders (text 0, video 2), as the processor sets
+_IMAGE_TYPE = 1
+
+
+class MergerProjector(nn.Module):
+    """The patch merger as a token-wise map on grouped vectors: ``[..., u*C] -> [..., d_l]``.
+
+    ``u = merge^2``. Splits each vector into its ``u`` patch states, normalises each with the
+    merger's own norm, concatenates them again and runs the merger's MLP: equal, row for
+    row, to ``visual.merger`` on the ``[u*N, C]`` states the vectors were grouped from.
+    """
+
+    def __init__(self, merger: nn.Module, unit: int) -> None:
+        super().__init__()
+        # A child, not a copy: the estimators read (and may recast) the live weights.
+        self.merger = merger
+        self.unit = unit
+
+    def forward(self, x: Tensor) -> Tensor:
+        patches = x.unflatten(-1, (self.unit, x.shape[-1] // self.unit))
+        normed = self.merger.ln_q(patches).flatten(-2)
+        return self.merger.mlp(normed)
+
+
+class Qwen2VLAdapter(Adapter):
+    """Qwen2-VL / Qwen2.5-VL: one merged grid per image, 3-D M-RoPE positions kept."""
+
+    name = "qwen2-vl"
+    model_classes = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
+    requirement = "(patch merger of `spatial_merge_size`^2 patches, M-RoPE; videos pass unpruned)"
+    # No "|" here: the README's table would split the cell at it.
+    tokens_per_image = (
+        "t x h x w / `spatial_merge_size`^2 for `image_grid_thw` (t, h, w): the merged "
+        "(h/2) x (w/2) grid of an image; the vision start / end markers excluded"
+    )
+    # The tower has no CLS token whose attention VisionZip could rank by.
+    extras = {"cls_attention": ""}
+    image_input_names = (
+        "pixel_values",
+        "image_grid_thw",
+        "pixel_values_videos",
+        "video_grid_thw",
+        "second_per_grid_ts",
+    )
+    position_modes = ("original",)
+    position_note = (
+        "M-RoPE: kept tokens keep their 3-D (temporal, height, width) positions; "
+        "a compact renumbering of them is not defined"
+    )
+
+    def image_token_id(self, model: nn.Module) -> int:
+        return model.config.image_token_id
+
+    def projector(self, model: nn.Module) -> nn.Module:
+        visual = model.model.visual
+        return MergerProjector(visual.merger, visual.spatial_merge_size**2)
+
+    def encode(
+        self, model: nn.Module, image_inputs: dict[str, Any], needs: frozenset[str]
+    ) -> EncodedImages:
+        """Encode every image once, capturing the merger's input.
+
+        Args:
+            image_inputs: ``pixel_values [sum_i t_i h_i w_i, 3 * t_p * p * p]`` (the
+                processor's patch rows) and ``image_grid_thw [I, 3]``.
+
+        Returns:
+            per image: features ``[N_i, u*C]`` (grouped tower states, raster order),
+            projected ``[N_i, d_l]`` (the model's own tokens), grid ``(h_i/m, w_i/m)``.
+        """
+        if image_inputs.get("pixel_values_videos") is not None:
+            raise PruneError(
+                f"pruning a call with both images and videos is not supported for "
+                f"{type(model).__name__}; videos pass through unpruned only in calls "
+                "without pixel_values"
+            )
+        grid_thw = image_inputs.get("image_grid_thw")
+        if grid_thw is None:
+            raise PruneError(f"{type(model).__name__} needs image_grid_thw with pixel_values")
+        if bool((grid_thw[:, 0] != 1).any()):
+            raise PruneError(
+                f"image_grid_thw {grid_thw.tolist()}: an image must have one temporal patch "
+                "(t = 1), as the processor makes them"
+            )
+        visual = model.model.visual
+        merge = visual.spatial_merge_size
+        unit = merge * merge
+        captured: dict[str, Tensor] = {}
+
+        def on_merger(module: nn.Module, args: tuple, output: Tensor) -> None:
+            captured["states"], captured["merged"] = args[0], output
+
+        hook = visual.merger.register_forward_hook(on_merger)
+        try:
+            output = model.model.get_image_features(
+                pixel_values=image_inputs["pixel_values"], image_grid_thw=grid_thw, return_dict=True
+            )
+        finally:
+            hook.remove()
+        states, merged = captured["states"], captured["merged"]  # [u*T, C], [T, d_l]
+        features = states.reshape(-1, unit * states.shape[-1])  # window j's u states, in order
+        order = _raster_order(visual, grid_thw)
+        if order is not None:
+            order = order.to(features.device)
+            features, merged = features[order], merged[order]
+        projected = list(output.pooler_output)
+        # The model's own reordering must agree with ours, or features and tokens would
+        # belong to different cells (a tower that changed its order would show here).
+        if not torch.equal(merged, torch.cat(projected)):
+            raise RuntimeError(
+                f"{type(model).__name__}: the merger's output in the adapter's raster order "
+                "differs from the model's image features"
+            )
+        counts = [t.shape[0] for t in projected]
+        grids = [(int(h) // merge, int(w) // merge) for _, h, w in grid_thw.tolist()]
+        return EncodedImages(
+            features=list(features.split(counts)),
+            projected=projected,
+            grids=grids,
+            cls_attention=None,
+            keys=None,
+            encoder_output=output,
+            layouts=[ImageLayout.single(p, g) for p, g in zip(projected, grids, strict=True)],
+        )
+
+    def encoder_output(self, encoded: EncodedImages, kept_tokens: list[Tensor]) -> Any:
+        # The model concatenates the per-image tuple and fills placeholders in order.
+        return BaseModelOutputWithPooling(pooler_output=tuple(kept_tokens))
+
+    def unpruned_positions(
+        self, model: nn.Module, inputs: dict[str, Any], attention_mask: Tensor
+    ) -> Tensor:
+        """``[3, B, L]`` the unpruned prompt's M-RoPE positions, from the model's own rule.
+
+        Raises:
+            PruneError: without ``mm_token_type_ids`` (Qwen2.5-VL would silently fall
+                back to 1-D positions, Qwen2-VL refuses), or when they disagree with the
+                image placeholders.
+        """
+        input_ids = inputs["input_ids"]
+        types = inputs.get("mm_token_type_ids")
+        if types is None:
+            raise PruneError(
+                f"{type(model).__name__} needs mm_token_type_ids (the processor returns them) "
+                "to place the image tokens' 3-D positions"
+            )
+        real = attention_mask.bool()
+        is_image = input_ids == self.image_token_id(model)
+        if not torch.equal((types == _IMAGE_TYPE) & real, is_image & real):
+            raise PlaceholderMismatchError(
+                "mm_token_type_ids does not mark exactly the image placeholders as images; "
+                "build the inputs with the model's processor"
+            )
+        positions, _ = model.model.get_rope_index(
+            input_ids,
+            mm_token_type_ids=types,
+            image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=attention_mask,
+        )
+        return positions
+
+    def pruned_positions(
+        self, model: nn.Module, positions: Tensor, attention_mask: Tensor
+    ) -> Tensor:
+        """``[4, B, L']``: contiguous 1-D positions over the three kept M-RoPE rows.
+
+        The first row is what the text model builds its attention mask from (it must
+        count real tokens contiguously, as ``generate`` does unpruned); the other three
+        rotate queries and keys. Also sets ``model.model.rope_deltas`` (per prompt, the
+        largest kept position + 1 - its real tokens), which the model adds to 1-D counts
+        in cached steps that come without position ids.
+        """
+        if positions.ndim == 3 and positions.shape[0] == 4:
+            positions = positions[1:]  # a caller's 4-row form: its first row is rebuilt
+        elif positions.ndim == 2:
+            positions = positions[None].expand(3, -1, -1)  # 1-D ids: the model's own reading
+        text = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        real = attention_mask.long().sum(-1)
+        largest = positions.masked_fill(attention_mask[None] == 0, 0).amax(dim=(0, 2))
+        model.model.rope_deltas = (largest + 1 - real).view(-1, 1)
+        return torch.cat([text[None].to(positions.dtype), positions])
+
+
+def _raster_order(visual: nn.Module, grid_thw: Tensor) -> Tensor | None:
+    """``[T]`` the permutation taking the tower's merged-token order to raster order.
+
+    None for Qwen2-VL (its tower keeps raster order). Qwen2.5-VL's tower runs in window
+    order: ``get_vision_window_index`` gives, for each window-order slot, the raster index
+    of its merged token, so its argsort undoes it (as the model does to its output).
+    """
+    window_size = getattr(visual.config, "window_size", None)
+    if window_size is None:
+        return None
+    window_index, _ = get_vision_window_index(
+        grid_thw,
+        spatial_merge_size=visual.spatial_merge_size,
+        window_size=window_size,
+        patch_size=visual.config.patch_size,
+    )
+    return torch.argsort(window_index)

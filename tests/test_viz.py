@@ -1,0 +1,79 @@
+"""The family-agnostic drawing of kept tokens: every record shape lands where it came from."""
+
+import numpy as np
+import torch
+from matplotlib.patches import Rectangle
+
+from zooprune.record import ImageSelection
+from zooprune.viz import plot_regions, regions_figure
+
+
+def selection(crops, cells, patch_grids, boxes=None, scores=None, num_tokens=40):
+    k = len(crops)
+    return ImageSelection(
+        image=0,
+        prompt=0,
+        num_tokens=num_tokens,
+        indices=torch.arange(k),
+        scores=scores,
+        grid=(1, num_tokens),
+        positions=torch.arange(k),
+        crops=torch.tensor(crops),
+        cells=torch.tensor(cells),
+        patch_grids=tuple(patch_grids),
+        boxes=boxes,
+    )
+
+
+def rectangles(ax):
+    return sorted(
+        (round(p.get_y() + 0.5, 6), round(p.get_x() + 0.5, 6), p.get_height(), p.get_width())
+        for p in ax.patches
+        if isinstance(p, Rectangle)
+    )
+
+
+def test_known_boxes_outline_each_kept_region_on_the_original_image():
+    image = np.ones((60, 90, 3))
+    # A base crop over the whole image (2 x 3 cells) and a sub-crop over its right half.
+    sel = selection(
+        crops=[0, 1, 1],
+        cells=[[1, 2], [0, 0], [2, 1]],
+        patch_grids=[(2, 3), (3, 3)],
+        boxes=((0.0, 0.0, 60.0, 90.0), (0.0, 45.0, 60.0, 90.0)),
+    )
+    fig = regions_figure(image, sel)
+    (ax,) = fig.axes
+    expected = sorted((t, left, b - t, r - left) for t, left, b, r in sel.regions().tolist())
+    assert rectangles(ax) == expected
+    assert expected[0] == (0.0, 45.0, 20.0, 15.0)  # sub-crop cell (0, 0): 20 x 15 px
+    shown = ax.images[0].get_array()
+    assert shown[10, 50, 0] == 1.0  # inside a kept region: full brightness
+    assert shown[10, 5, 0] < 0.5  # outside: dimmed
+
+
+def test_one_crop_without_boxes_stretches_its_grid_and_shows_the_scores(tmp_path):
+    image = np.zeros((40, 80, 3))
+    scores = torch.linspace(0, 1, 8)
+    sel = selection(
+        crops=[0, 0], cells=[[0, 3], [1, 0]], patch_grids=[(2, 4)], scores=scores, num_tokens=8
+    )
+    fig = regions_figure(image, sel, title="zoo")
+    assert len(fig.axes) == 2
+    assert rectangles(fig.axes[0]) == [(0.0, 60.0, 20.0, 20.0), (20.0, 0.0, 20.0, 20.0)]
+    heat = fig.axes[1].images[1].get_array()
+    np.testing.assert_allclose(heat, scores.numpy().reshape(2, 4))
+    assert plot_regions(image, sel, tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_several_crops_without_boxes_get_a_panel_each():
+    sel = selection(
+        crops=[0, 2, 2, 1],
+        cells=[[0, 0], [1, 1], [0, 1], [1, 0]],
+        patch_grids=[(2, 2), (2, 2), (2, 3)],
+    )
+    fig = regions_figure(np.zeros((10, 10, 3)), sel)
+    assert len(fig.axes) == 3
+    kept = [np.argwhere(ax.images[0].get_array() > 0).tolist() for ax in fig.axes]
+    assert kept == [[[0, 0]], [[1, 0]], [[0, 1], [1, 1]]]
+    assert fig.axes[2].images[0].get_array().shape == (2, 3)
