@@ -44,9 +44,12 @@ def test_known_boxes_outline_each_kept_region_on_the_original_image():
     )
     fig = regions_figure(image, sel)
     (ax,) = fig.axes
-    expected = sorted((t, left, b - t, r - left) for t, left, b, r in sel.regions().tolist())
-    assert rectangles(ax) == expected
-    assert expected[0] == (0.0, 45.0, 20.0, 15.0)  # sub-crop cell (0, 0): 20 x 15 px
+    # (top, left, height, width): base cell (1, 2) is 30 x 30 px; sub-crop cells 20 x 15 px.
+    assert rectangles(ax) == [
+        (0.0, 45.0, 20.0, 15.0),
+        (30.0, 60.0, 30.0, 30.0),
+        (40.0, 60.0, 20.0, 15.0),
+    ]
     shown = ax.images[0].get_array()
     assert shown[10, 50, 0] == 1.0  # inside a kept region: full brightness
     assert shown[10, 5, 0] < 0.5  # outside: dimmed

@@ -122,6 +122,7 @@ class PruneHandle:
         self.selection: Selection | None = None
         self._pruned_caches: weakref.WeakSet = weakref.WeakSet()
         self._saved = {name: model.__dict__.get(name) for name in _WRAPPED}
+        self._restore_state = adapter.save_state(model)
         self._original = {name: getattr(model, name) for name in _WRAPPED}
         self._forward_signature = inspect.signature(self._original["forward"])
         # wraps() keeps the original signature visible: generate() inspects it to route inputs.
@@ -146,6 +147,7 @@ class PruneHandle:
                 del self.model.__dict__[name]
             else:
                 self.model.__dict__[name] = saved
+        self._restore_state()
         del self.model.__dict__[_MARK]
 
     def __enter__(self) -> PruneHandle:

@@ -128,7 +128,7 @@ def _run(args: argparse.Namespace) -> int:
 
         chosen = selection.images[0]
         pixels = inputs["pixel_values"][0]
-        one_crop = chosen.crops is None or bool((chosen.crops == 0).all())
+        one_crop = len(chosen.patch_grids) <= 1
         if pixels.dim() == 3 and one_crop and chosen.boxes is None:
             # The image exactly as the tower saw it, under its own patch grid.
             images = processor.image_processor

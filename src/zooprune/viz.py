@@ -132,8 +132,9 @@ def plot_regions(image: Any, selection: Any, path: str | Path, title: str | None
 def regions_figure(image: Any, selection: Any, title: str | None = None) -> Any:
     """The kept tokens of one :class:`~zooprune.record.ImageSelection`, drawn where they came from.
 
-    - Crop boxes known (LLaVA-NeXT / OneVision, InternVL given ``image_sizes``): one panel, each
-      kept token's region (``selection.regions()``) outlined on the original image.
+    - Crop boxes known (LLaVA-NeXT / OneVision; InternVL when the call passed
+      ``image_sizes``): one panel, each kept token's region (``selection.regions()``)
+      outlined on the original image.
     - One crop, boxes unknown (LLaVA-1.5, Gemma 3, Qwen2-VL, a one-tile image): the crop's patch
       grid stretched over the image, with the method's scores as a heatmap beside it.
     - Several crops, boxes unknown (Idefics3 / SmolVLM, InternVL): one panel per crop, its
@@ -144,9 +145,10 @@ def regions_figure(image: Any, selection: Any, title: str | None = None) -> Any:
     """
     import numpy as np
 
-    picture = np.asarray(image, dtype=np.float64)
-    if picture.max() > 1.0:
-        picture = picture / 255.0
+    picture = np.asarray(image)
+    # Integer pixels (PIL, uint8 arrays) are 0-255; floats are taken as [0, 1].
+    scale = 255.0 if np.issubdtype(picture.dtype, np.integer) else 1.0
+    picture = picture.astype(np.float64) / scale
     height, width = picture.shape[:2]
     grids = list(selection.patch_grids) or [selection.grid]
     crops = (

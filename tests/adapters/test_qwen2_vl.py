@@ -216,8 +216,9 @@ def test_pruned_forward_equals_masked_unpruned(vlm, proc, pictures, method):
 
 
 def test_generate_with_cache_equals_no_cache_loop(vlm, proc, pictures):
-    # The loop re-encodes the unpruned prompt plus the new tokens every step, so the new
-    # tokens get the positions the unpruned model gives them (one past its maximum).
+    # The loop runs the pruned forward on the prompt plus the new tokens every step (no
+    # cache), so each new token gets the positions the adapter derives for the whole
+    # sequence; the next test checks those against the unpruned model itself.
     batch = inputs(proc, [pictures[3:4]], PROMPTS[:1])
     with zooprune.prune(vlm, "zoo", keep=5, num_directions=8):
         generated = greedy(vlm, batch, steps=6)
@@ -233,6 +234,53 @@ def test_generate_with_cache_equals_no_cache_loop(vlm, proc, pictures):
             logits[..., BANNED] = float("-inf")
             ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(generated, ids)
+
+
+def test_pruned_generate_equals_the_masked_unpruned_model_step_by_step(vlm, proc, pictures):
+    """Independent of the adapter: the stock model, dropped image tokens masked out, its own
+    ``get_rope_index`` positions recomputed on the grown sequence at every step."""
+    prompts = [PROMPTS[0], PROMPTS[1] + f" {RUN} and this ?"]  # left padding, two images
+    batch = inputs(proc, [pictures[:1], pictures[1:3]], prompts)
+    steps = 5
+    with zooprune.prune(vlm, "grid", keep=5) as handle:
+        out = greedy(vlm, batch, steps=steps, output_logits=True, return_dict_in_generate=True)
+        generated, scores = out.sequences, torch.stack(out.logits, dim=1)  # [B, steps, V]
+        kept_by_row = {
+            row: torch.cat([s.positions for s in handle.selection.images if s.prompt == row])
+            for row in range(2)
+        }
+    rows_per_image = batch["image_grid_thw"].prod(-1).tolist()
+    starts = [0, *torch.tensor(rows_per_image).cumsum(0).tolist()]
+    for row, images in ((0, [0]), (1, [1, 2])):
+        real = batch["attention_mask"][row].bool()
+        ids = batch["input_ids"][row : row + 1, real]
+        kept = kept_by_row[row] - int((~real).sum())  # positions in the unpadded prompt
+        pixels = batch["pixel_values"][starts[images[0]] : starts[images[-1] + 1]]
+        grids = batch["image_grid_thw"][images[0] : images[-1] + 1]
+        for _ in range(steps):
+            types = (ids == IMAGE).long()
+            ones = torch.ones_like(ids)
+            positions = vlm.model.get_rope_index(
+                ids, mm_token_type_ids=types, image_grid_thw=grids, attention_mask=ones
+            )[0]
+            mask = ones.clone()
+            mask[ids == IMAGE] = 0
+            mask[0, kept] = 1
+            logits = vlm(
+                input_ids=ids,
+                pixel_values=pixels,
+                image_grid_thw=grids,
+                mm_token_type_ids=types,
+                attention_mask=mask,
+                position_ids=positions,
+            ).logits
+            step = ids.shape[1] - real.sum()
+            torch.testing.assert_close(
+                scores[row, step, : logits.shape[-1]], logits[0, -1], rtol=0, atol=1e-4
+            )
+            logits[..., BANNED] = float("-inf")
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert generated[row, -steps:].tolist() == ids[0, -steps:].tolist()
 
 
 def test_prepare_gives_the_unpruned_positions_of_the_kept_tokens(vlm, proc, pictures):
@@ -323,11 +371,14 @@ def test_remove_restores_the_model_exactly(vlm, proc, pictures, saved, family):
     batch = inputs(proc, [pictures[:1]], PROMPTS[:1])
     before = vlm(**batch).logits
     attributes = set(vlm.__dict__)
+    deltas = vlm.model.rope_deltas
     handle = zooprune.prune(vlm, "zoo", keep=4)
     assert vlm(**batch).logits.shape[1] == before.shape[1] - (TOKENS[0] - 4)
+    assert not torch.equal(vlm.model.rope_deltas, deltas)  # the pruned prompt's own deltas
     handle.remove()
     handle.remove()  # harmless twice
     assert set(vlm.__dict__) == attributes
+    assert vlm.model.rope_deltas is deltas  # the state a pruned call rewrote is back
     assert vlm.forward.__func__ is type(vlm).forward
     assert torch.equal(vlm(**batch).logits, before)
     fresh = CLASSES[family][1].from_pretrained(saved[family]).eval()

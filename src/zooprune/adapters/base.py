@@ -8,6 +8,7 @@ prompt. Everything else (choosing tokens, shrinking the prompt) is shared.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,8 @@ class ImageLayout:
         cell: ``[N, 2]`` (row, column) of the token's patch in its crop's ``patch_grids``.
         crop_grids: per crop, ``(rows, cols)`` its tokens form in the prompt, raster order
             (after unpadding or pooling); ``(1, n)`` when they form no rectangle.
-        patch_grids: per crop, ``(height, width)`` of the patch grid the tower saw.
+        patch_grids: per crop, ``(height, width)`` of its token grid: the tower's patch grid,
+            or the grid after the connector merges patches (pixel shuffle, patch merger).
         boxes: per crop, ``(top, left, bottom, right)`` in the original image's pixels, or
             None when unknown; a crop holding padding reaches past the image.
     """
@@ -215,6 +217,11 @@ class Adapter(ABC):
         model keeps for later cached steps. The default hands them over unchanged.
         """
         return positions
+
+    def save_state(self, model: nn.Module) -> Callable[[], None]:
+        """Snapshot what :meth:`pruned_positions` may change on ``model``; call the result
+        to put it back (``PruneHandle.remove()`` does). The default changes nothing."""
+        return lambda: None
 
     def take_options(self, options: dict[str, Any]) -> dict[str, str]:
         """Remove this family's layout options from ``options``; all of them, defaults filled."""

@@ -287,9 +287,9 @@ def _tiles_per_image(
     bracketed = bool(((cols[first] > 0) & (cols[last] < width - 1)).all())
     if not bracketed or bool((lengths % per_tile != 0).any()):
         raise PlaceholderMismatchError(
-            f"the image tokens do not form runs of whole tiles ({per_tile} tokens each) "
-            f"between `<img>` and `</img>`: run lengths {lengths.tolist()}; build the prompt "
-            "with the model's processor"
+            f"the image tokens do not form runs of whole tiles ({per_tile} tokens each), each "
+            f"with a text token (the `<img>` / `</img>` markers) on both sides: run lengths "
+            f"{lengths.tolist()}; build the prompt with the model's processor"
         )
     return (lengths // per_tile).tolist()
 

@@ -59,6 +59,7 @@ unpruned; a call with images and videos is refused. The tower has no CLS token:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -72,6 +73,7 @@ from zooprune.errors import PlaceholderMismatchError, PruneError
 
 #: ``mm_token_type_ids`` value of image placeholders (text 0, video 2), as the processor sets
 _IMAGE_TYPE = 1
+_ABSENT = object()
 
 
 class MergerProjector(nn.Module):
@@ -251,6 +253,19 @@ class Qwen2VLAdapter(Adapter):
         largest = positions.masked_fill(attention_mask[None] == 0, 0).amax(dim=(0, 2))
         model.model.rope_deltas = (largest + 1 - real).view(-1, 1)
         return torch.cat([text[None].to(positions.dtype), positions])
+
+    def save_state(self, model: nn.Module) -> Callable[[], None]:
+        """``rope_deltas`` is the one model attribute a pruned call rewrites."""
+        inner = model.model
+        saved = inner.__dict__.get("rope_deltas", _ABSENT)
+
+        def restore() -> None:
+            if saved is _ABSENT:
+                inner.__dict__.pop("rope_deltas", None)
+            else:
+                inner.rope_deltas = saved
+
+        return restore
 
 
 def _raster_order(visual: nn.Module, grid_thw: Tensor) -> Tensor | None:
