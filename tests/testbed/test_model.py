@@ -27,11 +27,13 @@ from zooprune.testbed.train import (
     _batch,
     _build,
     _step,
+    active_families,
     evaluate,
     oracle_keep,
     patch_labels,
     random_keep,
     train,
+    training_example,
 )
 
 TINY_SCENE = scenes.SceneConfig(image_size=48, patch_size=6, min_size=8, max_size=12, max_objects=3)
@@ -204,3 +206,50 @@ def test_train_writes_model_and_curve(tmp_path):
     model = LlavaForConditionalGeneration.from_pretrained(path)
     assert model.config.vision_config.image_size == 48
     assert np.isfinite(sum(float(p.sum()) for p in model.parameters()))
+
+
+QUESTION_FAMILY = {
+    "what color": "color",
+    "what shape": "shape",
+    "how many": "count",
+    "is there": "exists",
+    "is the": "spatial",
+    "where is": "location",
+    "what digit": "glyph",
+}
+
+
+def family_of(question):
+    return QUESTION_FAMILY[" ".join(question.split()[:2])]
+
+
+def test_the_curriculum_adds_one_family_per_stage_and_training_asks_only_those():
+    config = TrainConfig(curriculum_steps=10)
+    order = config.curriculum_order
+    assert active_families(config, 2, 0) == order[:2]
+    assert active_families(config, 2, 9) == order[:2]
+    assert active_families(config, 2, 10) == order[:3]
+    assert active_families(config, 2, 10_000) == order
+    assert set(order) == set(scenes.FAMILIES)
+    assert active_families(config, 1, 0) == config.families  # phase 1 asks nothing anyway
+    assert active_families(dataclasses.replace(config, curriculum_steps=0), 2, 0) == (
+        config.families
+    )
+    # A family missing from the order joins after the ordered ones.
+    partial = dataclasses.replace(config, curriculum_order=("count",), families=("shape", "count"))
+    assert active_families(partial, 2, 0) == ("count", "shape")
+    asked = {
+        family_of(q)
+        for index in range(40)
+        for q, _ in training_example(index, config, order[:2])[1]
+    }
+    assert asked == set(order[:2])
+    everything = {
+        family_of(q) for index in range(40) for q, _ in training_example(index, config)[1]
+    }
+    assert everything == set(scenes.FAMILIES)
+    # The batch of a step uses that step's families.
+    vocab = tb.testbed_processor(tb.testbed_config()).tokenizer.get_vocab()
+    ids = _batch(config, 2, 0, vocab, 256)["input_ids"]
+    words = {w for w, i in vocab.items() if i in set(ids.flatten().tolist())}
+    assert "digit" not in words and "many" not in words

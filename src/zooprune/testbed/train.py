@@ -107,6 +107,20 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     aux_weight: float = 0.5
+    # Family curriculum for joint training: start with the first two families of
+    # ``curriculum_order`` and add the next one every ``curriculum_steps`` steps (0, the
+    # default that made the bundled checkpoint: all families from the start). Evaluation
+    # always covers every family.
+    curriculum_steps: int = 0
+    curriculum_order: tuple[str, ...] = (
+        "shape",
+        "color",
+        "location",
+        "exists",
+        "count",
+        "spatial",
+        "glyph",
+    )
     # Question rounds over the families per image, and the cap on turns.
     rounds: int = 1
     max_turns: int = 6
@@ -246,16 +260,26 @@ def _aux_loss(
 # -------------------------------------------------------------------- data ---
 
 
+def active_families(config: TrainConfig, phase: int, step: int) -> tuple[str, ...]:
+    """The families joint-training step ``step`` asks about (all of them in phase 1)."""
+    if phase == 1 or config.curriculum_steps <= 0:
+        return config.families
+    order = [f for f in config.curriculum_order if f in config.families]
+    order += [f for f in config.families if f not in order]
+    return tuple(order[: 2 + step // config.curriculum_steps])
+
+
 def training_example(
-    index: int, config: TrainConfig
+    index: int, config: TrainConfig, families: Sequence[str] | None = None
 ) -> tuple[Scene, list[tuple[str, str]], dict[str, np.ndarray]]:
     """Training image ``index``: its scene, shuffled QA turns and dense labels.
 
     The scene is ``make_sample("train", index)``'s; up to ``rounds`` passes over
     the families (duplicate questions skipped, at most ``max_turns``), drawn
     from an RNG seeded by ``index`` only, so any step can be regenerated.
+    ``families`` (default ``config.families``) are the families asked about.
     """
-    fams = config.families
+    fams = tuple(config.families if families is None else families)
     first = scenes.make_sample("train", index, fams[index % len(fams)], config.scene)
     rng = np.random.default_rng([_QA_SALT, index])
     turns = [(first.question, first.answer)]
@@ -280,7 +304,11 @@ def _batch(
     config: TrainConfig, phase: int, step: int, vocab: dict[str, int], n_image: int
 ) -> dict[str, torch.Tensor]:
     bsz = config.vision_batch if phase == 1 else config.batch
-    ex = [training_example(_example_index(config, phase, step, j, bsz), config) for j in range(bsz)]
+    families = active_families(config, phase, step)
+    ex = [
+        training_example(_example_index(config, phase, step, j, bsz), config, families)
+        for j in range(bsz)
+    ]
     out: dict[str, torch.Tensor] = {
         "pixel_values": pixel_values_from_images(np.stack([e[0].image for e in ex])),
     }
