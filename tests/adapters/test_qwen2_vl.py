@@ -290,6 +290,7 @@ def test_prepare_gives_the_unpruned_positions_of_the_kept_tokens(vlm, proc, pict
     assert bool((batch["attention_mask"][:, 0] == 0).any())
     with zooprune.prune(vlm, "divprune", keep=5) as handle:
         prepared = handle.prepare(dict(batch), for_generate=False)
+        deltas = vlm.model.rope_deltas  # remove() restores the model's own value
     full = rope(vlm, batch)
     positions, mask = prepared["position_ids"], prepared["attention_mask"].bool()
     assert positions.shape == (4, 2, prepared["input_ids"].shape[1])
@@ -309,18 +310,21 @@ def test_prepare_gives_the_unpruned_positions_of_the_kept_tokens(vlm, proc, pict
         assert positions[0, row, real].tolist() == list(range(int(real.sum())))
     # The model's rope_deltas as its own prefill would set them for the shortened prompt.
     expected = full.amax(dim=(0, 2)) + 1 - mask.sum(-1)
-    assert torch.equal(vlm.model.rope_deltas.flatten(), expected)
+    assert torch.equal(deltas.flatten(), expected)
 
 
 def test_a_cache_from_prepare_continues_with_the_unpruned_positions(vlm, proc, pictures):
-    """A caller's own cached step without position ids: the model adds rope_deltas."""
+    """A caller's own cached step without position ids: the model adds rope_deltas.
+
+    While the handle is active: calls without pixel_values pass through to the model, and
+    ``remove()`` gives the model its own ``rope_deltas`` back."""
     batch = inputs(proc, [pictures[2:3]], PROMPTS[2:3])
     with zooprune.prune(vlm, "zoo", keep=7) as handle:
         prepared = handle.prepare(dict(batch), for_generate=False)
         kept = handle.selection.images[0].positions
-    prefill = vlm(**prepared, use_cache=True)
-    token = prefill.logits[:, -1:].argmax(-1)
-    step = vlm(input_ids=token, past_key_values=prefill.past_key_values).logits[0, -1]
+        prefill = vlm(**prepared, use_cache=True)
+        token = prefill.logits[:, -1:].argmax(-1)
+        step = vlm(input_ids=token, past_key_values=prefill.past_key_values).logits[0, -1]
     longer = {
         "input_ids": torch.cat([batch["input_ids"], token], 1),
         "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(token)], 1),
