@@ -266,6 +266,35 @@ class Adapter(ABC):
     image_input_names: tuple[str, ...] = ("pixel_values",)
 
 
+def run_capturing(
+    run: Callable[[], Any], projector: nn.Module, attention: nn.Module | None = None
+) -> tuple[Any, dict[str, Tensor]]:
+    """``run()`` (the model's own image encoding) with what the adapter needs captured.
+
+    Returns ``run()``'s output and a dict with ``"features"`` and ``"projected"`` (the
+    projector's input and output on that call) and, when ``attention`` is given,
+    ``"attention_input"`` (the hidden states entering that attention layer). The hooks are
+    removed whatever happens, so the model is left as it was.
+    """
+    captured: dict[str, Tensor] = {}
+
+    def on_projector(module: nn.Module, args: tuple, output: Tensor) -> None:
+        captured["features"], captured["projected"] = args[0], output
+
+    def on_attention(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured["attention_input"] = kwargs.get("hidden_states", args[0] if args else None)
+
+    hooks = [projector.register_forward_hook(on_projector)]
+    if attention is not None:
+        hooks.append(attention.register_forward_pre_hook(on_attention, with_kwargs=True))
+    try:
+        output = run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return output, captured
+
+
 def square_grid(num_tokens: int) -> tuple[int, int]:
     """``(s, s)`` when ``num_tokens == s * s``, else ``(1, num_tokens)``."""
     side = int(round(num_tokens**0.5))

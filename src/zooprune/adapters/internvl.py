@@ -70,7 +70,13 @@ from transformers import InternVLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
-from zooprune.adapters.base import CROP_BUDGETS, Adapter, EncodedImages, ImageLayout
+from zooprune.adapters.base import (
+    CROP_BUDGETS,
+    Adapter,
+    EncodedImages,
+    ImageLayout,
+    run_capturing,
+)
 from zooprune.errors import PlaceholderMismatchError, PruneError
 
 Box = tuple[float, float, float, float]
@@ -146,28 +152,17 @@ class InternVLAdapter(Adapter):
         layer = config.vision_feature_layer if layer is None else layer
         strategy = image_inputs.get("vision_feature_select_strategy")
         strategy = config.vision_feature_select_strategy if strategy is None else strategy
-        captured: dict[str, Tensor] = {}
-
-        def on_projector(module: nn.Module, args: tuple, output: Tensor) -> None:
-            captured["features"], captured["projected"] = args[0], output
-
-        def on_attention(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured["attention_input"] = kwargs.get("hidden_states", args[0] if args else None)
-
-        hooks = [self.projector(model).register_forward_hook(on_projector)]
-        if "cls_attention" in needs:
-            attention = _attention_layer(model, layer, strategy)
-            hooks.append(attention.register_forward_pre_hook(on_attention, with_kwargs=True))
-        try:
-            output = model.model.get_image_features(
+        attention = _attention_layer(model, layer, strategy) if "cls_attention" in needs else None
+        output, captured = run_capturing(
+            lambda: model.model.get_image_features(
                 pixel_values=pixel_values,
                 vision_feature_layer=layer,
                 vision_feature_select_strategy=strategy,
                 return_dict=True,
-            )
-        finally:
-            for hook in hooks:
-                hook.remove()
+            ),
+            self.projector(model),
+            attention,
+        )
         features, projected = captured["features"], captured["projected"]  # [tiles, T, .]
         tiles, per_tile = projected.shape[:2]
         side = int(round(per_tile**0.5))

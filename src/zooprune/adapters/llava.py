@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from transformers import LlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from zooprune.adapters.base import Adapter, EncodedImages, square_grid
+from zooprune.adapters.base import Adapter, EncodedImages, run_capturing, square_grid
 
 
 def _cls_attention_and_keys(attention: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor]:
@@ -141,23 +141,8 @@ class LlavaAdapter(Adapter):
             ``"cls_attention"`` is needed, ``[P, T]`` CLS attention and ``[P, T, d_k]``
             keys aligned with the feature tokens (else None, None).
         """
-        captured: dict[str, Tensor] = {}
-
-        def on_projector(module: nn.Module, args: tuple, output: Tensor) -> None:
-            captured["features"], captured["projected"] = args[0], output
-
-        def on_attention(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured["attention_input"] = kwargs.get("hidden_states", args[0] if args else None)
-
-        hooks = [self.projector(model).register_forward_hook(on_projector)]
-        if "cls_attention" in needs:
-            attention = self._attention_layer(model, layer)
-            hooks.append(attention.register_forward_pre_hook(on_attention, with_kwargs=True))
-        try:
-            output = run()
-        finally:
-            for hook in hooks:
-                hook.remove()
+        attention = self._attention_layer(model, layer) if "cls_attention" in needs else None
+        output, captured = run_capturing(run, self.projector(model), attention)
         cls_attention = keys = None
         if "cls_attention" in needs:
             attn, k = _cls_attention_and_keys(attention, captured["attention_input"])
