@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import TextColumn
 from rich.table import Table
 
 # Kept in step with zooprune.testbed.scenes.FAMILIES (a test checks), so that
@@ -467,7 +466,13 @@ def _load_for_bench(args: argparse.Namespace) -> tuple[object, object, str]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from zooprune.bench.accuracy import (
         DEFAULT_RATIOS,

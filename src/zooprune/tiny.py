@@ -108,6 +108,32 @@ CHAT_TEMPLATE = (
 )
 
 
+def word_tokenizer(
+    words: list[str], special: list[str] = SPECIAL, **named: str
+) -> PreTrainedTokenizerFast:
+    """A left-padding word-level tokenizer over ``words`` (ids in list order).
+
+    ``special`` split off even when glued to a word: processors expand an image marker in
+    place into glued runs (``"<image><image>..."``). ``named`` are a family's named special
+    tokens (e.g. ``image_token="<image>"``).
+    """
+    tokenizer = Tokenizer(
+        models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>")
+    )
+    tokenizer.add_special_tokens(special)
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    extra = {"extra_special_tokens": named} if named else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        padding_side="left",
+        **extra,
+    )
+
+
 def word_level_llava_processor(
     words: list[str],
     image_size: int,
@@ -117,19 +143,7 @@ def word_level_llava_processor(
 ) -> LlavaProcessor:
     """A LlavaProcessor over a word-level tokenizer (``words``, :data:`SPECIAL` first) and a
     PIL image processor that passes ``image_size`` square images through unresized."""
-    vocab = {word: i for i, word in enumerate(words)}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    # <image> must split off even when glued to a word, as the processor expands it in place.
-    tokenizer.add_special_tokens(SPECIAL)
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        padding_side="left",
-    )
+    fast = word_tokenizer(words)
     normalisation = {} if image_mean is None else {"image_mean": image_mean, "image_std": image_std}
     images = CLIPImageProcessorPil(
         size={"shortest_edge": image_size},

@@ -9,13 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3Processor,
     Gemma3TextConfig,
-    PreTrainedTokenizerFast,
     SiglipVisionConfig,
 )
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
@@ -25,7 +23,7 @@ from tests.adapters.test_llava_next import inputs
 from tests.test_api import greedy, masked_reference
 from zooprune import METHODS, PruneError
 from zooprune.adapters.gemma3 import PooledProjector
-from zooprune.tiny import SPECIAL, WORDS
+from zooprune.tiny import SPECIAL, WORDS, word_tokenizer
 
 SIZE, PATCH, SIDE = 32, 4, 4  # 8 x 8 patches, pooled 2 x 2 -> 4 x 4 tokens
 N = SIDE * SIDE
@@ -38,28 +36,6 @@ PROMPTS = [
     "<s> user <start_of_image> describe this picture",
     "<s> user what shape is the red square ? <start_of_image> left or right ?",
 ]
-
-
-def word_tokenizer(words: list[str], special: list[str], **named: str) -> PreTrainedTokenizerFast:
-    """A left-padding word-level tokenizer; ``special`` split off even when glued to words.
-
-    ``named`` are the family's named special tokens (e.g. ``image_token="<image>"``).
-    """
-    tokenizer = Tokenizer(
-        models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>")
-    )
-    # Processors expand image markers into glued runs ("<image><image>..."): split them.
-    tokenizer.add_special_tokens(special)
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        padding_side="left",
-        extra_special_tokens=named,
-    )
 
 
 def processor() -> Gemma3Processor:

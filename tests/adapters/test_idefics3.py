@@ -22,13 +22,13 @@ from transformers import (
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
 import zooprune
-from tests.adapters.test_gemma3 import EOS, word_tokenizer
+from tests.adapters.test_gemma3 import EOS
 from tests.adapters.test_llava_next import inputs
 from tests.test_api import greedy, masked_reference
 from zooprune import METHODS, PruneError
 from zooprune.budget import split_evenly
 from zooprune.errors import PlaceholderMismatchError
-from zooprune.tiny import SPECIAL, WORDS
+from zooprune.tiny import SPECIAL, WORDS, word_tokenizer
 
 CROP, PATCH, SCALE = 32, 4, 2
 SIDE = CROP // PATCH // SCALE  # 4 x 4 tokens per crop

@@ -18,14 +18,14 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
 )
 
 import zooprune
-from tests.adapters.test_gemma3 import EOS, word_tokenizer
+from tests.adapters.test_gemma3 import EOS
 from tests.adapters.test_llava_next import inputs
 from tests.test_api import greedy, masked_reference
 from zooprune import METHODS, PruneError
 from zooprune.adapters import adapter_for
 from zooprune.budget import split_evenly
 from zooprune.errors import PlaceholderMismatchError
-from zooprune.tiny import SPECIAL, WORDS
+from zooprune.tiny import SPECIAL, WORDS, word_tokenizer
 
 TILE, PATCH = 32, 4  # 8 x 8 patches per tile
 P = TILE // PATCH

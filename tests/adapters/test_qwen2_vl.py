@@ -22,13 +22,12 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import zooprune
-from tests.adapters.test_gemma3 import word_tokenizer
 from tests.adapters.test_llava_next import inputs
 from zooprune import METHODS, PruneError
 from zooprune.adapters import adapter_for
 from zooprune.adapters.qwen2_vl import MergerProjector
 from zooprune.errors import PlaceholderMismatchError
-from zooprune.tiny import SPECIAL, WORDS
+from zooprune.tiny import SPECIAL, WORDS, word_tokenizer
 
 PATCH, MERGE = 4, 2
 CELL = PATCH * MERGE  # pixels per side of one merged token

@@ -78,7 +78,6 @@ class LlavaNextAdapter(LlavaAdapter):
     model_classes = (LlavaNextForConditionalGeneration,)
     requirement = "with a CLIP or SigLIP vision tower (AnyRes crops, row newlines)"
     tokens_per_image = "base crop (side / patch)^2 + the unpadded sub-crop grid, newlines excluded"
-    extras = {"cls_attention": "CLIP tower, `default` feature strategy, one feature layer"}
     options = {"crop_budget": CROP_BUDGETS, "separators": SEPARATOR_POLICIES}
     image_input_names = (
         "pixel_values",
