@@ -147,16 +147,27 @@ def test_bench_quick_on_the_bundled_test_bed(tmp_path, capsys):
     import json
 
     from zooprune import METHODS
-    from zooprune.testbed.scenes import FAMILIES
+    from zooprune.cli import _BENCH_FAMILIES
 
     out_dir = tmp_path / "bench"
     assert main(["bench", "--quick", "--out", str(out_dir)]) == 0
     text = capsys.readouterr().out
-    for family in ("overall", *FAMILIES):
-        assert f"{family} (n=" in text
+    assert f"overall (n={12 * len(_BENCH_FAMILIES)})" in text
+    for family in _BENCH_FAMILIES:
+        assert f"{family} (n=12)" in text
+    assert "glyph (n=" not in text  # below its floor, so not in the default
     assert "zoo - divprune at 11.1%" in text
     summary = json.loads((out_dir / "accuracy.json").read_text())
     methods = {c["method"] for c in summary["conditions"]}
     assert methods == {"unpruned", *METHODS}
     assert len(summary["conditions"]) == 1 + 4 * len(METHODS)
     assert {c["kept_mean"] for c in summary["conditions"][1:]} == {85, 56, 28, 14}
+
+
+def test_bench_families_option(tmp_path, capsys):
+    args = ["bench", "--methods", "random", "--ratios", "1/9", "--n-per-family", "3"]
+    assert main([*args, "--families", "glyph,count", "--out", str(tmp_path / "b")]) == 0
+    text = capsys.readouterr().out
+    assert "glyph (n=3)" in text and "count (n=3)" in text and "color (n=" not in text
+    assert main([*args, "--families", "colour", "--out", str(tmp_path / "c")]) == 2
+    assert "--families takes" in capsys.readouterr().out

@@ -15,6 +15,11 @@ from rich.table import Table
 # Kept in step with zooprune.testbed.scenes.FAMILIES (a test checks), so that
 # `zooprune --help` does not import numpy and the scene generator.
 _FAMILIES = ("color", "shape", "count", "exists", "spatial", "location", "glyph")
+# What `zooprune bench` scores on the test bed by default: the families where the bundled
+# model reaches the 70% floor unpruned. Glyph reading stays at ~43% on the test split (the
+# README's table), so it is left out of the default and of its overall mean; pass
+# `--families` to include it.
+_BENCH_FAMILIES = ("color", "shape", "count", "exists", "spatial", "location")
 
 console = Console()
 
@@ -500,9 +505,17 @@ def _bench(args: argparse.Namespace) -> int:
         console.print(f"[red]budget ratios must lie in (0, 1), got {bad}[/red]")
         return 2
     n = args.n_per_family or (12 if args.quick else 100)
+    families = args.families or list(_BENCH_FAMILIES)
+    unknown = [f for f in families if f not in _FAMILIES]
+    if unknown or (args.data and args.families):
+        console.print(
+            f"[red]--families takes test-bed families ({', '.join(_FAMILIES)}) and no --data; "
+            f"got {args.families}[/red]"
+        )
+        return 2
     _set_threads(args.threads)
     try:
-        items = jsonl_items(args.data) if args.data else testbed_items(n, split="test")
+        items = jsonl_items(args.data) if args.data else testbed_items(n, "test", families)
     except (OSError, ValueError) as error:
         console.print(f"[red]{error}[/red]")
         return 2
@@ -758,6 +771,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fractions of the visual tokens kept (default 1/3,2/9,1/9,1/18)",
     )
     bench.add_argument("--n-per-family", type=int, default=0, help="test-bed questions per family")
+    bench.add_argument(
+        "--families",
+        type=lambda t: [f for f in t.split(",") if f],
+        default=None,
+        help="test-bed families (default: all but glyph, which the bundled model reads poorly)",
+    )
     bench.add_argument("--quick", action="store_true", help="12 questions per family")
     bench.add_argument("--limit", type=int, default=0, help="first N questions of --data")
     bench.add_argument("--prompt", help="template with {image} and {question} (default: chat)")

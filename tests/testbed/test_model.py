@@ -26,6 +26,7 @@ from zooprune.testbed.train import (
     TrainConfig,
     _batch,
     _build,
+    _make_optimizer,
     _step,
     active_families,
     evaluate,
@@ -176,6 +177,37 @@ def test_joint_steps_reduce_loss_on_fixed_batch():
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_default_joint_training_moves_only_the_language_model():
+    model, heads, processor = _build(TINY_TRAIN)
+    assert TINY_TRAIN.lr_projector == TINY_TRAIN.lr_vision == 0.0  # the defaults
+    opt = _make_optimizer(2, model, heads, TINY_TRAIN)
+    m = model.model
+    frozen = {
+        "projector": m.multi_modal_projector,
+        "tower": m.vision_tower,
+        "heads": heads,
+    }
+    before = {k: [p.detach().clone() for p in mod.parameters()] for k, mod in frozen.items()}
+    lm_before = [p.detach().clone() for p in m.language_model.parameters()]
+    batch = _batch(TINY_TRAIN, 2, 0, processor.tokenizer.get_vocab(), 64)
+    for _ in range(2):
+        loss, _ = _step(2, model, heads, batch, TINY_TRAIN, TINY_SCENE.grid_size)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for name, mod in frozen.items():
+        for p, q in zip(mod.parameters(), before[name], strict=True):
+            assert p.grad is None, name  # no backward pass through frozen parts
+            assert torch.equal(p, q), name
+    moved = [
+        not torch.equal(p, q) for p, q in zip(m.language_model.parameters(), lm_before, strict=True)
+    ]
+    assert sum(moved) > len(moved) // 2
+    # A positive learning rate trains the group again.
+    _make_optimizer(2, model, heads, dataclasses.replace(TINY_TRAIN, lr_projector=1e-3))
+    assert all(p.requires_grad for p in m.multi_modal_projector.parameters())
 
 
 def test_resume_reproduces_next_step_loss(tmp_path):

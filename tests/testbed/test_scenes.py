@@ -176,7 +176,7 @@ def test_color_question() -> None:
         ]
     )
     # Only the circle is unique, so every colour question is about it.
-    assert qa(asked(sc, "color")) == {"what color is the circle ?": "red"}
+    assert qa(asked(sc, "color")) == {"what color is the circle": "red"}
     two_squares = scene([obj("square", "red", 10, 10), obj("square", "blue", 60, 60)])
     assert S.ask(two_squares, "color", np.random.default_rng(0)) is None
 
@@ -190,9 +190,9 @@ def test_shape_question() -> None:
         ]
     )
     assert qa(asked(sc, "shape")) == {
-        "what shape is the red object ?": "circle",
-        "what shape is the cyan object ?": "triangle",
-        "what shape is the yellow object ?": "cross",
+        "what shape is the red": "circle",
+        "what shape is the cyan": "triangle",
+        "what shape is the yellow": "cross",
     }
 
 
@@ -206,11 +206,11 @@ def test_count_question() -> None:
     )
     samples = asked(sc, "count")
     assert qa(samples) == {
-        "how many objects are there ?": "three",
-        "how many squares are there ?": "two",
-        "how many circles are there ?": "one",
-        "how many triangles are there ?": "zero",
-        "how many crosses are there ?": "zero",
+        "how many objects": "three",
+        "how many squares": "two",
+        "how many circles": "one",
+        "how many triangles": "zero",
+        "how many crosses": "zero",
     }
     assert {s.subtype for s in samples} == {"total", "shape"}
 
@@ -220,7 +220,7 @@ def test_exists_question_and_negative_subtypes() -> None:
     samples = asked(sc, "exists", 400)
     table = qa(samples)
     for q, a in table.items():
-        m = re.fullmatch(r"is there a (\w+)(?: object)? \?", q)
+        m = re.fullmatch(r"is there a (\w+)", q)
         assert m, q
         assert a == ("yes" if m[1] in {"red", "blue", "circle", "square"} else "no")
     by_sub: dict[str, set[str]] = {}
@@ -229,19 +229,19 @@ def test_exists_question_and_negative_subtypes() -> None:
             by_sub.setdefault(s.subtype, set()).add(s.question)
     # Prior order: red > green > ... and circle > square > triangle > cross.
     assert by_sub["popular"] == {
-        "is there a green object ?",
-        "is there a triangle ?",
+        "is there a green",
+        "is there a triangle",
     }
     # Nearest absent colour to red/blue in RGB is cyan (to blue); the absent
     # shape overlapping most with a circle or square is the cross.
-    assert by_sub["adversarial"] == {"is there a cyan object ?", "is there a cross ?"}
+    assert by_sub["adversarial"] == {"is there a cyan", "is there a cross"}
     assert by_sub["random"] == {
-        "is there a green object ?",
-        "is there a yellow object ?",
-        "is there a magenta object ?",
-        "is there a cyan object ?",
-        "is there a triangle ?",
-        "is there a cross ?",
+        "is there a green",
+        "is there a yellow",
+        "is there a magenta",
+        "is there a cyan",
+        "is there a triangle",
+        "is there a cross",
     }
     yes = Counter(s.subtype for s in samples if s.answer == "yes")
     assert set(yes) == set(S.NEGATIVE_SUBTYPES)
@@ -258,7 +258,7 @@ def test_exists_falls_back_to_colour_when_all_shapes_present() -> None:
     )
     for s in asked(sc, "exists"):
         if s.answer == "no":
-            assert s.question in {"is there a magenta object ?", "is there a cyan object ?"}
+            assert s.question in {"is there a magenta", "is there a cyan"}
 
 
 def test_spatial_question() -> None:
@@ -266,14 +266,14 @@ def test_spatial_question() -> None:
     samples = asked(side_by_side, "spatial")
     # dy = 2 px is within the margin, so only left/right is asked.
     assert qa(samples) == {
-        "is the red object left of the blue object ?": "yes",
-        "is the blue object left of the red object ?": "no",
+        "is the red left of the blue": "yes",
+        "is the blue left of the red": "no",
     }
     assert {s.subtype for s in samples} == {"left"}
     stacked = scene([obj("circle", "red", 60, 100), obj("square", "blue", 63, 10)])
     assert qa(asked(stacked, "spatial")) == {
-        "is the red object above the blue object ?": "no",
-        "is the blue object above the red object ?": "yes",
+        "is the red above the blue": "no",
+        "is the blue above the red": "yes",
     }
     alone = scene([obj("circle", "red", 60, 100)])
     assert S.ask(alone, "spatial", np.random.default_rng(0)) is None
@@ -291,10 +291,10 @@ def test_location_question() -> None:
         ]
     )
     assert qa(asked(sc, "location")) == {
-        "where is the red object ?": "topleft",
-        "where is the blue object ?": "topright",
-        "where is the green object ?": "bottomleft",
-        "where is the yellow object ?": "bottomright",
+        "where is the red": "topleft",
+        "where is the blue": "topright",
+        "where is the green": "bottomleft",
+        "where is the yellow": "bottomright",
     }
     central = scene([obj("circle", "cyan", 66, 21)])
     assert S.ask(central, "location", np.random.default_rng(0)) is None
@@ -309,8 +309,8 @@ def test_glyph_question() -> None:
         ]
     )
     assert qa(asked(sc, "glyph")) == {
-        "what digit is on the red object ?": "seven",
-        "what digit is on the blue object ?": "three",
+        "what digit is on the red": "seven",
+        "what digit is on the blue": "three",
     }
     plain = scene([obj("square", "red", 10, 10)])
     assert S.ask(plain, "glyph", np.random.default_rng(0)) is None
@@ -439,8 +439,9 @@ def test_object_token_mask() -> None:
         for o in g.objects:
             assert m[int(o.cy) // 6, int(o.cx) // 6]
         fractions.append(m.mean())
-    assert max(fractions) < 0.25
-    assert 0.01 < np.mean(fractions) < 0.15
+    # Most tokens are background (the default 28-40 px objects cover ~16% on average).
+    assert max(fractions) < 0.4
+    assert 0.05 < np.mean(fractions) < 0.25
 
 
 def test_patch_nine_config() -> None:
@@ -513,7 +514,7 @@ def test_vocabulary_covers_samples() -> None:
     words = set()
     answers = Counter()
     for s in S.iter_samples("train", 500):
-        assert s.question.endswith(" ?") and s.question == s.question.lower()
+        assert not s.question.endswith("?") and s.question == s.question.lower()
         assert " " not in s.answer and s.answer
         words.update(s.question.split())
         words.add(s.answer)
@@ -548,29 +549,29 @@ def reference_answer(objects: list[SceneObject], question: str) -> str:
     """Answer ``question`` straight from the object list."""
     by_colour = {o.color: o for o in objects}
     number = S.NUMBER_WORDS
-    if m := re.fullmatch(r"what color is the (\w+) \?", question):
+    if m := re.fullmatch(r"what color is the (\w+)", question):
         (hit,) = [o for o in objects if o.shape == m[1]]
         return hit.color
-    if m := re.fullmatch(r"what shape is the (\w+) object \?", question):
+    if m := re.fullmatch(r"what shape is the (\w+)", question):
         return by_colour[m[1]].shape
-    if question == "how many objects are there ?":
+    if question == "how many objects":
         return number[len(objects)]
-    if m := re.fullmatch(r"how many (\w+) are there \?", question):
+    if m := re.fullmatch(r"how many (\w+)", question):
         return number[sum(S.plural(o.shape) == m[1] for o in objects)]
-    if m := re.fullmatch(r"is there a (\w+) object \?", question):
+    if (m := re.fullmatch(r"is there a (\w+)", question)) and m[1] in S.DEFAULT_CONFIG.colors:
         return "yes" if m[1] in by_colour else "no"
-    if m := re.fullmatch(r"is there a (\w+) \?", question):
+    if m := re.fullmatch(r"is there a (\w+)", question):
         return "yes" if any(o.shape == m[1] for o in objects) else "no"
-    if m := re.fullmatch(r"is the (\w+) object (left of|above) the (\w+) object \?", question):
+    if m := re.fullmatch(r"is the (\w+) (left of|above) the (\w+)", question):
         a, b = by_colour[m[1]], by_colour[m[3]]
         da, db = (a.cx, b.cx) if m[2] == "left of" else (a.cy, b.cy)
         assert abs(da - db) > MARGIN  # only unambiguous pairs may be asked
         return "yes" if da < db else "no"
-    if m := re.fullmatch(r"where is the (\w+) object \?", question):
+    if m := re.fullmatch(r"where is the (\w+)", question):
         o = by_colour[m[1]]
         assert abs(o.cx - 72) > MARGIN and abs(o.cy - 72) > MARGIN
         return ("top" if o.cy < 72 else "bottom") + ("left" if o.cx < 72 else "right")
-    if m := re.fullmatch(r"what digit is on the (\w+) object \?", question):
+    if m := re.fullmatch(r"what digit is on the (\w+)", question):
         return number[by_colour[m[1]].digit]
     raise AssertionError(f"unexpected question {question!r}")
 
@@ -603,7 +604,7 @@ def test_ask_agrees_with_reference(objects, family, seed) -> None:
     assert sample.answer == reference_answer(objects, sample.question)
     assert set(sample.question.split()) | {sample.answer} <= set(S.vocabulary())
     if family == "exists" and sample.answer == "no":
-        m = re.fullmatch(r"is there a (\w+)(?: object)? \?", sample.question)
+        m = re.fullmatch(r"is there a (\w+)", sample.question)
         kind = "color" if m[1] in S.COLOR_RGB else "shape"
         values = CFG.colors if kind == "color" else CFG.shapes
         present = {getattr(o, kind) for o in objects}

@@ -6,10 +6,10 @@ projector, and a Llama language model over a word-level vocabulary.
 
 Prompt format (one or more turns, the answer is always the next single token)::
 
-    <s> <image> what shape is the red object ? square how many ... ? two
+    <s> <image> what shape is the red square how many circles two
 
 The processor expands ``<image>`` into 256 image tokens. Prediction is the argmax
-of the logits at the last token of the question (``"?"``), which is exactly
+of the logits at the last token of the question, which is exactly
 ``generate(max_new_tokens=1)``.
 
 Besides the config/processor builders, this module holds the forward pass used by
@@ -144,7 +144,7 @@ def encode_prompt(
 
     Returns ``(ids, targets)``, both of length ``L``: ``ids`` with ``n_image``
     image tokens expanded, ``targets[t]`` the answer id predicted at position
-    ``t`` (the ``"?"`` closing a question) or -100. Same ids as the processor
+    ``t`` (the last word of a question) or -100. Same ids as the processor
     on ``prompt_text(turns)`` (checked in the tests).
     """
     ids = [BOS_ID] + [IMAGE_ID] * n_image
