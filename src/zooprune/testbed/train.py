@@ -736,8 +736,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """CLI for probes: ``python -m zooprune.testbed.train OUT [--key value ...]``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out_dir")
+    kind = {"int": int, "float": float, "bool": lambda s: s.lower() in ("1", "true")}
     for f in dataclasses.fields(TrainConfig):
-        kind = {"int": int, "float": float, "bool": lambda s: s.lower() in ("1", "true")}
         base = str(f.type).removesuffix(" | None")
         if base in kind:
             ap.add_argument("--" + f.name.replace("_", "-"), type=kind[base])
