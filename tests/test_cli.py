@@ -1,7 +1,21 @@
+import argparse
+import subprocess
+import sys
+
 import numpy as np
+import pytest
 from PIL import Image
 
 from zooprune.cli import main
+from zooprune.cli.common import BENCH_FAMILIES, FAMILIES, fraction, fractions
+
+
+def refused(argv, capsys) -> str:
+    """What argparse says when it refuses ``argv`` (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
 
 
 def test_methods_lists_every_method(capsys):
@@ -50,29 +64,53 @@ def test_run_reports_bad_input(tmp_path, capsys):
     image = tmp_path / "scene.png"
     Image.new("RGB", (40, 40)).save(image)
     base = ["run", "--model", str(tmp_path / "model"), "--image", str(image), "--prompt", "hi"]
-    assert main([*base, "--method", "nope"]) == 2
-    assert "known methods" in capsys.readouterr().out
+    assert "known methods: divprune, grid" in refused([*base, "--method", "nope"], capsys)
     assert main([*base[:4], str(tmp_path / "missing.png"), *base[5:]]) == 2
     assert "no such image" in capsys.readouterr().out
 
 
 def test_cli_families_match_the_generator():
-    from zooprune.cli import _FAMILIES
-    from zooprune.testbed.scenes import FAMILIES
+    from zooprune.testbed import scenes
 
-    assert _FAMILIES == FAMILIES
+    assert scenes.FAMILIES == FAMILIES
 
 
 def test_fraction_arguments():
-    import argparse
-
-    import pytest
-
-    from zooprune.cli import _fraction, _fractions
-
-    assert _fractions("1/3, 22%,0.11") == (1 / 3, 0.22, 0.11)
+    assert fractions("1/3, 22%,0.11") == (1 / 3, 0.22, 0.11)
     with pytest.raises(argparse.ArgumentTypeError, match="not a fraction"):
-        _fraction("1/0")
+        fraction("1/0")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"must lie in \(0, 1\)"):
+        fraction("1.5")
+
+
+def test_shared_options_are_declared_once_and_alike():
+    from zooprune.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    dtypes = {
+        name: action.choices
+        for name, command in commands.items()
+        for action in command._actions
+        if action.dest == "dtype"
+    }
+    assert set(dtypes) == {"run", "bench", "speed"}
+    assert len({tuple(choices) for choices in dtypes.values()}) == 1
+    threads = [n for n, c in commands.items() if any(a.dest == "threads" for a in c._actions)]
+    assert set(threads) == {"run", "speed", "speed-kernels", "bench", "demo"}
+
+
+def test_tables_keep_their_width_when_piped():
+    # Piped, rich would squeeze a table into 80 columns and cut its cells ("scori…").
+    out = subprocess.run(
+        [sys.executable, "-m", "zooprune.cli", "methods"], capture_output=True, text=True
+    ).stdout
+    from zooprune import METHODS
+
+    assert "…" not in out
+    for name, spec in METHODS.items():
+        options = ", ".join(f"{k}={v!r}" for k, v in spec.options.items())
+        assert spec.summary in out and options in out, name
 
 
 def test_bench_on_a_jsonl_file_with_any_model(tmp_path, capsys):
@@ -97,12 +135,10 @@ def test_bench_on_a_jsonl_file_with_any_model(tmp_path, capsys):
     assert [c["method"] for c in summary["conditions"]] == ["unpruned", "zoo", "grid"]
     assert (out_dir / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     # Bad requests fail with a message, not a traceback.
-    assert main([*args, "--methods", "nope"]) == 2
-    assert "unknown method" in capsys.readouterr().out
+    assert "unknown method 'nope'" in refused([*args, "--methods", "zoo,nope"], capsys)
     assert main(["bench", "--data", str(tmp_path / "data.jsonl")]) == 2
     assert "--data needs --model" in capsys.readouterr().out
-    assert main([*args, "--ratios", "1.5"]) == 2
-    assert "(0, 1)" in capsys.readouterr().out
+    assert "(0, 1)" in refused([*args, "--ratios", "1.5"], capsys)
 
 
 def test_testbed_train_command_runs_and_resumes(tmp_path, capsys, monkeypatch):
@@ -139,21 +175,20 @@ def test_demo_answers_and_draws(tmp_path, capsys):
     assert "question:" in text and "unpruned" in text and "zoo" in text and "divprune" in text
     assert "28 / 256" in text and "256 / 256" in text
     assert out.read_bytes()[:4] == b"\x89PNG"
-    assert main(["demo", "--method", "nope"]) == 2
-    assert main(["demo", "--ratio", "2"]) == 2
+    assert "known methods" in refused(["demo", "--method", "nope"], capsys)
+    assert "(0, 1)" in refused(["demo", "--ratio", "2"], capsys)
 
 
 def test_bench_quick_on_the_bundled_test_bed(tmp_path, capsys):
     import json
 
     from zooprune import METHODS
-    from zooprune.cli import _BENCH_FAMILIES
 
     out_dir = tmp_path / "bench"
     assert main(["bench", "--quick", "--out", str(out_dir)]) == 0
     text = capsys.readouterr().out
-    assert f"overall (n={12 * len(_BENCH_FAMILIES)})" in text
-    for family in _BENCH_FAMILIES:
+    assert f"overall (n={12 * len(BENCH_FAMILIES)})" in text
+    for family in BENCH_FAMILIES:
         assert f"{family} (n=12)" in text
     assert "glyph (n=" not in text  # below its floor, so not in the default
     assert "zoo - divprune at 11.1%" in text
@@ -169,5 +204,6 @@ def test_bench_families_option(tmp_path, capsys):
     assert main([*args, "--families", "glyph,count", "--out", str(tmp_path / "b")]) == 0
     text = capsys.readouterr().out
     assert "glyph (n=3)" in text and "count (n=3)" in text and "color (n=" not in text
-    assert main([*args, "--families", "colour", "--out", str(tmp_path / "c")]) == 2
-    assert "--families takes" in capsys.readouterr().out
+    assert "unknown families ['colour']" in refused(
+        [*args, "--families", "colour", "--out", str(tmp_path / "c")], capsys
+    )

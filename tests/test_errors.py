@@ -39,14 +39,50 @@ def untouched(model):
         ({"keep": 3, "estimator": "magic"}, PruneError, "estimator must be one of auto, exact"),
         ({"keep": 3, "zo_dtype": "float16"}, PruneError, "applies to estimator='zo' only"),
         ({"keep": 3, "estimator": "zo", "zo_dtype": "int8"}, PruneError, "zo_dtype must be one of"),
-        ({"keep": 3, "num_directions": 0}, PruneError, "num_directions must be a positive int"),
-        ({"keep": 3, "step": -1.0}, PruneError, "step must be positive"),
+        ({"keep": 3, "num_directions": 0}, PruneError, "num_directions must be an int >= 1"),
+        ({"keep": 3, "step": -1.0}, PruneError, "step must be finite and positive"),
     ],
 )
 def test_bad_arguments(model, kwargs, error, message):
     with pytest.raises(error, match=message):
         zooprune.prune(model, "zoo", **kwargs)
     assert untouched(model)
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "message"),
+    [
+        ("zoo", {"step": float("inf")}, "step must be finite and positive, got inf"),
+        ("zoo", {"step": float("nan")}, "step must be finite and positive"),
+        ("zoo", {"step": "0.1"}, "step must be a number"),
+        ("zoo", {"seed": "x"}, "seed must be an int, got 'x'"),
+        ("zoo", {"seed": 1.5}, "seed must be an int"),
+        ("zoo", {"seed": None}, "seed must be an int"),
+        ("zoo", {"seed": -1}, r"seed must be an int in \[0, "),
+        ("zoo", {"num_directions": 4.0}, "num_directions must be an int"),
+        ("zoo", {"rank": True}, "rank must be an int"),
+        ("random", {"seed": "x"}, "seed must be an int"),
+        ("visionzip", {"contextual": -1}, r"contextual must be an int in \[0, 7\], got -1"),
+        ("visionzip", {"contextual": 8}, r"contextual must be an int in \[0, 7\], got 8"),
+        ("visionzip", {"contextual": 2.5}, "contextual must be an int"),
+        ("visionzip", {"contextual": "a"}, "contextual must be an int"),
+        ("visionzip", {"cls_token": 1}, "cls_token must be True or False"),
+    ],
+)
+def test_bad_option_values_are_refused_by_prune(model, method, kwargs, message):
+    with pytest.raises(PruneError, match=message):
+        zooprune.prune(model, method, keep=8, **kwargs)
+    assert untouched(model)
+
+
+def test_options_that_do_not_fit_an_image_under_ratio_name_it(model, processor, images):
+    # Under ratio= the kept count is known per image only: checked at the call, as a
+    # PruneError naming the image, and the handle keeps working.
+    batch = processor(images=images[:1], text=[PROMPT], return_tensors="pt")
+    with zooprune.prune(model, "visionzip", ratio=0.1, contextual=6) as handle:
+        with pytest.raises(PruneError, match="image 0: visionzip's contextual=6 leaves no"):
+            model(**batch)
+        assert handle.selection is None
 
 
 def test_unknown_method_lists_the_known_ones(model):
@@ -147,40 +183,6 @@ def test_errors_leave_the_wrapped_model_working(model, processor, images):
         torch.testing.assert_close(model(**batch).logits, before, rtol=0, atol=1e-5)
     assert torch.equal(model(**batch).logits, before)
     assert untouched(model)
-
-
-def test_visionzip_needs_a_cls_token(tmp_path):
-    from transformers import (
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        SiglipVisionConfig,
-    )
-
-    config = LlavaConfig(
-        vision_config=SiglipVisionConfig(
-            image_size=24,
-            patch_size=6,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=32,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-        ),
-        image_token_id=5,
-        vision_feature_select_strategy="full",
-    )
-    siglip = LlavaForConditionalGeneration(config)
-    with pytest.raises(PruneError, match="needs cls_attention.*methods that apply: divprune"):
-        zooprune.prune(siglip, "visionzip", keep=4)
-    assert untouched(siglip)
-    zooprune.prune(siglip, "zoo", keep=4).remove()
 
 
 def test_a_method_that_returns_unsorted_indices_is_caught(model, processor, images):

@@ -6,7 +6,7 @@ handle.selection              # what was kept
 handle.remove()               # the model as it was
 """
 
-from zooprune.api import PruneHandle, prune
+from zooprune.api import PruneHandle, handle_of, prune
 from zooprune.errors import (
     AlreadyPrunedError,
     BudgetError,
@@ -33,5 +33,6 @@ __all__ = [
     "Selection",
     "UnknownMethodError",
     "UnsupportedModelError",
+    "handle_of",
     "prune",
 ]

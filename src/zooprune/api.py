@@ -1,37 +1,38 @@
-"""``zooprune.prune(model, ...)``: the one entry point users call.
+"""``zooprune.prune(model, ...)``: the Hugging Face engine.
 
 The returned handle wraps ``forward`` and ``generate`` of that model instance only (no
 class is patched), so that a plain ``model.generate(**processor(...))`` encodes the
 images, keeps the chosen visual tokens, drops the other placeholders from the prompt and
 runs the language model on the shorter sequence. ``handle.remove()`` restores the
 instance exactly as it was.
+
+A pruned call is four named steps (:meth:`PruneHandle.prepare`): the adapter encodes the
+images, the engine-neutral :class:`~zooprune.pipeline.Selector` chooses the kept tokens,
+the prompt is shortened around them, and the choice is recorded in ``handle.selection``.
+Only the third step is particular to Hugging Face's ``forward`` / ``generate``.
+
+``copy.deepcopy`` and ``pickle`` of a pruned model give a pruned model with a handle of
+its own (:func:`handle_of` returns it): it runs on the copy's weights, and removing one
+handle leaves the other model pruned.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import time
 import weakref
-from collections import defaultdict
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from zooprune.adapters import adapter_for
-from zooprune.adapters.base import (
-    Adapter,
-    EncodedImages,
-    ImageLayout,
-    locate_images,
-    padding_side,
-    shrink,
-)
-from zooprune.budget import Budget, split_evenly
-from zooprune.errors import AlreadyPrunedError, NonFiniteFeaturesError, PruneError
-from zooprune.record import ImageSelection, Selection
-from zooprune.select import METHODS, MethodSpec, TokenSet, get_method
+from zooprune.adapters.base import Adapter, EncodedImages, locate_images, padding_side, shrink
+from zooprune.budget import Budget
+from zooprune.errors import AlreadyPrunedError, PruneError
+from zooprune.pipeline import Kept, Selector, selection_record
+from zooprune.record import Selection
+from zooprune.select import MethodSpec
 
 Positions = Literal["compact", "original"]
 _MARK = "_zooprune_handle"
@@ -66,13 +67,13 @@ def prune(
         a :class:`PruneHandle`; ``handle.remove()`` undoes everything.
 
     Raises:
-        PruneError subclasses on bad input; the model is then left untouched.
+        PruneError subclasses on bad input, every value checked here; the model is then
+        left untouched.
     """
-    spec = get_method(method)
     adapter = adapter_for(model)
-    layout = adapter.take_options(options)
-    spec.check_options(options)
-    budget = Budget(keep=keep, ratio=ratio)
+    selector = Selector.build(
+        method, keep=keep, ratio=ratio, options=options, layout_options=adapter.options
+    )
     modes = adapter.position_modes
     positions = modes[0] if positions is None else positions
     if positions not in modes:
@@ -81,58 +82,120 @@ def prune(
             f"positions must be {' or '.join(map(repr, modes))} for {type(model).__name__}, "
             f"got {positions!r}{note}"
         )
-    provided = adapter.provides(model)
-    missing = spec.needs - provided
-    if missing:
-        usable = sorted(name for name, s in METHODS.items() if s.needs <= provided)
-        raise PruneError(
-            f"method {method!r} needs {', '.join(sorted(missing))}, which this "
-            f"{type(model).__name__} does not provide; methods that apply: {', '.join(usable)}"
-        )
+    selector.check_provided(adapter.provides(model), type(model).__name__)
     if _MARK in model.__dict__:
         raise AlreadyPrunedError(
             f"this {type(model).__name__} is already pruned "
             f"({model.__dict__[_MARK]!r}); call .remove() on that handle first"
         )
-    return PruneHandle(model, adapter, spec, budget, positions, options, layout)
+    return PruneHandle(model, adapter, selector, positions)
+
+
+def handle_of(model: nn.Module) -> PruneHandle | None:
+    """The handle that prunes ``model`` (a deep copy's or unpickled model's own), or None."""
+    return model.__dict__.get(_MARK)
+
+
+class _Entry:
+    """A pruned model's ``forward`` / ``generate``: its handle's version of that method.
+
+    An object rather than a closure, so that ``copy.deepcopy`` and ``pickle`` of the model
+    carry it over to the copy's own handle. Its signature is the original method's
+    (``generate`` reads ``forward``'s to route inputs). A reference taken while pruned
+    and called after ``remove()`` runs whatever the model's method is then.
+    """
+
+    def __init__(self, handle: PruneHandle, name: str) -> None:
+        self.handle = handle
+        self.name = name
+
+    def __reduce__(self) -> tuple:
+        return (_Entry, (self.handle, self.name))
+
+    @property
+    def __wrapped__(self) -> Any:
+        return self.handle._original(self.name)
+
+    def __getattr__(self, attr: str) -> Any:
+        # __name__, __qualname__, __func__, ... as the original method's; other dunder
+        # names (__deepcopy__, __signature__) stay absent so copy and inspect work.
+        if attr in ("handle", "name") or (
+            attr.startswith("__") and attr not in ("__name__", "__qualname__", "__func__")
+        ):
+            raise AttributeError(attr)
+        return getattr(self.__wrapped__, attr)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        handle = self.handle
+        if handle.removed:
+            return getattr(handle.model, self.name)(*args, **kwargs)
+        run = handle._forward if self.name == "forward" else handle._generate
+        return run(*args, **kwargs)
 
 
 class PruneHandle:
-    """Pruning attached to one model instance. Use ``remove()`` (or ``with``) to detach."""
+    """Pruning attached to one model instance. Use ``remove()`` (or ``with``) to detach.
+
+    Attributes:
+        model: the pruned model.
+        selector: the method, its options, the budget and the layout options.
+        positions: ``"compact"`` or ``"original"``.
+        selection: what the last pruned call kept (None before the first call).
+    """
 
     def __init__(
-        self,
-        model: nn.Module,
-        adapter: Adapter,
-        method: MethodSpec,
-        budget: Budget,
-        positions: Positions,
-        options: dict[str, Any],
-        layout: dict[str, str] | None = None,
+        self, model: nn.Module, adapter: Adapter, selector: Selector, positions: Positions
     ) -> None:
         self.model = model
         self.adapter = adapter
-        self.method = method
-        self.budget = budget
+        self.selector = selector
         self.positions = positions
-        self.options = dict(options)
-        #: the family's layout options (``crop_budget``, ``separators``), defaults filled
-        self.layout = dict(layout or {})
-        #: what the last pruned call kept (None before the first call)
         self.selection: Selection | None = None
         self._pruned_caches: weakref.WeakSet = weakref.WeakSet()
         self._saved = {name: model.__dict__.get(name) for name in _WRAPPED}
-        self._restore_state = adapter.save_state(model)
-        self._original = {name: getattr(model, name) for name in _WRAPPED}
-        self._forward_signature = inspect.signature(self._original["forward"])
-        # wraps() keeps the original signature visible: generate() inspects it to route inputs.
-        model.__dict__["forward"] = _delegate(self._original["forward"], self._forward)
-        model.__dict__["generate"] = _delegate(self._original["generate"], self._generate)
+        self._adapter_state = adapter.save_state(model)
+        for name in _WRAPPED:
+            model.__dict__[name] = _Entry(self, name)
         model.__dict__[_MARK] = self
 
     def __repr__(self) -> str:
         state = "removed" if self.removed else "active"
         return f"PruneHandle(method={self.method.name!r}, {self.budget}, {state})"
+
+    # The caches a pruned generate returned are only good for refusing them again.
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_pruned_caches"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pruned_caches = weakref.WeakSet()
+
+    @property
+    def method(self) -> MethodSpec:
+        return self.selector.method
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.selector.options
+
+    @property
+    def layout(self) -> dict[str, str]:
+        """The family's layout options (``crop_budget``, ``separators``), defaults filled."""
+        return self.selector.layout
+
+    @property
+    def budget(self) -> Budget:
+        return self.selector.budget
+
+    @budget.setter
+    def budget(self, budget: Budget) -> None:
+        self.selector = Selector.build(
+            self.method.name,
+            keep=budget.keep,
+            ratio=budget.ratio,
+            options=self.options | self.layout,
+            layout_options=self.adapter.options,
+        )
 
     @property
     def removed(self) -> bool:
@@ -147,7 +210,7 @@ class PruneHandle:
                 del self.model.__dict__[name]
             else:
                 self.model.__dict__[name] = saved
-        self._restore_state()
+        self.adapter.restore_state(self.model, self._adapter_state)
         del self.model.__dict__[_MARK]
 
     def __enter__(self) -> PruneHandle:
@@ -156,29 +219,36 @@ class PruneHandle:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
+    def _original(self, name: str) -> Any:
+        """The model's own ``forward`` / ``generate``, as it was before pruning."""
+        saved = self._saved[name]
+        if saved is not None:  # e.g. a hook another library had installed
+            return saved
+        return getattr(type(self.model), name).__get__(self.model, type(self.model))
+
     # -- the wrapped entry points -------------------------------------------------------
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
-        bound = self._forward_signature.bind_partial(*args, **kwargs)
-        call = dict(bound.arguments)
-        for name, param in self._forward_signature.parameters.items():
+        signature = inspect.signature(self._original("forward"))
+        call = dict(signature.bind_partial(*args, **kwargs).arguments)
+        for name, param in signature.parameters.items():
             if param.kind is inspect.Parameter.VAR_KEYWORD:
                 call.update(call.pop(name, {}))
         self._refuse_pruned_cache(call.get("past_key_values"))
         if call.get("pixel_values") is None:
-            return self._original["forward"](*args, **kwargs)
+            return self._original("forward")(*args, **kwargs)
         cache = call.get("past_key_values")
         if cache is not None and cache.get_seq_length() > 0:
             raise PruneError(
                 "a pruned forward with pixel_values cannot continue a non-empty cache; "
                 "start from an empty cache or use generate()"
             )
-        return self._original["forward"](**self.prepare(call, for_generate=False))
+        return self._original("forward")(**self.prepare(call, for_generate=False))
 
     def _generate(self, *args: Any, **kwargs: Any) -> Any:
         self._refuse_pruned_cache(kwargs.get("past_key_values"))
         if kwargs.get("pixel_values") is None:
-            return self._original["generate"](*args, **kwargs)
+            return self._original("generate")(*args, **kwargs)
         call = dict(kwargs)
         if args:
             call["input_ids"] = args[0]
@@ -189,8 +259,10 @@ class PruneHandle:
         prompt = call.get("input_ids")
         if prompt is not None:
             self._lengths_to_new_tokens(call, prompt.shape[1])
+            if call.get("streamer") is not None:
+                call["streamer"] = _CallersPromptStreamer(call["streamer"], prompt)
         prepared = self.prepare(call, for_generate=True)
-        output = self._original["generate"](**prepared)
+        output = self._original("generate")(**prepared)
         cache = getattr(output, "past_key_values", None)
         if cache is not None:
             self._pruned_caches.add(cache)
@@ -206,7 +278,13 @@ class PruneHandle:
         if call.get("max_new_tokens") is None and getattr(config, "max_new_tokens", None) is None:
             max_length = call.pop("max_length", None) or getattr(config, "max_length", None)
             if max_length is not None:
-                call["max_new_tokens"] = max(max_length - prompt_length, 1)
+                if max_length <= prompt_length:  # as generate() refuses it unpruned
+                    raise PruneError(
+                        f"max_length={max_length} leaves no room for new tokens after the "
+                        f"{prompt_length}-token prompt (it counts the prompt, as without "
+                        "pruning); raise it or pass max_new_tokens"
+                    )
+                call["max_new_tokens"] = max_length - prompt_length
         if call.get("min_new_tokens") is None and getattr(config, "min_new_tokens", None) is None:
             min_length = call.pop("min_length", None) or getattr(config, "min_length", 0)
             if min_length:
@@ -232,6 +310,8 @@ class PruneHandle:
         Separator placeholders (row newlines) stay or go with ``self.layout``.
         Records the choice in ``self.selection``.
         """
+        if self.removed:
+            raise PruneError("this handle was removed; prune the model again to prepare inputs")
         call = dict(inputs)
         input_ids = call.get("input_ids")
         if input_ids is None:
@@ -239,34 +319,59 @@ class PruneHandle:
         image_inputs = {
             name: call.pop(name) for name in self.adapter.image_input_names if name in call
         }
-        start = time.perf_counter()
-        # The caller's grad mode: training through a pruned model reaches the vision side.
-        prompt = {"input_ids": input_ids} if self.adapter.reads_prompt else {}
-        encoded = self.adapter.encode(self.model, image_inputs, self.method.needs, **prompt)
-        _sync(input_ids.device)
-        encoded_at = time.perf_counter()
-        layouts = [encoded.layout(i) for i in range(len(encoded.features))]
-        counts = [layout.slots for layout in layouts]
-        located = locate_images(input_ids, self.adapter.image_token_id(self.model), counts)
-        kept_idx, kept_tokens, scores, details = self._select(encoded, layouts)
-        separators = self.layout.get("separators", "all")
-        runs = [
-            layout.assemble(idx, tokens, separators)
-            for layout, idx, tokens in zip(layouts, kept_idx, kept_tokens, strict=True)
-        ]
-        _sync(input_ids.device)
-        selected_at = time.perf_counter()
-
-        keep = input_ids != self.adapter.image_token_id(self.model)
-        for (row, col), (slots, _, _) in zip(located, runs, strict=True):
-            slots = slots.to(row.device)
-            keep[row[slots], col[slots]] = True
         mask = call.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(input_ids)
+        start = time.perf_counter()
+        encoded = self._encode(input_ids, image_inputs)
+        _sync(input_ids.device)
+        encoded_at = time.perf_counter()
+        located = locate_images(
+            input_ids,
+            self.adapter.image_token_id(self.model),
+            [layout.slots for layout in encoded.layouts],
+        )
+        _refuse_masked_placeholders(located, mask)
+        kept = self.selector.select(encoded, self.adapter.projector(self.model))
+        _sync(input_ids.device)
+        selected_at = time.perf_counter()
+        call.update(self._shorten_prompt(call | image_inputs, mask, located, kept, for_generate))
+        call["mm_encoder_outputs"] = {
+            "image": self.adapter.encoder_output(encoded, [image.run for image in kept.images]),
+        }
+        self.selection = selection_record(
+            kept,
+            located,
+            self.method.name,
+            self.budget,
+            encode_seconds=encoded_at - start,
+            select_seconds=selected_at - encoded_at,
+        )
+        return call
+
+    def _encode(self, input_ids: Tensor, image_inputs: dict[str, Any]) -> EncodedImages:
+        # The caller's grad mode: training through a pruned model reaches the vision side.
+        prompt = {"input_ids": input_ids} if self.adapter.reads_prompt else {}
+        return self.adapter.encode(self.model, image_inputs, self.selector.needs, **prompt)
+
+    def _shorten_prompt(
+        self,
+        call: dict[str, Any],
+        mask: Tensor,
+        located: list[Tensor],
+        kept: Kept,
+        for_generate: bool,
+    ) -> dict[str, Tensor]:
+        """The call's sequences without the dropped placeholders, re-padded, with the
+        positions the model is to use (``self.positions``, in the adapter's form)."""
+        input_ids = call["input_ids"]
+        keep = input_ids != self.adapter.image_token_id(self.model)
+        for (row, col), image in zip(located, kept.images, strict=True):
+            slots = image.slots.to(row.device)
+            keep[row[slots], col[slots]] = True
         positions = call.get("position_ids")
         if positions is None:
-            positions = self.adapter.unpruned_positions(self.model, call | image_inputs, mask)
+            positions = self.adapter.unpruned_positions(self.model, call, mask)
         if positions is None:
             positions = _default_positions(mask, call.get("past_key_values"), for_generate)
         if self.positions == "compact":
@@ -277,144 +382,49 @@ class PruneHandle:
             if call.get(name) is not None:
                 sequences[name] = call[name]
         pad_values = {"input_ids": _pad_token(self.model, input_ids, mask), "labels": -100}
-        call.update(shrink(keep, sequences, pad_values, padding_side(mask)))
-        call["position_ids"] = self.adapter.pruned_positions(
-            self.model, call["position_ids"], call["attention_mask"]
+        shortened = shrink(keep, sequences, pad_values, padding_side(mask))
+        shortened["position_ids"] = self.adapter.pruned_positions(
+            self.model, shortened["position_ids"], shortened["attention_mask"]
         )
-        call["mm_encoder_outputs"] = {
-            "image": self.adapter.encoder_output(encoded, [run for _, run, _ in runs]),
-        }
-        self.selection = Selection(
-            method=self.method.name,
-            budget=str(self.budget),
-            images=[
-                _image_record(i, place, idx, scores[i], layout, run[2], encoded.grids[i])
-                for i, (place, idx, layout, run) in enumerate(
-                    zip(located, kept_idx, layouts, runs, strict=True)
-                )
-            ],
-            encode_seconds=encoded_at - start,
-            select_seconds=selected_at - encoded_at,
-            details=details,
-        )
-        return call
+        return shortened
 
-    def _select(
-        self, encoded: EncodedImages, layouts: list[ImageLayout]
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor | None], dict[str, Any]]:
-        """Run the method on every image's budget units (crops, or the whole image).
 
-        Each image's budget is shared over its units (``self.layout["crop_budget"]``);
-        units of equal size, budget and grid go through the method in one batched call.
+class _CallersPromptStreamer:
+    """Hands a streamer the caller's prompt where ``generate`` puts the shortened one.
 
-        Returns:
-            per image: ``[K]`` kept indices ascending, ``[K, d_l]`` the tokens placed
-            there, ``[N]`` scores (NaN for tokens of a unit that kept nothing) or None;
-            and the methods' details.
-        """
-        crop_budget = self.layout.get("crop_budget", "split")
-        # (image, token indices [n_u], grid, kept) per unit
-        units: list[tuple[int, Tensor, tuple[int, int], int]] = []
-        for i, layout in enumerate(layouts):
-            for name, t in (("features", encoded.features[i]), ("tokens", encoded.projected[i])):
-                if not bool(torch.isfinite(t).all()):
-                    raise NonFiniteFeaturesError(f"image {i}'s visual {name} contain NaN or inf")
-            k = self.budget.tokens_for(encoded.features[i].shape[0], i)
-            parts = layout.units(crop_budget)
-            shares = split_evenly(k, [idx.numel() for idx, _ in parts])
-            units += [
-                (i, idx, grid, share)
-                for (idx, grid), share in zip(parts, shares, strict=True)
-                if share
-            ]
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for u, (_, idx, grid, share) in enumerate(units):
-            groups[(idx.numel(), grid, share)].append(u)
-        picked: dict[int, list[tuple[Tensor, Tensor]]] = defaultdict(list)
-        count = len(encoded.features)
-        scores: list[Tensor | None] = [None] * count
-        details: dict[str, Any] = {}
+    ``generate`` puts the prompt first, then each new token; only the first put differs.
+    """
 
-        def gather(per_image: list[Tensor] | None, members: list[int]) -> Tensor | None:
-            if per_image is None:
-                return None
-            # A unit of the whole image needs no gather (every single-crop model).
-            return torch.stack(
-                [
-                    per_image[i] if idx.numel() == per_image[i].shape[0] else per_image[i][idx]
-                    for i, idx, _, _ in (units[u] for u in members)
-                ]
+    def __init__(self, streamer: Any, prompt: Tensor) -> None:
+        self.streamer = streamer
+        self.prompt = prompt
+        self.started = False
+
+    def put(self, value: Tensor) -> None:
+        if not self.started:
+            self.started = True
+            value = self.prompt.to(value.device)
+        self.streamer.put(value)
+
+    def end(self) -> None:
+        self.streamer.end()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("streamer", "prompt", "started"):
+            raise AttributeError(name)
+        return getattr(self.streamer, name)
+
+
+def _refuse_masked_placeholders(located: list[Tensor], mask: Tensor) -> None:
+    """Pruning decides which visual tokens the model sees: none may be masked out already."""
+    for image, (row, col) in enumerate(located):
+        hidden = int((mask[row, col] == 0).sum())
+        if hidden:
+            raise PruneError(
+                f"image {image}: {hidden} of its {col.numel()} placeholder tokens are masked "
+                "out by attention_mask; pruning chooses which visual tokens the model sees, "
+                "so pass the attention_mask the processor made (all placeholders attended)"
             )
-
-        for (_, grid, k), members in groups.items():
-            token_set = TokenSet(
-                features=gather(encoded.features, members),
-                projected=gather(encoded.projected, members),
-                projector=self.adapter.projector(self.model),
-                grid=grid,
-                cls_attention=gather(encoded.cls_attention, members),
-                keys=gather(encoded.keys, members),
-            )
-            result = self.method(token_set, k, **self.options)
-            details.update(result.details)
-            for row, u in enumerate(members):
-                i, idx = units[u][0], units[u][1]
-                projected = encoded.projected[i]
-                chosen = idx[result.indices[row].to(idx.device)]
-                made = (
-                    projected[chosen]
-                    if result.tokens is None
-                    else result.tokens[row].to(projected.dtype)
-                )
-                picked[i].append((chosen, made))
-                if result.scores is not None:
-                    if scores[i] is None:
-                        n = projected.shape[0]
-                        scores[i] = result.scores.new_full((n,), float("nan"))
-                    scores[i][idx.to(result.scores.device)] = result.scores[row]
-        indices: list[Tensor] = []
-        tokens: list[Tensor] = []
-        for i in range(count):
-            chosen, order = torch.cat([c for c, _ in picked[i]]).sort()
-            indices.append(chosen)
-            tokens.append(torch.cat([t for _, t in picked[i]])[order])
-        return indices, tokens, scores, details
-
-
-def _delegate(original: Any, replacement: Any) -> Any:
-    @functools.wraps(original)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return replacement(*args, **kwargs)
-
-    return wrapper
-
-
-def _image_record(
-    image: int,
-    place: Tensor,
-    indices: Tensor,
-    scores: Tensor | None,
-    layout: ImageLayout,
-    separators: Tensor,
-    grid: tuple[int, int],
-) -> ImageSelection:
-    """What one image kept, mapped back to prompt positions, crops and patch cells."""
-    row, col = place
-    device = col.device  # the record lives with the prompt, as the caller's inputs do
-    return ImageSelection(
-        image=image,
-        prompt=int(row[0]) if row.numel() else -1,
-        num_tokens=layout.token_slots.numel(),
-        indices=indices.to(device),
-        scores=scores,
-        grid=grid,
-        positions=col[layout.token_slots[indices].to(device)],
-        separators=col[separators.to(device)],
-        crops=layout.crop[indices].to(device),
-        cells=layout.cell[indices].to(device),
-        patch_grids=tuple(layout.patch_grids),
-        boxes=None if layout.boxes is None else tuple(layout.boxes),
-    )
 
 
 def _default_positions(mask: Tensor, cache: Any, for_generate: bool) -> Tensor:

@@ -1,4 +1,5 @@
-"""InternVL: the invariants of tests/test_api.py on GotOcr2 tiles with a pixel-shuffle connector.
+"""InternVL: the conformance suite on GotOcr2 tiles with a pixel-shuffle connector, and what is
+its own (tiles read off the prompt, tile cells and boxes, CLS attention per window).
 
 A tiny random ``InternVLForConditionalGeneration`` is built here (a 32 px tile of 8 x 8
 InternViT patches plus CLS, pixel-shuffled 2 x 2 to 4 x 4 tokens; images cut into up to
@@ -10,7 +11,6 @@ and a word-level tokenizer, without its video processor (which needs torchvision
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
     GotOcr2ImageProcessorPil,
@@ -18,9 +18,14 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
 )
 
 import zooprune
-from tests.adapters.test_gemma3 import EOS
-from tests.adapters.test_llava_next import inputs
-from tests.test_api import greedy, masked_reference
+from tests.adapters.conformance import (
+    CROP_BATCH_CASES,
+    CROP_CASES,
+    AdapterConformance,
+    FamilyTester,
+    UnsplitConformance,
+    random_pictures,
+)
 from zooprune import METHODS, PruneError
 from zooprune.adapters import adapter_for
 from zooprune.budget import split_evenly
@@ -32,14 +37,10 @@ P = TILE // PATCH
 SIDE = P // 2  # 4 x 4 tokens per tile after the pixel shuffle
 S = SIDE * SIDE
 MAX_TILES = 4
-IMAGE = SPECIAL.index("<image>")  # the context token: the id test_api.greedy suppresses
+IMAGE = SPECIAL.index("<image>")  # the context token
+EOS = SPECIAL.index("</s>")
 MARKERS = ["<img>", "</img>", "<video>"]
 VOCAB = SPECIAL + MARKERS + WORDS
-PROMPTS = [
-    "<s> user <image> what is in the image ?",
-    "<s> user <image> describe this picture",
-    "<s> user what shape is the red square ? <image> left or right ?",
-]
 
 
 class InternVLProcessorWithoutVideo(InternVLProcessor):
@@ -71,9 +72,7 @@ def processor() -> InternVLProcessor:
     )
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    torch.manual_seed(0)
+def build(path):
     config = InternVLConfig(
         vision_config={
             "image_size": TILE,
@@ -107,28 +106,8 @@ def saved(tmp_path_factory):
         embeddings.cls_token.normal_()
         embeddings.position_embeddings.normal_(std=0.5)
     model.generation_config.pad_token_id = 0
-    path = tmp_path_factory.mktemp("internvl")
     model.eval().save_pretrained(path)
     return path
-
-
-@pytest.fixture
-def vlm(saved):
-    return InternVLForConditionalGeneration.from_pretrained(saved).eval()
-
-
-@pytest.fixture(scope="module")
-def proc():
-    return processor()
-
-
-@pytest.fixture(scope="module")
-def pictures():
-    # Wide (3 x 1 sub-crops + thumbnail), tall (1 x 4 + 1), and two of 2 x 2 + 1 (one
-    # chosen by GotOcr2's tie-break towards more tiles).
-    rng = np.random.default_rng(4)
-    shapes = [(20, 70), (70, 20), (40, 60), (50, 50)]
-    return [Image.fromarray(rng.integers(0, 256, (*s, 3), dtype=np.uint8)) for s in shapes]
 
 
 def tiles_of(proc, picture):
@@ -138,324 +117,221 @@ def tiles_of(proc, picture):
     )
 
 
-# -- the invariants ---------------------------------------------------------------------
+class InternVLTester(FamilyTester):
+    name = "internvl"
+    image_token = IMAGE
+    banned = (IMAGE, EOS)  # </s> too: a prompt alone would stop early
+    keep = 9
+    # Without contextual tokens VisionZip keeps the model's own tokens.
+    pruned_cases = (*CROP_CASES, ("visionzip", {"crop_budget": "split", "contextual": 0}))
+    batch_cases = CROP_BATCH_CASES
+    fast = {"num_directions": 8}
+    unsplit = {"crop_to_patches": False}
+    crop_grid = (SIDE, SIDE)
+
+    def build(self, path):
+        return build(path)
+
+    def load(self, path, **config):
+        return InternVLForConditionalGeneration.from_pretrained(path, **config).eval()
+
+    def processor(self):
+        return processor()
+
+    def pictures(self):
+        # Wide (3 x 1 sub-crops + thumbnail), tall (1 x 4 + 1), and two of 2 x 2 + 1 (one
+        # chosen by GotOcr2's tie-break towards more tiles).
+        return random_pictures(4, [(20, 70), (70, 20), (40, 60), (50, 50)])
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_keep_all_tokens_is_a_noop(vlm, proc, pictures, method):
-    batch = inputs(proc, [pictures[:1], pictures[2:3]], PROMPTS[:2])
-    tokens = greedy(vlm, batch)
-    logits = vlm(**batch).logits
-    # visionzip re-projects in float32 what it keeps: equal up to rounding.
-    atol = 1e-4 if method == "visionzip" else 1e-5
-    with zooprune.prune(vlm, method, ratio=1.0) as handle:  # K = N of each image
-        torch.testing.assert_close(vlm(**batch).logits, logits, rtol=0, atol=atol)
-        assert torch.equal(greedy(vlm, batch), tokens)
-    assert [s.num_tokens for s in handle.selection.images] == [4 * S, 5 * S]
-    assert [s.kept for s in handle.selection.images] == [4 * S, 5 * S]
+class TestInternVL(UnsplitConformance, AdapterConformance):
+    tester = InternVLTester()
 
+    def test_visionzip_without_an_attention_layer_is_refused_naming_the_methods(self, saved):
+        # Features taken from the embeddings (layer 0): no attention to read CLS from.
+        model = self.tester.load(saved, vision_feature_layer=0)
+        with pytest.raises(PruneError, match="cls_attention") as error:
+            zooprune.prune(model, "visionzip", keep=4)
+        usable = str(error.value).split("methods that apply: ")[1].split(", ")
+        assert usable == sorted(set(METHODS) - {"visionzip"})
+        assert "forward" not in model.__dict__
 
-@pytest.mark.parametrize("positions", ["original", "compact"])
-@pytest.mark.parametrize(
-    ("method", "crop_budget", "options"),
-    [
-        ("zoo", "split", {}),
-        ("divprune", "global", {}),
-        ("grid", "split", {}),
-        ("random", "global", {}),
-        # Without contextual tokens VisionZip keeps the model's own tokens.
-        ("visionzip", "split", {"contextual": 0}),
-    ],
-)
-def test_pruned_forward_equals_masked_unpruned(
-    vlm, proc, pictures, method, crop_budget, options, positions
-):
-    batch = inputs(proc, [pictures[1:2]], PROMPTS[2:3])
-    with zooprune.prune(
-        vlm, method, keep=9, positions=positions, crop_budget=crop_budget, **options
-    ) as handle:
-        pruned = vlm(**batch).logits
-        kept = handle.selection.images[0].positions
-    ids = batch["input_ids"]
-    keep = ids[0] != IMAGE
-    keep[kept] = True
-    place = torch.arange(ids.shape[1])
-    if positions == "compact":
-        place = place - (~keep).long().cumsum(0)
-    reference = masked_reference(vlm, batch, kept, place[None])
-    assert handle.selection.kept == 9
-    assert pruned.shape[1] == int(keep.sum()) == ids.shape[1] - (5 * S - 9)
-    torch.testing.assert_close(pruned[0], reference[0, keep], rtol=0, atol=1e-5)
+    def test_gradients_reach_the_projector_and_tower(self, vlm, proc, pictures):
+        batch = self.tester.inputs(proc, [pictures[:1]], self.tester.prompts[:1])
+        with zooprune.prune(vlm, "zoo", keep=6):
+            vlm(**batch, labels=batch["input_ids"]).loss.backward()
+        assert vlm.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+        assert vlm.model.vision_tower.embeddings.cls_token.grad.abs().sum() > 0
 
-
-@pytest.mark.parametrize("positions", ["original", "compact"])
-def test_generate_with_cache_equals_no_cache_loop(vlm, proc, pictures, positions):
-    batch = inputs(proc, [pictures[3:4]], PROMPTS[:1])
-    with zooprune.prune(vlm, "zoo", keep=6, positions=positions, num_directions=8):
-        generated = vlm.generate(
-            **batch, max_new_tokens=6, do_sample=False, suppress_tokens=[IMAGE, EOS]
-        )
-        ids = batch["input_ids"]
-        for _ in range(6):
-            logits = vlm(input_ids=ids, pixel_values=batch["pixel_values"], use_cache=False).logits
-            logits[..., [IMAGE, EOS]] = float("-inf")
-            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(generated, ids)
-
-
-@pytest.mark.parametrize(("method", "crop_budget"), [("zoo", "split"), ("pool", "global")])
-def test_batch_equals_each_prompt_alone(vlm, proc, pictures, method, crop_budget):
-    # Left padding, images with different tile counts (so different N), a prompt with two
-    # images: the prompts lose different numbers of tokens.
-    prompts = [PROMPTS[0], PROMPTS[1] + " <image> and this ?", PROMPTS[2]]
-    per_prompt = [pictures[:1], pictures[1:3], pictures[3:4]]
-    batch = inputs(proc, per_prompt, prompts)
-    assert bool((batch["attention_mask"][:, 0] == 0).any())  # some prompt is left-padded
-    options = {"max_new_tokens": 4, "do_sample": False, "suppress_tokens": [IMAGE, EOS]}
-    options |= {"output_scores": True, "return_dict_in_generate": True}
-    options_ = {"num_directions": 8} if method == "zoo" else {}
-    with zooprune.prune(vlm, method, keep=7, crop_budget=crop_budget, **options_) as handle:
-        together = vlm.generate(**batch, **options)
-        assert [s.prompt for s in handle.selection.images] == [0, 1, 1, 2]
-        assert [s.num_tokens for s in handle.selection.images] == [4 * S, 5 * S, 5 * S, 5 * S]
-        for row, (prompt, group) in enumerate(zip(prompts, per_prompt, strict=True)):
-            alone = vlm.generate(**inputs(proc, [group], [prompt]), **options)
-            assert torch.equal(together.sequences[row, -4:], alone.sequences[0, -4:])
-            torch.testing.assert_close(
-                together.scores[0][row], alone.scores[0][0], rtol=0, atol=1e-4
-            )
-
-
-def test_remove_restores_the_model_exactly(vlm, proc, pictures, saved):
-    batch = inputs(proc, [pictures[:1]], PROMPTS[:1])
-    before = vlm(**batch).logits
-    attributes = set(vlm.__dict__)
-    handle = zooprune.prune(vlm, "zoo", keep=4)
-    assert vlm(**batch).logits.shape[1] == before.shape[1] - (4 * S - 4)
-    handle.remove()
-    handle.remove()  # harmless twice
-    assert set(vlm.__dict__) == attributes
-    assert vlm.forward.__func__ is type(vlm).forward
-    assert torch.equal(vlm(**batch).logits, before)
-    fresh = InternVLForConditionalGeneration.from_pretrained(saved).eval()
-    assert torch.equal(greedy(vlm, batch), greedy(fresh, batch))
-    zooprune.prune(vlm, "grid", keep=3).remove()  # can be pruned again after removal
-
-
-@pytest.mark.parametrize("method", ["zoo", "grid"])
-def test_single_tile_images_prune_like_single_crop_models(vlm, proc, pictures, method):
-    # Without crop_to_patches every image is one tile; two images share a prompt.
-    batch = proc(
-        images=[pictures[:2]],
-        text=[PROMPTS[1] + " <image> and this ?"],
-        return_tensors="pt",
-        crop_to_patches=False,
-    )
-    with zooprune.prune(vlm, method, keep=5, positions="original") as handle:
-        pruned = vlm(**batch).logits
-    images = handle.selection.images
-    assert [(s.num_tokens, s.kept, s.grid) for s in images] == [(S, 5, (SIDE, SIDE))] * 2
-    assert all(bool((s.crops == 0).all()) for s in images)
-    kept = torch.cat([s.positions for s in images])
-    keep = batch["input_ids"][0] != IMAGE
-    keep[kept] = True
-    place = torch.arange(batch["input_ids"].shape[1])[None]
-    reference = masked_reference(vlm, batch, kept, place)
-    torch.testing.assert_close(pruned[0], reference[0, keep], rtol=0, atol=1e-5)
-
-
-def test_gradients_reach_the_projector_and_tower(vlm, proc, pictures):
-    batch = inputs(proc, [pictures[:1]], PROMPTS[:1])
-    with zooprune.prune(vlm, "zoo", keep=6):
-        vlm(**batch, labels=batch["input_ids"]).loss.backward()
-    assert vlm.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
-    assert vlm.model.vision_tower.embeddings.cls_token.grad.abs().sum() > 0
-
-
-# -- budget semantics and the record ----------------------------------------------------
-
-
-@pytest.mark.parametrize("crop_budget", ["split", "global"])
-def test_budget_counts_visual_tokens_and_is_split_evenly_over_tiles(
-    vlm, proc, pictures, crop_budget
-):
-    batch = inputs(proc, [pictures[:1], pictures[3:4]], PROMPTS[:2])
-    with zooprune.prune(vlm, "zoo", keep=7, crop_budget=crop_budget) as handle:
-        vlm(**batch)
-    for image, picture in zip(handle.selection.images, [pictures[0], pictures[3]], strict=True):
-        tiles = tiles_of(proc, picture)
-        # N is every placeholder of the image: the markers are text, not placeholders.
-        placeholders = int((batch["input_ids"][image.prompt] == IMAGE).sum())
-        assert image.num_tokens == tiles * S == placeholders
-        assert image.kept == 7 and image.patch_grids == ((SIDE, SIDE),) * tiles
-        kept_per_crop = torch.bincount(image.crops, minlength=tiles).tolist()
-        if crop_budget == "split":  # the thumbnail (crop 0) first, then the sub-crops
-            assert kept_per_crop == split_evenly(7, [S] * tiles)
-            assert kept_per_crop[0] == 2  # 7 over 4 or 5 tiles: the thumbnail gets a spare
-    # The markers all stay.
-    with zooprune.prune(vlm, "grid", keep=2) as handle:
-        prepared = handle.prepare(dict(batch), for_generate=False)
-    for marker in ("<img>", "</img>"):
-        token = VOCAB.index(marker)
-        before = (batch["input_ids"] == token).sum(-1)
-        assert torch.equal((prepared["input_ids"] == token).sum(-1), before)
-        assert before.tolist() == [1, 1]
-
-
-def test_record_maps_kept_tokens_to_tile_cells_and_boxes(vlm, proc, pictures):
-    """Each kept token's (crop, cell) names the tile output the model put at its place."""
-    group = [pictures[:1], pictures[1:3]]
-    batch = inputs(proc, group, [PROMPTS[0], PROMPTS[1] + " <image> and this ?"])
-    flat = [picture for pictures_ in group for picture in pictures_]
-    with zooprune.prune(vlm, "divprune", keep=12) as handle:
-        handle.prepare(dict(batch), for_generate=False)
-        # The processor gives no image sizes: without them the boxes are unknown.
-        assert all(s.boxes is None and s.regions() is None for s in handle.selection.images)
-        sizes = torch.tensor([[p.height, p.width] for p in flat])
-        prepared = handle.prepare(dict(batch) | {"image_sizes": sizes}, for_generate=False)
-    with torch.no_grad():
-        full = vlm.model.get_image_features(batch["pixel_values"]).pooler_output  # [tiles, S, D]
-    placed = prepared["mm_encoder_outputs"]["image"].pooler_output[0]  # [3 * 12, D]
-    # Each image's tiles, from the processor's own count (not from the prompt).
-    counts = [tiles_of(proc, p) for p in flat]
-    firsts = np.cumsum([0] + counts[:-1]).tolist()
-    for image, picture, tiles, first in zip(
-        handle.selection.images, flat, counts, firsts, strict=True
+    @pytest.mark.parametrize("crop_budget", ["split", "global"])
+    def test_budget_counts_visual_tokens_and_is_split_evenly_over_tiles(
+        self, vlm, proc, pictures, crop_budget
     ):
-        assert bool((image.cells >= 0).all() & (image.cells < SIDE).all())
-        # The processor's tile order: sub-crops in raster order, then the thumbnail.
-        tile = first + torch.where(image.crops == 0, tiles - 1, image.crops - 1)
-        cell = image.cells[:, 0] * SIDE + image.cells[:, 1]
-        rows = slice(12 * image.image, 12 * (image.image + 1))
-        torch.testing.assert_close(placed[rows], full[tile, cell], rtol=0, atol=0)
-        # And the kept positions are the placeholders of those tiles in the prompt.
-        run = (batch["input_ids"][image.prompt] == IMAGE).nonzero().flatten()
-        if image.image == 2:  # the second image of its prompt
-            run = run[counts[1] * S :]
-        assert torch.equal(run[(tile - first) * S + cell], image.positions)
-        # Boxes: the thumbnail is the whole image; the sub-crops tile it on the grid the
-        # processor picks with its own min / max tile settings.
-        height, width = picture.height, picture.width
-        cols, rows_ = get_optimal_tiled_canvas((height, width), (TILE, TILE), 1, MAX_TILES)
-        assert cols * rows_ == tiles - 1
-        expected = [(0.0, 0.0, height, width)] + [
-            (r * height / rows_, c * width / cols, (r + 1) * height / rows_, (c + 1) * width / cols)
-            for r in range(rows_)
-            for c in range(cols)
-        ]
-        expected = torch.tensor(expected, dtype=torch.float64)
-        torch.testing.assert_close(torch.tensor(image.boxes, dtype=torch.float64), expected)
-        # A kept token's region is its cell of its tile's box.
-        step = (expected[image.crops, 2:] - expected[image.crops, :2]) / SIDE
-        corner = expected[image.crops, :2] + image.cells.double() * step
-        torch.testing.assert_close(image.regions(), torch.cat([corner, corner + step], -1))
+        batch = self.tester.inputs(proc, [pictures[:1], pictures[3:4]], self.tester.prompts[:2])
+        with zooprune.prune(vlm, "zoo", keep=7, crop_budget=crop_budget) as handle:
+            vlm(**batch)
+        for image, picture in zip(handle.selection.images, [pictures[0], pictures[3]], strict=True):
+            tiles = tiles_of(proc, picture)
+            # N is every placeholder of the image: the markers are text, not placeholders.
+            placeholders = int((batch["input_ids"][image.prompt] == IMAGE).sum())
+            assert image.num_tokens == tiles * S == placeholders
+            assert image.kept == 7 and image.patch_grids == ((SIDE, SIDE),) * tiles
+            kept_per_crop = torch.bincount(image.crops, minlength=tiles).tolist()
+            if crop_budget == "split":  # the thumbnail (crop 0) first, then the sub-crops
+                assert kept_per_crop == split_evenly(7, [S] * tiles)
+                assert kept_per_crop[0] == 2  # 7 over 4 or 5 tiles: the thumbnail gets a spare
+        # The markers all stay.
+        with zooprune.prune(vlm, "grid", keep=2) as handle:
+            prepared = handle.prepare(dict(batch), for_generate=False)
+        for marker in ("<img>", "</img>"):
+            token = VOCAB.index(marker)
+            before = (batch["input_ids"] == token).sum(-1)
+            assert torch.equal((prepared["input_ids"] == token).sum(-1), before)
+            assert before.tolist() == [1, 1]
 
-
-def test_the_projector_is_the_mlp_after_the_pixel_shuffle(vlm, proc, pictures):
-    batch = inputs(proc, [pictures[2:3]], PROMPTS[:1])
-    adapter = adapter_for(vlm)
-    for layer in (-1, 1):
+    def test_record_maps_kept_tokens_to_tile_cells_and_boxes(self, vlm, proc, pictures):
+        """Each kept token's (crop, cell) names the tile output the model put at its place."""
+        group = [pictures[:1], pictures[1:3]]
+        batch = self.tester.inputs(
+            proc, group, [self.tester.prompts[0], self.tester.prompts[1] + " <image> and this ?"]
+        )
+        flat = [picture for pictures_ in group for picture in pictures_]
+        with zooprune.prune(vlm, "divprune", keep=12) as handle:
+            handle.prepare(dict(batch), for_generate=False)
+            # The processor gives no image sizes: without them the boxes are unknown.
+            assert all(s.boxes is None and s.regions() is None for s in handle.selection.images)
+            sizes = torch.tensor([[p.height, p.width] for p in flat])
+            prepared = handle.prepare(dict(batch) | {"image_sizes": sizes}, for_generate=False)
         with torch.no_grad():
-            hidden = vlm.model.vision_tower(batch["pixel_values"], output_hidden_states=True)
-            states = hidden.last_hidden_state if layer == -1 else hidden.hidden_states[layer]
-            patches = states[:, 1:].view(-1, P, P, states.shape[-1])  # CLS dropped
-            # Token (i, j) of the shuffled grid holds the 2 x 2 patch window at (2i, 2j).
-            window = patches[:, 2:4, 4:6].reshape(patches.shape[0], -1)  # token (1, 2)
-            token = vlm.model.multi_modal_projector(window)
             full = vlm.model.get_image_features(
-                batch["pixel_values"], vision_feature_layer=layer
-            ).pooler_output
-            encoded = adapter.encode(
-                vlm,
+                batch["pixel_values"]
+            ).pooler_output  # [tiles, S, D]
+        placed = prepared["mm_encoder_outputs"]["image"].pooler_output[0]  # [3 * 12, D]
+        # Each image's tiles, from the processor's own count (not from the prompt).
+        counts = [tiles_of(proc, p) for p in flat]
+        firsts = np.cumsum([0] + counts[:-1]).tolist()
+        for image, picture, tiles, first in zip(
+            handle.selection.images, flat, counts, firsts, strict=True
+        ):
+            assert bool((image.cells >= 0).all() & (image.cells < SIDE).all())
+            # The processor's tile order: sub-crops in raster order, then the thumbnail.
+            tile = first + torch.where(image.crops == 0, tiles - 1, image.crops - 1)
+            cell = image.cells[:, 0] * SIDE + image.cells[:, 1]
+            rows = slice(12 * image.image, 12 * (image.image + 1))
+            torch.testing.assert_close(placed[rows], full[tile, cell], rtol=0, atol=0)
+            # And the kept positions are the placeholders of those tiles in the prompt.
+            run = (batch["input_ids"][image.prompt] == IMAGE).nonzero().flatten()
+            if image.image == 2:  # the second image of its prompt
+                run = run[counts[1] * S :]
+            assert torch.equal(run[(tile - first) * S + cell], image.positions)
+            # Boxes: the thumbnail is the whole image; the sub-crops tile it on the grid the
+            # processor picks with its own min / max tile settings.
+            height, width = picture.height, picture.width
+            cols, rows_ = get_optimal_tiled_canvas((height, width), (TILE, TILE), 1, MAX_TILES)
+            assert cols * rows_ == tiles - 1
+            expected = [(0.0, 0.0, height, width)] + [
+                (
+                    r * height / rows_,
+                    c * width / cols,
+                    (r + 1) * height / rows_,
+                    (c + 1) * width / cols,
+                )
+                for r in range(rows_)
+                for c in range(cols)
+            ]
+            expected = torch.tensor(expected, dtype=torch.float64)
+            torch.testing.assert_close(torch.tensor(image.boxes, dtype=torch.float64), expected)
+            # A kept token's region is its cell of its tile's box.
+            step = (expected[image.crops, 2:] - expected[image.crops, :2]) / SIDE
+            corner = expected[image.crops, :2] + image.cells.double() * step
+            torch.testing.assert_close(image.regions(), torch.cat([corner, corner + step], -1))
+
+    def test_the_projector_is_the_mlp_after_the_pixel_shuffle(self, vlm, proc, pictures):
+        batch = self.tester.inputs(proc, [pictures[2:3]], self.tester.prompts[:1])
+        adapter = adapter_for(vlm)
+        for layer in (-1, 1):
+            with torch.no_grad():
+                hidden = vlm.model.vision_tower(batch["pixel_values"], output_hidden_states=True)
+                states = hidden.last_hidden_state if layer == -1 else hidden.hidden_states[layer]
+                patches = states[:, 1:].view(-1, P, P, states.shape[-1])  # CLS dropped
+                # Token (i, j) of the shuffled grid holds the 2 x 2 patch window at (2i, 2j).
+                window = patches[:, 2:4, 4:6].reshape(patches.shape[0], -1)  # token (1, 2)
+                token = vlm.model.multi_modal_projector(window)
+                full = vlm.model.get_image_features(
+                    batch["pixel_values"], vision_feature_layer=layer
+                ).pooler_output
+                encoded = adapter.encode(
+                    vlm,
+                    {"pixel_values": batch["pixel_values"], "vision_feature_layer": layer},
+                    frozenset(),
+                    input_ids=batch["input_ids"],
+                )
+            torch.testing.assert_close(token, full[:, 1 * SIDE + 2], rtol=0, atol=1e-6)
+            # The adapter's projector inputs are those windows, tile after tile.
+            tokens = encoded.features[0].view(-1, S, window.shape[-1])[:, 1 * SIDE + 2]
+            torch.testing.assert_close(tokens, window, rtol=0, atol=0)
+            projected = vlm.model.multi_modal_projector(encoded.features[0])
+            torch.testing.assert_close(projected, full.flatten(0, 1), rtol=0, atol=1e-6)
+        with zooprune.prune(vlm, "zoo", keep=5, num_directions=8) as handle:
+            vlm(**batch)
+        # LayerNorm -> Linear -> GELU -> Linear is not the plain MLP the closed form needs.
+        assert handle.selection.details["estimator"] == "jvp"
+        with zooprune.prune(vlm, "zoo", keep=5, estimator="exact"):
+            with pytest.raises(PruneError, match="use 'jvp' or 'zo'"):
+                vlm(**batch)
+
+    @pytest.mark.parametrize("layer", [-1, 1])
+    def test_cls_attention_is_the_towers_own_summed_over_each_window(
+        self, saved, proc, pictures, layer
+    ):
+        eager = self.tester.load(saved, attn_implementation="eager")
+        batch = self.tester.inputs(proc, [pictures[:1]], self.tester.prompts[:1])
+        with torch.no_grad():
+            attentions = eager.model.vision_tower(
+                batch["pixel_values"], output_attentions=True
+            ).attentions
+            encoded = adapter_for(eager).encode(
+                eager,
                 {"pixel_values": batch["pixel_values"], "vision_feature_layer": layer},
-                frozenset(),
+                frozenset({"cls_attention"}),
                 input_ids=batch["input_ids"],
             )
-        torch.testing.assert_close(token, full[:, 1 * SIDE + 2], rtol=0, atol=1e-6)
-        # The adapter's projector inputs are those windows, tile after tile.
-        tokens = encoded.features[0].view(-1, S, window.shape[-1])[:, 1 * SIDE + 2]
-        torch.testing.assert_close(tokens, window, rtol=0, atol=0)
-        projected = vlm.model.multi_modal_projector(encoded.features[0])
-        torch.testing.assert_close(projected, full.flatten(0, 1), rtol=0, atol=1e-6)
-    with zooprune.prune(vlm, "zoo", keep=5, num_directions=8) as handle:
-        vlm(**batch)
-    # LayerNorm -> Linear -> GELU -> Linear is not the plain MLP the closed form needs.
-    assert handle.selection.details["estimator"] == "jvp"
-    with zooprune.prune(vlm, "zoo", keep=5, estimator="exact"):
-        with pytest.raises(PruneError, match="use 'jvp' or 'zo'"):
-            vlm(**batch)
+        # hidden_states[1] is layer 0's output; -1 the last layer's.
+        weights = attentions[layer if layer < 0 else layer - 1]  # [tiles, heads, 1 + P^2, ...]
+        from_cls = weights[:, :, 0, 1:].sum(1).view(-1, SIDE, 2, SIDE, 2).sum((2, 4))
+        torch.testing.assert_close(encoded.cls_attention[0], from_cls.flatten(), rtol=0, atol=1e-5)
+        assert encoded.keys[0].shape == (4 * S, 4 * (16 // 2))  # 2 x 2 head-averaged keys
+        # With tokens to merge (over the whole image: 2 per tile would leave no dominant
+        # one), VisionZip runs and keeps its budget.
+        with zooprune.prune(
+            eager, "visionzip", keep=8, contextual=2, crop_budget="global"
+        ) as handle:
+            eager(**batch)
+        assert handle.selection.kept == 8
 
+    def test_bad_per_call_inputs_are_refused(self, vlm, proc, pictures):
+        batch = self.tester.inputs(proc, [pictures[:1]], self.tester.prompts[:1])
+        with zooprune.prune(vlm, "grid", keep=4):
+            with pytest.raises(PruneError, match="one \\(height, width\\) per image"):
+                vlm(**batch, image_sizes=[(20, 70), (10, 10)])
+        with zooprune.prune(vlm, "visionzip", keep=4):  # a per-call layer without attention
+            with pytest.raises(PruneError, match="no attention layer"):
+                vlm(**batch, vision_feature_layer=0)
 
-@pytest.mark.parametrize("layer", [-1, 1])
-def test_cls_attention_is_the_towers_own_summed_over_each_window(saved, proc, pictures, layer):
-    eager = InternVLForConditionalGeneration.from_pretrained(
-        saved, attn_implementation="eager"
-    ).eval()
-    batch = inputs(proc, [pictures[:1]], PROMPTS[:1])
-    with torch.no_grad():
-        attentions = eager.model.vision_tower(
-            batch["pixel_values"], output_attentions=True
-        ).attentions
-        encoded = adapter_for(eager).encode(
-            eager,
-            {"pixel_values": batch["pixel_values"], "vision_feature_layer": layer},
-            frozenset({"cls_attention"}),
-            input_ids=batch["input_ids"],
-        )
-    # hidden_states[1] is layer 0's output; -1 the last layer's.
-    weights = attentions[layer if layer < 0 else layer - 1]  # [tiles, heads, 1 + P^2, ...]
-    from_cls = weights[:, :, 0, 1:].sum(1).view(-1, SIDE, 2, SIDE, 2).sum((2, 4))
-    torch.testing.assert_close(encoded.cls_attention[0], from_cls.flatten(), rtol=0, atol=1e-5)
-    assert encoded.keys[0].shape == (4 * S, 4 * (16 // 2))  # 2 x 2 head-averaged keys
-    # With tokens to merge (over the whole image: 2 per tile would leave no dominant
-    # one), VisionZip runs and keeps its budget.
-    with zooprune.prune(eager, "visionzip", keep=8, contextual=2, crop_budget="global") as handle:
-        eager(**batch)
-    assert handle.selection.kept == 8
-
-
-# -- what the family cannot serve, and bad input -----------------------------------------
-
-
-def test_visionzip_without_an_attention_layer_is_refused_naming_the_methods(saved):
-    # Features taken from the embeddings (layer 0): no attention to read CLS from.
-    model = InternVLForConditionalGeneration.from_pretrained(saved, vision_feature_layer=0)
-    with pytest.raises(PruneError, match="cls_attention") as error:
-        zooprune.prune(model, "visionzip", keep=4)
-    usable = str(error.value).split("methods that apply: ")[1].split(", ")
-    assert usable == sorted(set(METHODS) - {"visionzip"})
-    assert "forward" not in model.__dict__
-
-
-def test_bad_layout_options_are_refused(vlm, proc, pictures):
-    with pytest.raises(PruneError, match="crop_budget must be one of split, global"):
-        zooprune.prune(vlm, "zoo", keep=4, crop_budget="per-row")
-    with pytest.raises(PruneError, match="no option 'separators'"):  # no separators here
-        zooprune.prune(vlm, "zoo", keep=4, separators="all")
-    assert "forward" not in vlm.__dict__
-    batch = inputs(proc, [pictures[:1]], PROMPTS[:1])
-    with zooprune.prune(vlm, "grid", keep=4):
-        with pytest.raises(PruneError, match="one \\(height, width\\) per image"):
-            vlm(**batch, image_sizes=[(20, 70), (10, 10)])
-    with zooprune.prune(vlm, "visionzip", keep=4):  # a per-call layer without attention
-        with pytest.raises(PruneError, match="no attention layer"):
-            vlm(**batch, vision_feature_layer=0)
-
-
-def test_prompts_that_do_not_match_the_images_are_refused(vlm, proc, pictures):
-    batch = inputs(proc, [pictures[:1], pictures[2:3]], PROMPTS[:2])
-    ids = batch["input_ids"]
-    red = VOCAB.index("red")
-    with zooprune.prune(vlm, "zoo", keep=4):
-        # One placeholder too few.
-        fewer = ids.clone()
-        fewer[tuple((ids == IMAGE).nonzero()[0])] = red
-        with pytest.raises(PlaceholderMismatchError, match="9 tiles of 16 tokens"):
-            vlm(**batch | {"input_ids": fewer})
-        # The right count, but runs that are not whole tiles: the first image's last
-        # placeholder becomes text, the second image's `<img>` a placeholder.
-        moved = ids.clone()
-        moved[0, (ids[0] == IMAGE).nonzero().max()] = red
-        moved[1, (ids[1] == IMAGE).nonzero().min() - 1] = IMAGE
-        with pytest.raises(PlaceholderMismatchError, match="runs of whole tiles"):
-            vlm(**batch | {"input_ids": moved})
+    def test_prompts_that_do_not_match_the_images_are_refused(self, vlm, proc, pictures):
+        batch = self.tester.inputs(proc, [pictures[:1], pictures[2:3]], self.tester.prompts[:2])
+        ids = batch["input_ids"]
+        red = VOCAB.index("red")
+        with zooprune.prune(vlm, "zoo", keep=4):
+            # One placeholder too few.
+            fewer = ids.clone()
+            fewer[tuple((ids == IMAGE).nonzero()[0])] = red
+            with pytest.raises(PlaceholderMismatchError, match="9 tiles of 16 tokens"):
+                vlm(**batch | {"input_ids": fewer})
+            # The right count, but runs that are not whole tiles: the first image's last
+            # placeholder becomes text, the second image's `<img>` a placeholder.
+            moved = ids.clone()
+            moved[0, (ids[0] == IMAGE).nonzero().max()] = red
+            moved[1, (ids[1] == IMAGE).nonzero().min() - 1] = IMAGE
+            with pytest.raises(PlaceholderMismatchError, match="runs of whole tiles"):
+                vlm(**batch | {"input_ids": moved})

@@ -1,4 +1,6 @@
-"""Qwen2-VL and Qwen2.5-VL: the invariants of tests/test_api.py with 3-D M-RoPE positions.
+"""Qwen2-VL and Qwen2.5-VL: the conformance suite with 3-D M-RoPE positions, and what is
+their own (the positions against the stock model step by step, ``prepare``'s positions and
+``rope_deltas``, merged cells, the merger in raster order, videos).
 
 Tiny random models of both classes are built here (4 px patches merged 2 x 2, so one
 token per 8 x 8 pixels; Qwen2.5-VL with 2 x 2-token attention windows, so its tower runs
@@ -11,7 +13,6 @@ with the PIL image processor and a word-level tokenizer.
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -22,8 +23,8 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import zooprune
-from tests.adapters.test_llava_next import inputs
-from zooprune import METHODS, PruneError
+from tests.adapters.conformance import AdapterConformance, FamilyTester, random_pictures
+from zooprune import PruneError
 from zooprune.adapters import adapter_for
 from zooprune.adapters.qwen2_vl import MergerProjector
 from zooprune.errors import PlaceholderMismatchError
@@ -39,11 +40,6 @@ VOCAB = SPECIAL + MARKERS + WORDS
 VIDEO = VOCAB.index("<video>")
 BANNED = [IMAGE, EOS, VIDEO]  # a generated placeholder would no longer match the images
 RUN = "<vision_start><image><vision_end>"
-PROMPTS = [
-    f"<s> user {RUN} what is in the image ?",
-    f"<s> user {RUN} describe this picture",
-    f"<s> user what shape is the red square ? {RUN} left or right ?",
-]
 # Multiples of 8 px: the processor keeps the size, so merged grids are 3x5, 5x3, 4x4, 2x6.
 SHAPES = [(24, 40), (40, 24), (32, 32), (16, 48)]
 TOKENS = [(h // CELL) * (w // CELL) for h, w in SHAPES]
@@ -78,7 +74,6 @@ def processor() -> Qwen2VLProcessor:
 
 
 def build(family, path):
-    torch.manual_seed(0)
     config_class, model_class = CLASSES[family]
     vision = {"patch_size": PATCH, "spatial_merge_size": MERGE, "temporal_patch_size": 2}
     if family == "qwen2-vl":
@@ -125,32 +120,6 @@ def build(family, path):
     return path
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    return {family: build(family, tmp_path_factory.mktemp(family)) for family in CLASSES}
-
-
-@pytest.fixture(params=sorted(CLASSES))
-def family(request):
-    return request.param
-
-
-@pytest.fixture
-def vlm(family, saved):
-    return CLASSES[family][1].from_pretrained(saved[family]).eval()
-
-
-@pytest.fixture(scope="module")
-def proc():
-    return processor()
-
-
-@pytest.fixture(scope="module")
-def pictures():
-    rng = np.random.default_rng(5)
-    return [Image.fromarray(rng.integers(0, 256, (*s, 3), dtype=np.uint8)) for s in SHAPES]
-
-
 def rope(vlm, batch):
     """``[3, B, L]`` the unpruned M-RoPE positions, by the model's own rule."""
     return vlm.model.get_rope_index(
@@ -175,357 +144,276 @@ def masked_reference(vlm, batch, kept, positions=None):
     return vlm(**batch | {"attention_mask": mask, "position_ids": positions}).logits
 
 
-def greedy(vlm, batch, steps=5, **options):
-    return vlm.generate(
-        **batch, max_new_tokens=steps, do_sample=False, suppress_tokens=BANNED, **options
-    )
+class QwenTester(FamilyTester):
+    image_token = IMAGE
+    banned = tuple(BANNED)
+    image_text = RUN
+    keep = 5
+    position_modes = ("original",)
+    fast = {"num_directions": 8}
+
+    def __init__(self, family):
+        self.name = family
+
+    def build(self, path):
+        return build(self.name, path)
+
+    def load(self, path):
+        return CLASSES[self.name][1].from_pretrained(path).eval()
+
+    def processor(self):
+        return processor()
+
+    def pictures(self):
+        return random_pictures(5, SHAPES)
+
+    def step_inputs(self, input_ids):
+        return {"mm_token_type_ids": (input_ids == IMAGE).long()}
+
+    def masked_reference(self, model, batch, kept, positions):
+        # Original positions only: the unpruned model's own 3-D positions.
+        return masked_reference(model, batch, kept)
 
 
-# -- the invariants ---------------------------------------------------------------------
+class QwenSpecifics(AdapterConformance):
+    """What Qwen2-VL and Qwen2.5-VL check beyond the suite."""
 
-
-@pytest.mark.parametrize("method", sorted(set(METHODS) - {"visionzip"}))
-def test_keep_all_tokens_is_a_noop(vlm, proc, pictures, method):
-    batch = inputs(proc, [pictures[:1], pictures[1:2]], PROMPTS[:2])
-    tokens = greedy(vlm, batch)
-    logits = vlm(**batch).logits
-    fast = {"num_directions": 8} if "num_directions" in METHODS[method].options else {}
-    with zooprune.prune(vlm, method, ratio=1.0, **fast) as handle:  # K = N of each image
-        torch.testing.assert_close(vlm(**batch).logits, logits, rtol=0, atol=1e-5)
-        assert torch.equal(greedy(vlm, batch), tokens)
-    assert [s.num_tokens for s in handle.selection.images] == TOKENS[:2]
-    assert [s.kept for s in handle.selection.images] == TOKENS[:2]
-
-
-@pytest.mark.parametrize("method", ["zoo", "divprune", "random", "grid"])
-def test_pruned_forward_equals_masked_unpruned(vlm, proc, pictures, method):
-    batch = inputs(proc, [pictures[:1]], PROMPTS[2:3])
-    with zooprune.prune(vlm, method, keep=6) as handle:
-        pruned = vlm(**batch).logits
-        kept = handle.selection.images[0].positions
-    ids = batch["input_ids"]
-    keep = ids[0] != IMAGE
-    keep[kept] = True
-    reference = masked_reference(vlm, batch, kept)
-    assert pruned.shape[1] == int(keep.sum()) == ids.shape[1] - (TOKENS[0] - 6)
-    torch.testing.assert_close(pruned[0], reference[0, keep], rtol=0, atol=1e-5)
-    # The positions matter: the same mask with plain 1-D positions gives other logits.
-    flat = torch.arange(ids.shape[1])[None]
-    assert not torch.allclose(masked_reference(vlm, batch, kept, flat)[0, keep], pruned[0])
-
-
-def test_generate_with_cache_equals_no_cache_loop(vlm, proc, pictures):
-    # The loop runs the pruned forward on the prompt plus the new tokens every step (no
-    # cache), so each new token gets the positions the adapter derives for the whole
-    # sequence; the next test checks those against the unpruned model itself.
-    batch = inputs(proc, [pictures[3:4]], PROMPTS[:1])
-    with zooprune.prune(vlm, "zoo", keep=5, num_directions=8):
-        generated = greedy(vlm, batch, steps=6)
-        ids = batch["input_ids"]
-        for _ in range(6):
-            logits = vlm(
-                input_ids=ids,
-                pixel_values=batch["pixel_values"],
-                image_grid_thw=batch["image_grid_thw"],
-                mm_token_type_ids=(ids == IMAGE).long(),
-                use_cache=False,
-            ).logits
-            logits[..., BANNED] = float("-inf")
-            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(generated, ids)
-
-
-def test_pruned_generate_equals_the_masked_unpruned_model_step_by_step(vlm, proc, pictures):
-    """Independent of the adapter: the stock model, dropped image tokens masked out, its own
-    ``get_rope_index`` positions recomputed on the grown sequence at every step."""
-    prompts = [PROMPTS[0], PROMPTS[1] + f" {RUN} and this ?"]  # left padding, two images
-    batch = inputs(proc, [pictures[:1], pictures[1:3]], prompts)
-    steps = 5
-    with zooprune.prune(vlm, "grid", keep=5) as handle:
-        out = greedy(vlm, batch, steps=steps, output_logits=True, return_dict_in_generate=True)
-        generated, scores = out.sequences, torch.stack(out.logits, dim=1)  # [B, steps, V]
-        kept_by_row = {
-            row: torch.cat([s.positions for s in handle.selection.images if s.prompt == row])
-            for row in range(2)
-        }
-    rows_per_image = batch["image_grid_thw"].prod(-1).tolist()
-    starts = [0, *torch.tensor(rows_per_image).cumsum(0).tolist()]
-    for row, images in ((0, [0]), (1, [1, 2])):
-        real = batch["attention_mask"][row].bool()
-        ids = batch["input_ids"][row : row + 1, real]
-        kept = kept_by_row[row] - int((~real).sum())  # positions in the unpadded prompt
-        pixels = batch["pixel_values"][starts[images[0]] : starts[images[-1] + 1]]
-        grids = batch["image_grid_thw"][images[0] : images[-1] + 1]
-        for _ in range(steps):
-            types = (ids == IMAGE).long()
-            ones = torch.ones_like(ids)
-            positions = vlm.model.get_rope_index(
-                ids, mm_token_type_ids=types, image_grid_thw=grids, attention_mask=ones
-            )[0]
-            mask = ones.clone()
-            mask[ids == IMAGE] = 0
-            mask[0, kept] = 1
-            logits = vlm(
-                input_ids=ids,
-                pixel_values=pixels,
-                image_grid_thw=grids,
-                mm_token_type_ids=types,
-                attention_mask=mask,
-                position_ids=positions,
-            ).logits
-            step = ids.shape[1] - real.sum()
-            torch.testing.assert_close(
-                scores[row, step, : logits.shape[-1]], logits[0, -1], rtol=0, atol=1e-4
-            )
-            logits[..., BANNED] = float("-inf")
-            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        assert generated[row, -steps:].tolist() == ids[0, -steps:].tolist()
-
-
-def test_prepare_gives_the_unpruned_positions_of_the_kept_tokens(vlm, proc, pictures):
-    # Left padding and two images in one prompt: every row keeps its own positions.
-    prompts = [PROMPTS[0], PROMPTS[1] + f" {RUN} and this ?"]
-    batch = inputs(proc, [pictures[:1], pictures[1:3]], prompts)
-    assert bool((batch["attention_mask"][:, 0] == 0).any())
-    with zooprune.prune(vlm, "divprune", keep=5) as handle:
-        prepared = handle.prepare(dict(batch), for_generate=False)
-        deltas = vlm.model.rope_deltas  # remove() restores the model's own value
-    full = rope(vlm, batch)
-    positions, mask = prepared["position_ids"], prepared["attention_mask"].bool()
-    assert positions.shape == (4, 2, prepared["input_ids"].shape[1])
-    for row in range(2):
-        keep = batch["attention_mask"][row].bool() & (batch["input_ids"][row] != IMAGE)
-        for image in handle.selection.images:
-            if image.prompt == row:
-                keep[image.positions] = True
-        real = mask[row]
-        assert torch.equal(prepared["input_ids"][row, real], batch["input_ids"][row, keep])
-        assert torch.equal(
-            prepared["mm_token_type_ids"][row, real],
-            (batch["input_ids"][row, keep] == IMAGE).long(),
-        )
-        # The three M-RoPE rows: the unpruned ones; the first: real tokens counted 0, 1, ...
-        assert torch.equal(positions[1:, row, real], full[:, row, keep])
-        assert positions[0, row, real].tolist() == list(range(int(real.sum())))
-    # The model's rope_deltas as its own prefill would set them for the shortened prompt.
-    expected = full.amax(dim=(0, 2)) + 1 - mask.sum(-1)
-    assert torch.equal(deltas.flatten(), expected)
-
-
-def test_a_cache_from_prepare_continues_with_the_unpruned_positions(vlm, proc, pictures):
-    """A caller's own cached step without position ids: the model adds rope_deltas.
-
-    While the handle is active: calls without pixel_values pass through to the model, and
-    ``remove()`` gives the model its own ``rope_deltas`` back."""
-    batch = inputs(proc, [pictures[2:3]], PROMPTS[2:3])
-    with zooprune.prune(vlm, "zoo", keep=7) as handle:
-        prepared = handle.prepare(dict(batch), for_generate=False)
-        kept = handle.selection.images[0].positions
-        prefill = vlm(**prepared, use_cache=True)
-        token = prefill.logits[:, -1:].argmax(-1)
-        step = vlm(input_ids=token, past_key_values=prefill.past_key_values).logits[0, -1]
-    longer = {
-        "input_ids": torch.cat([batch["input_ids"], token], 1),
-        "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(token)], 1),
-        "mm_token_type_ids": torch.cat([batch["mm_token_type_ids"], torch.zeros_like(token)], 1),
-    }
-    reference = masked_reference(vlm, batch | longer, kept)[0, -1]
-    torch.testing.assert_close(step, reference, rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("method", ["zoo", "pool"])
-def test_batch_equals_each_prompt_alone(vlm, proc, pictures, method):
-    # Left padding, prompts of different lengths, images of different N and one prompt
-    # with two images: the pruned prompts lose different numbers of tokens.
-    prompts = [PROMPTS[0], PROMPTS[1] + f" {RUN} and this ?", PROMPTS[2]]
-    per_prompt = [pictures[:1], pictures[1:3], pictures[3:4]]
-    batch = inputs(proc, per_prompt, prompts)
-    options = {"output_scores": True, "return_dict_in_generate": True}
-    fast = {"num_directions": 8} if method == "zoo" else {}
-    with zooprune.prune(vlm, method, ratio=0.5, **fast) as handle:
-        together = greedy(vlm, batch, steps=4, **options)
-        images = handle.selection.images
-        assert [s.prompt for s in images] == [0, 1, 1, 2]
-        assert [s.kept for s in images] == [n // 2 for n in TOKENS]
-        for row, (prompt, group) in enumerate(zip(prompts, per_prompt, strict=True)):
-            alone = greedy(vlm, inputs(proc, [group], [prompt]), steps=4, **options)
-            assert torch.equal(together.sequences[row, -4:], alone.sequences[0, -4:])
-            torch.testing.assert_close(
-                together.scores[0][row], alone.scores[0][0], rtol=0, atol=1e-4
-            )
-
-
-def test_right_padded_forward_equals_each_prompt_alone(vlm, proc, pictures):
-    prompts = [PROMPTS[0], PROMPTS[2]]
-    proc.tokenizer.padding_side = "right"
-    try:
-        batch = inputs(proc, [pictures[:1], pictures[1:2]], prompts)
-    finally:
-        proc.tokenizer.padding_side = "left"
-    assert bool((batch["attention_mask"][:, -1] == 0).any())
-    with zooprune.prune(vlm, "zoo", keep=5):
-        together = vlm(**batch).logits
-        for row in range(2):
-            alone = vlm(**inputs(proc, [pictures[row : row + 1]], prompts[row : row + 1])).logits
-            torch.testing.assert_close(together[row, : alone.shape[1]], alone[0], rtol=0, atol=1e-4)
-
-
-def test_remove_restores_the_model_exactly(vlm, proc, pictures, saved, family):
-    batch = inputs(proc, [pictures[:1]], PROMPTS[:1])
-    before = vlm(**batch).logits
-    attributes = set(vlm.__dict__)
-    deltas = vlm.model.rope_deltas
-    handle = zooprune.prune(vlm, "zoo", keep=4)
-    assert vlm(**batch).logits.shape[1] == before.shape[1] - (TOKENS[0] - 4)
-    assert not torch.equal(vlm.model.rope_deltas, deltas)  # the pruned prompt's own deltas
-    handle.remove()
-    handle.remove()  # harmless twice
-    assert set(vlm.__dict__) == attributes
-    assert vlm.model.rope_deltas is deltas  # the state a pruned call rewrote is back
-    assert vlm.forward.__func__ is type(vlm).forward
-    assert torch.equal(vlm(**batch).logits, before)
-    fresh = CLASSES[family][1].from_pretrained(saved[family]).eval()
-    assert torch.equal(greedy(vlm, batch), greedy(fresh, batch))
-    zooprune.prune(vlm, "grid", keep=3).remove()  # can be pruned again after removal
-
-
-# -- the record, the projector, the window order ----------------------------------------
-
-
-def test_record_maps_kept_tokens_to_merged_cells(vlm, proc, pictures):
-    """Each kept token's cell, checked three ways: its token, its 3-D position, its pixels."""
-    batch = inputs(proc, [pictures[:1], pictures[3:4]], PROMPTS[:2])
-    with zooprune.prune(vlm, "divprune", keep=5) as handle:
-        prepared = handle.prepare(dict(batch), for_generate=False)
-    with torch.no_grad():
-        full = vlm.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
-    positions = rope(vlm, batch)
-    placed = prepared["mm_encoder_outputs"]["image"].pooler_output
-    patch_rows = batch["pixel_values"].split([4 * n for n in (TOKENS[0], TOKENS[3])])
-    images = handle.selection.images
-    for image, tokens, rows, (height, width) in zip(
-        images, placed, patch_rows, [SHAPES[0], SHAPES[3]], strict=True
-    ):
-        grid = (height // CELL, width // CELL)
-        assert image.grid == grid and image.patch_grids == (grid,)
-        assert image.num_tokens == grid[0] * grid[1] and image.kept == 5
-        assert bool((image.crops == 0).all()) and image.boxes is None
-        # 1. The token placed there is the model's own token of that cell.
-        cell_index = image.cells[:, 0] * grid[1] + image.cells[:, 1]
-        assert torch.equal(cell_index, image.indices)
+    def test_the_kept_tokens_keep_their_3d_positions(self, vlm, proc, pictures):
+        batch = self.tester.inputs(proc, [pictures[:1]], self.tester.prompts[2:3])
+        with zooprune.prune(vlm, "grid", keep=6) as handle:
+            pruned = vlm(**batch).logits
+            kept = handle.selection.images[0].positions
+        keep = batch["input_ids"][0] != IMAGE
+        keep[kept] = True
         torch.testing.assert_close(
-            tokens, full.pooler_output[image.image][cell_index], rtol=0, atol=0
+            pruned[0], masked_reference(vlm, batch, kept)[0, keep], rtol=0, atol=1e-5
         )
-        # 2. Its unpruned M-RoPE position is (start, start + row, start + column).
-        t, h, w = positions[:, image.prompt, image.positions]
-        assert bool((t == t[0]).all())
-        assert torch.equal(torch.stack([h - t[0], w - t[0]], -1), image.cells)
-        # 3. Its four patches are the 8 x 8 pixels at that cell of the image, normalised.
-        mean = torch.tensor(proc.image_processor.image_mean).view(3, 1, 1)
-        std = torch.tensor(proc.image_processor.image_std).view(3, 1, 1)
-        picture = pictures[SHAPES.index((height, width))]
-        pixels = (torch.tensor(np.asarray(picture)).permute(2, 0, 1) / 255.0 - mean) / std
-        for j, (row, col) in zip(image.indices.tolist(), image.cells.tolist(), strict=True):
-            # A token's rows: its 2 x 2 patches, each (channel, time, y, x).
-            patches = rows[4 * j : 4 * j + 4].view(MERGE, MERGE, 3, 2, PATCH, PATCH)[:, :, :, 0]
-            block = patches.permute(2, 0, 3, 1, 4).reshape(3, CELL, CELL)
-            expected = pixels[:, row * CELL : (row + 1) * CELL, col * CELL : (col + 1) * CELL]
-            torch.testing.assert_close(block, expected, rtol=0, atol=1e-5)
+        # The positions matter: the same mask with plain 1-D positions gives other logits.
+        flat = torch.arange(batch["input_ids"].shape[1])[None]
+        assert not torch.allclose(masked_reference(vlm, batch, kept, flat)[0, keep], pruned[0])
+
+    def test_pruned_generate_equals_the_masked_unpruned_model_step_by_step(
+        self, vlm, proc, pictures
+    ):
+        """Independent of the adapter: the stock model, dropped image tokens masked out, its own
+        ``get_rope_index`` positions recomputed on the grown sequence at every step."""
+        prompts = [
+            self.tester.prompts[0],
+            self.tester.prompts[1] + f" {RUN} and this ?",
+        ]  # left padding, two images
+        batch = self.tester.inputs(proc, [pictures[:1], pictures[1:3]], prompts)
+        steps = 5
+        with zooprune.prune(vlm, "grid", keep=5) as handle:
+            out = self.greedy(
+                vlm, batch, steps=steps, output_logits=True, return_dict_in_generate=True
+            )
+            generated, scores = out.sequences, torch.stack(out.logits, dim=1)  # [B, steps, V]
+            kept_by_row = {
+                row: torch.cat([s.positions for s in handle.selection.images if s.prompt == row])
+                for row in range(2)
+            }
+        rows_per_image = batch["image_grid_thw"].prod(-1).tolist()
+        starts = [0, *torch.tensor(rows_per_image).cumsum(0).tolist()]
+        for row, images in ((0, [0]), (1, [1, 2])):
+            real = batch["attention_mask"][row].bool()
+            ids = batch["input_ids"][row : row + 1, real]
+            kept = kept_by_row[row] - int((~real).sum())  # positions in the unpadded prompt
+            pixels = batch["pixel_values"][starts[images[0]] : starts[images[-1] + 1]]
+            grids = batch["image_grid_thw"][images[0] : images[-1] + 1]
+            for _ in range(steps):
+                types = (ids == IMAGE).long()
+                ones = torch.ones_like(ids)
+                positions = vlm.model.get_rope_index(
+                    ids, mm_token_type_ids=types, image_grid_thw=grids, attention_mask=ones
+                )[0]
+                mask = ones.clone()
+                mask[ids == IMAGE] = 0
+                mask[0, kept] = 1
+                logits = vlm(
+                    input_ids=ids,
+                    pixel_values=pixels,
+                    image_grid_thw=grids,
+                    mm_token_type_ids=types,
+                    attention_mask=mask,
+                    position_ids=positions,
+                ).logits
+                step = ids.shape[1] - real.sum()
+                torch.testing.assert_close(
+                    scores[row, step, : logits.shape[-1]], logits[0, -1], rtol=0, atol=1e-4
+                )
+                logits[..., BANNED] = float("-inf")
+                ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            assert generated[row, -steps:].tolist() == ids[0, -steps:].tolist()
+
+    def test_prepare_gives_the_unpruned_positions_of_the_kept_tokens(self, vlm, proc, pictures):
+        # Left padding and two images in one prompt: every row keeps its own positions.
+        prompts = [self.tester.prompts[0], self.tester.prompts[1] + f" {RUN} and this ?"]
+        batch = self.tester.inputs(proc, [pictures[:1], pictures[1:3]], prompts)
+        assert bool((batch["attention_mask"][:, 0] == 0).any())
+        with zooprune.prune(vlm, "divprune", keep=5) as handle:
+            prepared = handle.prepare(dict(batch), for_generate=False)
+            deltas = vlm.model.rope_deltas  # remove() restores the model's own value
+        full = rope(vlm, batch)
+        positions, mask = prepared["position_ids"], prepared["attention_mask"].bool()
+        assert positions.shape == (4, 2, prepared["input_ids"].shape[1])
+        for row in range(2):
+            keep = batch["attention_mask"][row].bool() & (batch["input_ids"][row] != IMAGE)
+            for image in handle.selection.images:
+                if image.prompt == row:
+                    keep[image.positions] = True
+            real = mask[row]
+            assert torch.equal(prepared["input_ids"][row, real], batch["input_ids"][row, keep])
+            assert torch.equal(
+                prepared["mm_token_type_ids"][row, real],
+                (batch["input_ids"][row, keep] == IMAGE).long(),
+            )
+            # The three M-RoPE rows: the unpruned ones; the first: real tokens counted 0, 1, ...
+            assert torch.equal(positions[1:, row, real], full[:, row, keep])
+            assert positions[0, row, real].tolist() == list(range(int(real.sum())))
+        # The model's rope_deltas as its own prefill would set them for the shortened prompt.
+        expected = full.amax(dim=(0, 2)) + 1 - mask.sum(-1)
+        assert torch.equal(deltas.flatten(), expected)
+
+    def test_a_cache_from_prepare_continues_with_the_unpruned_positions(self, vlm, proc, pictures):
+        """A caller's own cached step without position ids: the model adds rope_deltas.
+
+        While the handle is active: calls without pixel_values pass through to the model, and
+        ``remove()`` gives the model its own ``rope_deltas`` back."""
+        batch = self.tester.inputs(proc, [pictures[2:3]], self.tester.prompts[2:3])
+        with zooprune.prune(vlm, "zoo", keep=7) as handle:
+            prepared = handle.prepare(dict(batch), for_generate=False)
+            kept = handle.selection.images[0].positions
+            prefill = vlm(**prepared, use_cache=True)
+            token = prefill.logits[:, -1:].argmax(-1)
+            step = vlm(input_ids=token, past_key_values=prefill.past_key_values).logits[0, -1]
+        longer = {
+            "input_ids": torch.cat([batch["input_ids"], token], 1),
+            "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(token)], 1),
+            "mm_token_type_ids": torch.cat(
+                [batch["mm_token_type_ids"], torch.zeros_like(token)], 1
+            ),
+        }
+        reference = masked_reference(vlm, batch | longer, kept)[0, -1]
+        torch.testing.assert_close(step, reference, rtol=0, atol=1e-5)
+
+    def test_record_maps_kept_tokens_to_merged_cells(self, vlm, proc, pictures):
+        """Each kept token's cell, checked three ways: its token, its 3-D position, its pixels."""
+        batch = self.tester.inputs(proc, [pictures[:1], pictures[3:4]], self.tester.prompts[:2])
+        with zooprune.prune(vlm, "divprune", keep=5) as handle:
+            prepared = handle.prepare(dict(batch), for_generate=False)
+        with torch.no_grad():
+            full = vlm.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+        positions = rope(vlm, batch)
+        placed = prepared["mm_encoder_outputs"]["image"].pooler_output
+        patch_rows = batch["pixel_values"].split([4 * n for n in (TOKENS[0], TOKENS[3])])
+        images = handle.selection.images
+        for image, tokens, rows, (height, width) in zip(
+            images, placed, patch_rows, [SHAPES[0], SHAPES[3]], strict=True
+        ):
+            grid = (height // CELL, width // CELL)
+            assert image.grid == grid and image.patch_grids == (grid,)
+            assert image.num_tokens == grid[0] * grid[1] and image.kept == 5
+            assert bool((image.crops == 0).all()) and image.boxes is None
+            # 1. The token placed there is the model's own token of that cell.
+            cell_index = image.cells[:, 0] * grid[1] + image.cells[:, 1]
+            assert torch.equal(cell_index, image.indices)
+            torch.testing.assert_close(
+                tokens, full.pooler_output[image.image][cell_index], rtol=0, atol=0
+            )
+            # 2. Its unpruned M-RoPE position is (start, start + row, start + column).
+            t, h, w = positions[:, image.prompt, image.positions]
+            assert bool((t == t[0]).all())
+            assert torch.equal(torch.stack([h - t[0], w - t[0]], -1), image.cells)
+            # 3. Its four patches are the 8 x 8 pixels at that cell of the image, normalised.
+            mean = torch.tensor(proc.image_processor.image_mean).view(3, 1, 1)
+            std = torch.tensor(proc.image_processor.image_std).view(3, 1, 1)
+            picture = pictures[SHAPES.index((height, width))]
+            pixels = (torch.tensor(np.asarray(picture)).permute(2, 0, 1) / 255.0 - mean) / std
+            for j, (row, col) in zip(image.indices.tolist(), image.cells.tolist(), strict=True):
+                # A token's rows: its 2 x 2 patches, each (channel, time, y, x).
+                patches = rows[4 * j : 4 * j + 4].view(MERGE, MERGE, 3, 2, PATCH, PATCH)[:, :, :, 0]
+                block = patches.permute(2, 0, 3, 1, 4).reshape(3, CELL, CELL)
+                expected = pixels[:, row * CELL : (row + 1) * CELL, col * CELL : (col + 1) * CELL]
+                torch.testing.assert_close(block, expected, rtol=0, atol=1e-5)
+
+    def test_the_projector_is_the_merger_on_grouped_states_in_raster_order(
+        self, vlm, proc, pictures
+    ):
+        # Two images of different grids in one call: the window order spans both.
+        batch = self.tester.inputs(proc, [pictures[:1], pictures[2:3]], self.tester.prompts[:2])
+        adapter = adapter_for(vlm)
+        with torch.no_grad():
+            image_inputs = {k: batch[k] for k in ("pixel_values", "image_grid_thw")}
+            encoded = adapter.encode(vlm, image_inputs, frozenset())
+            pooled = vlm.model.get_image_features(**image_inputs).pooler_output
+            projector = adapter.projector(vlm)
+            assert isinstance(projector, MergerProjector)
+            for features, tokens in zip(encoded.features, pooled, strict=True):
+                assert features.shape == (tokens.shape[0], MERGE * MERGE * WIDTH)
+                torch.testing.assert_close(projector(features), tokens, rtol=0, atol=1e-6)
+                # Token-wise: one grouped vector alone gives its token.
+                torch.testing.assert_close(projector(features[4]), tokens[4], rtol=0, atol=1e-6)
+            # The tower's own order: raster for Qwen2-VL, windows for Qwen2.5-VL.
+            states = vlm.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+            in_tower_order = vlm.model.visual.merger(states.last_hidden_state)
+        in_raster_order = torch.allclose(in_tower_order, torch.cat(pooled), rtol=0, atol=1e-6)
+        assert in_raster_order == (self.tester.name == "qwen2-vl")
+
+    def test_estimators_jvp_and_zo_run_and_the_mlp_only_ones_are_refused(self, vlm, proc, pictures):
+        batch = self.tester.inputs(proc, [pictures[:1]], self.tester.prompts[:1])
+        with zooprune.prune(vlm, "zoo", keep=5, num_directions=8) as handle:
+            vlm(**batch)
+        assert handle.selection.details["estimator"] == "jvp"  # auto: a norm before the MLP
+        jvp = handle.selection.scores[0]
+        assert bool((jvp > 0).all())
+        with zooprune.prune(vlm, "zoo", keep=5, num_directions=8, estimator="zo") as handle:
+            vlm(**batch)
+        # The same bank of directions: central differences agree with the derivatives.
+        torch.testing.assert_close(handle.selection.scores[0], jvp, rtol=1e-2, atol=1e-4)
+        for estimator in ("exact", "lowrank"):
+            with zooprune.prune(vlm, "zoo", keep=5, estimator=estimator):
+                with pytest.raises(PruneError, match="use 'jvp' or 'zo'"):
+                    vlm(**batch)
+
+    def test_inputs_without_consistent_mm_token_type_ids_are_refused(self, vlm, proc, pictures):
+        batch = self.tester.inputs(proc, [pictures[:1]], self.tester.prompts[:1])
+        with zooprune.prune(vlm, "zoo", keep=4):
+            with pytest.raises(PruneError, match="needs mm_token_type_ids"):
+                vlm(**{k: v for k, v in batch.items() if k != "mm_token_type_ids"})
+            types = batch["mm_token_type_ids"].clone()
+            types[0, int((types[0] == 1).nonzero()[0])] = 0
+            with pytest.raises(PlaceholderMismatchError, match="mm_token_type_ids"):
+                vlm(**batch | {"mm_token_type_ids": types})
+
+    def test_videos_pass_through_unpruned_and_are_refused_beside_images(self, vlm, proc, pictures):
+        # A video of 2 temporal patches (4 frames) of 4 x 4 patches: 2 x 2 x 2 merged tokens.
+        torch.manual_seed(1)
+        thw = torch.tensor([[2, 4, 4]])
+        count = int(thw.prod()) // (MERGE * MERGE)
+        words = (
+            ["<s>", "user", "<vision_start>"] + ["<video>"] * count + ["<vision_end>", "describe"]
+        )
+        ids = torch.tensor([[VOCAB.index(w) for w in words]])
+        video = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "mm_token_type_ids": (ids == VIDEO).long() * 2,
+            "pixel_values_videos": torch.randn(int(thw.prod()), 3 * 2 * PATCH * PATCH),
+            "video_grid_thw": thw,
+        }
+        expected = vlm(**video).logits
+        with zooprune.prune(vlm, "zoo", keep=2) as handle:
+            assert torch.equal(vlm(**video).logits, expected)
+            assert handle.selection is None  # nothing was pruned
+            batch = self.tester.inputs(proc, [pictures[:1]], self.tester.prompts[:1])
+            extra = {k: video[k] for k in ("pixel_values_videos", "video_grid_thw")}
+            with pytest.raises(PruneError, match="both images and videos"):
+                vlm(**batch, **extra)
 
 
-def test_the_projector_is_the_merger_on_grouped_states_in_raster_order(vlm, proc, pictures, family):
-    # Two images of different grids in one call: the window order spans both.
-    batch = inputs(proc, [pictures[:1], pictures[2:3]], PROMPTS[:2])
-    adapter = adapter_for(vlm)
-    with torch.no_grad():
-        image_inputs = {k: batch[k] for k in ("pixel_values", "image_grid_thw")}
-        encoded = adapter.encode(vlm, image_inputs, frozenset())
-        pooled = vlm.model.get_image_features(**image_inputs).pooler_output
-        projector = adapter.projector(vlm)
-        assert isinstance(projector, MergerProjector)
-        for features, tokens in zip(encoded.features, pooled, strict=True):
-            assert features.shape == (tokens.shape[0], MERGE * MERGE * WIDTH)
-            torch.testing.assert_close(projector(features), tokens, rtol=0, atol=1e-6)
-            # Token-wise: one grouped vector alone gives its token.
-            torch.testing.assert_close(projector(features[4]), tokens[4], rtol=0, atol=1e-6)
-        # The tower's own order: raster for Qwen2-VL, windows for Qwen2.5-VL.
-        states = vlm.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
-        in_tower_order = vlm.model.visual.merger(states.last_hidden_state)
-    in_raster_order = torch.allclose(in_tower_order, torch.cat(pooled), rtol=0, atol=1e-6)
-    assert in_raster_order == (family == "qwen2-vl")
+class TestQwen2VL(QwenSpecifics):
+    tester = QwenTester("qwen2-vl")
 
 
-def test_estimators_jvp_and_zo_run_and_the_mlp_only_ones_are_refused(vlm, proc, pictures):
-    batch = inputs(proc, [pictures[:1]], PROMPTS[:1])
-    with zooprune.prune(vlm, "zoo", keep=5, num_directions=8) as handle:
-        vlm(**batch)
-    assert handle.selection.details["estimator"] == "jvp"  # auto: a norm before the MLP
-    jvp = handle.selection.scores[0]
-    assert bool((jvp > 0).all())
-    with zooprune.prune(vlm, "zoo", keep=5, num_directions=8, estimator="zo") as handle:
-        vlm(**batch)
-    # The same bank of directions: central differences agree with the derivatives.
-    torch.testing.assert_close(handle.selection.scores[0], jvp, rtol=1e-2, atol=1e-4)
-    for estimator in ("exact", "lowrank"):
-        with zooprune.prune(vlm, "zoo", keep=5, estimator=estimator):
-            with pytest.raises(PruneError, match="use 'jvp' or 'zo'"):
-                vlm(**batch)
-
-
-# -- what the family cannot serve, and bad input -----------------------------------------
-
-
-def test_visionzip_is_refused_naming_the_methods_that_apply(vlm):
-    with pytest.raises(PruneError, match="cls_attention") as error:
-        zooprune.prune(vlm, "visionzip", keep=4)
-    usable = str(error.value).split("methods that apply: ")[1].split(", ")
-    assert usable == sorted(set(METHODS) - {"visionzip"})
-    assert "forward" not in vlm.__dict__
-
-
-def test_bad_options_are_refused(vlm):
-    name = type(vlm).__name__
-    with pytest.raises(PruneError, match=f"positions must be 'original' for {name}, got 'compact'"):
-        zooprune.prune(vlm, "zoo", keep=4, positions="compact")
-    with pytest.raises(PruneError, match="positions must be 'original'"):
-        zooprune.prune(vlm, "zoo", keep=4, positions="middle")
-    for option in ("crop_budget", "separators"):  # one crop, no separators
-        with pytest.raises(PruneError, match=f"no option '{option}'"):
-            zooprune.prune(vlm, "zoo", keep=4, **{option: "global"})
-    assert "forward" not in vlm.__dict__
-    zooprune.prune(vlm, "zoo", keep=4, positions="original").remove()
-
-
-def test_inputs_without_consistent_mm_token_type_ids_are_refused(vlm, proc, pictures):
-    batch = inputs(proc, [pictures[:1]], PROMPTS[:1])
-    with zooprune.prune(vlm, "zoo", keep=4):
-        with pytest.raises(PruneError, match="needs mm_token_type_ids"):
-            vlm(**{k: v for k, v in batch.items() if k != "mm_token_type_ids"})
-        types = batch["mm_token_type_ids"].clone()
-        types[0, int((types[0] == 1).nonzero()[0])] = 0
-        with pytest.raises(PlaceholderMismatchError, match="mm_token_type_ids"):
-            vlm(**batch | {"mm_token_type_ids": types})
-
-
-def test_videos_pass_through_unpruned_and_are_refused_beside_images(vlm, proc, pictures):
-    # A video of 2 temporal patches (4 frames) of 4 x 4 patches: 2 x 2 x 2 merged tokens.
-    torch.manual_seed(1)
-    thw = torch.tensor([[2, 4, 4]])
-    count = int(thw.prod()) // (MERGE * MERGE)
-    words = ["<s>", "user", "<vision_start>"] + ["<video>"] * count + ["<vision_end>", "describe"]
-    ids = torch.tensor([[VOCAB.index(w) for w in words]])
-    video = {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "mm_token_type_ids": (ids == VIDEO).long() * 2,
-        "pixel_values_videos": torch.randn(int(thw.prod()), 3 * 2 * PATCH * PATCH),
-        "video_grid_thw": thw,
-    }
-    expected = vlm(**video).logits
-    with zooprune.prune(vlm, "zoo", keep=2) as handle:
-        assert torch.equal(vlm(**video).logits, expected)
-        assert handle.selection is None  # nothing was pruned
-        batch = inputs(proc, [pictures[:1]], PROMPTS[:1])
-        extra = {k: video[k] for k in ("pixel_values_videos", "video_grid_thw")}
-        with pytest.raises(PruneError, match="both images and videos"):
-            vlm(**batch, **extra)
+class TestQwen25VL(QwenSpecifics):
+    tester = QwenTester("qwen2.5-vl")

@@ -33,6 +33,9 @@ def naive_maxmin_select(
     n = z.shape[0]
 
     def dist(a: int, b: int) -> float:
+        # One order for both (a, b) and (b, a): a dot product's rounding can depend on
+        # operand order, and a mutual nearest pair must tie exactly.
+        a, b = min(a, b), max(a, b)
         d = 1.0 - float(z[a] @ z[b])
         return 0.0 if d < DUPLICATE_DISTANCE else d
 

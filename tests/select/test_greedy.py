@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.select.reference import naive_maxmin_select
-from zooprune.select.greedy import DUPLICATE_DISTANCE, maxmin_select
+from zooprune.select.greedy import DUPLICATE_DISTANCE, maxmin_select, pairwise_distances
 from zooprune.select.sensitivity import minmax_normalize
 
 
@@ -44,10 +44,11 @@ def check_greedy_property(z, w, picks, fusion):
 
 
 @settings(max_examples=150, deadline=None)
-@given(problems(), st.sampled_from(["product", "sum"]))
-def test_weighted_greedy_matches_reference(problem, fusion):
+@given(problems(), st.sampled_from(["product", "sum"]), st.sampled_from(["matrix", "rows"]))
+def test_weighted_greedy_matches_reference(problem, fusion, distances):
     z, w, k = problem
-    picks = maxmin_select(z[None], k, weights=w[None], fusion=fusion)[0].tolist()
+    picks = maxmin_select(z[None], k, weights=w[None], fusion=fusion, distances=distances)
+    picks = picks[0].tolist()
     reference = naive_maxmin_select(z, k, weights=w, fusion=fusion)
     assert len(set(picks)) == k
     assert picks[0] == reference[0]  # argmax of the weights, lowest index on ties
@@ -68,18 +69,57 @@ def test_divprune_matches_reference(problem):
     check_greedy_property(z, torch.ones(len(z), dtype=z.dtype), picks, "product")
 
 
-def test_exact_results_on_random_float64_inputs():
+@pytest.mark.parametrize("distances", ["matrix", "rows", "auto"])
+def test_exact_results_on_random_float64_inputs(distances):
     g = torch.Generator().manual_seed(1)
-    for n, k in [(50, 1), (50, 17), (50, 50), (7, 3)]:
+    for n, k in [(50, 1), (50, 5), (50, 17), (50, 50), (7, 3)]:
         z = torch.randn(n, 12, generator=g, dtype=torch.float64)
         w = torch.rand(n, generator=g, dtype=torch.float64)
         for fusion in ("product", "sum"):
-            assert maxmin_select(z[None], k, weights=w[None], fusion=fusion)[0].tolist() == (
-                naive_maxmin_select(z, k, weights=w, fusion=fusion)
-            )
+            picks = maxmin_select(z[None], k, weights=w[None], fusion=fusion, distances=distances)
+            assert picks[0].tolist() == naive_maxmin_select(z, k, weights=w, fusion=fusion)
         assert maxmin_select(z[None], k, first="farthest_neighbour")[0].tolist() == (
             naive_maxmin_select(z, k, first="farthest_neighbour")
         )
+
+
+def test_distances_are_exactly_symmetric():
+    # A plain float64 product gave d(i, j) != d(j, i) in the last bit here, which broke the
+    # tie of a mutual nearest pair (DivPrune's first pick) towards the higher index.
+    z = torch.tensor(
+        [
+            [-0.0885, -0.8177, -0.0859, 1.0580, -1.1850],
+            [0.7234, 0.3948, -1.1193, 1.7883, -1.0398],
+            [-0.0409, -1.4316, -2.0372, 1.2282, 0.4258],
+            [0.0113, -0.1685, -0.8224, 1.2477, 0.4109],
+            [0.4661, -0.8619, 1.0094, 0.1516, 0.2915],
+            [-0.4963, -0.2369, 0.7369, -0.7099, 0.4032],
+            [-1.0474, -0.1393, 0.7425, 0.5063, -0.1901],
+            [0.6725, 0.4140, -0.7273, 1.5317, -0.5618],
+            [0.0297, 1.1535, -0.1104, 1.1242, -0.6462],
+            [-1.1536, 0.1411, 0.9456, 0.8198, -1.8845],
+        ],
+        dtype=torch.float64,
+    )
+    g = torch.Generator().manual_seed(4)
+    for x in (z[None], torch.randn(2, 500, 40, generator=g)):  # several blocks too
+        d = pairwise_distances(x)
+        assert torch.equal(d, d.mT)
+        unit = x / x.norm(dim=-1, keepdim=True)
+        torch.testing.assert_close(d, (1 - unit @ unit.mT).clamp_min(0), atol=1e-5, rtol=0)
+
+
+def test_rows_and_matrix_pick_alike_on_a_batch():
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(3, 300, 24, generator=g)
+    w = torch.rand(3, 300, generator=g)
+    mask = torch.ones(3, 300, dtype=torch.bool)
+    mask[1, 200:] = False
+    rows = maxmin_select(z, 30, weights=w, mask=mask, distances="rows")
+    matrix = maxmin_select(z, 30, weights=w, mask=mask, distances="matrix")
+    assert torch.equal(rows, matrix)
+    with pytest.raises(ValueError, match="needs every distance"):
+        maxmin_select(z, 3, first="farthest_neighbour", distances="rows")
 
 
 def test_ties_go_to_the_lowest_index_and_zero_scores_come_last():

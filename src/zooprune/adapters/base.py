@@ -9,151 +9,26 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from zooprune.errors import PlaceholderMismatchError, PruneError
+from zooprune.errors import PlaceholderMismatchError
+from zooprune.pipeline import CROP_BUDGETS, SEPARATOR_POLICIES, EncodedImages, ImageLayout
 
-#: the layout options a multi-crop family may accept (``Adapter.options``), first = default
-CROP_BUDGETS = ("split", "global")
-SEPARATOR_POLICIES = ("all", "nonempty")
-
-
-@dataclass
-class ImageLayout:
-    """Where one image's visual tokens sit in its run of placeholders, and what they show.
-
-    The run holds S placeholders: the N visual tokens (the candidates a method chooses
-    from) and S - N separators (e.g. LLaVA-NeXT's ``image_newline`` after each row), which
-    are never scored nor counted in the budget. Each visual token comes from one crop
-    (crop 0 is the only one of a single-crop model; for AnyRes, crop 0 is the base image
-    and crops 1.. are the sub-crops in raster order) and one patch cell of that crop.
-
-    Attributes:
-        packed: ``[S, d_l]`` what the model itself places in the run, separators included.
-        token_slots: ``[N]`` slot of each visual token in the run, ascending.
-        separator_of: ``[N]`` slot of the separator that closes the token's row, -1 if none.
-        crop: ``[N]`` crop index of each visual token.
-        cell: ``[N, 2]`` (row, column) of the token's patch in its crop's ``patch_grids``.
-        crop_grids: per crop, ``(rows, cols)`` its tokens form in the prompt, raster order
-            (after unpadding or pooling); ``(1, n)`` when they form no rectangle.
-        patch_grids: per crop, ``(height, width)`` of its token grid: the tower's patch grid,
-            or the grid after the connector merges patches (pixel shuffle, patch merger).
-        boxes: per crop, ``(top, left, bottom, right)`` in the original image's pixels, or
-            None when unknown; a crop holding padding reaches past the image.
-    """
-
-    packed: Tensor
-    token_slots: Tensor
-    separator_of: Tensor
-    crop: Tensor
-    cell: Tensor
-    crop_grids: list[tuple[int, int]]
-    patch_grids: list[tuple[int, int]]
-    boxes: list[tuple[float, float, float, float]] | None = None
-
-    @classmethod
-    def single(cls, projected: Tensor, grid: tuple[int, int]) -> ImageLayout:
-        """One crop, no separators: the run is the ``[N, d_l]`` tokens on ``grid``."""
-        n, device = projected.shape[0], projected.device
-        index = torch.arange(n, device=device)
-        return cls(
-            packed=projected,
-            token_slots=index,
-            separator_of=torch.full((n,), -1, dtype=torch.long, device=device),
-            crop=torch.zeros(n, dtype=torch.long, device=device),
-            cell=torch.stack([index // grid[1], index % grid[1]], dim=-1),
-            crop_grids=[grid],
-            patch_grids=[grid],
-        )
-
-    @property
-    def slots(self) -> int:
-        """S, the image's placeholders in the prompt."""
-        return self.packed.shape[0]
-
-    @property
-    def separator_slots(self) -> Tensor:
-        """``[S - N]`` the slots holding separators."""
-        is_token = torch.zeros(self.slots, dtype=torch.bool, device=self.token_slots.device)
-        is_token[self.token_slots] = True
-        return (~is_token).nonzero().flatten()
-
-    def units(self, crop_budget: str) -> list[tuple[Tensor, tuple[int, int]]]:
-        """The groups a budget is split over: ``(token indices [n_u], grid)`` each.
-
-        ``"split"``: one group per non-empty crop, on that crop's grid. ``"global"``: one
-        group of all N tokens, on the crop's grid if there is one crop, else ``(1, N)``.
-        """
-        n = self.token_slots.numel()
-        counts = torch.bincount(self.crop, minlength=len(self.crop_grids)).tolist()
-        crops = [c for c, count in enumerate(counts) if count]
-        if len(crops) == 1:
-            return [(torch.arange(n, device=self.crop.device), self.crop_grids[crops[0]])]
-        if crop_budget == "global":
-            return [(torch.arange(n, device=self.crop.device), (1, n))]
-        return [((self.crop == c).nonzero().flatten(), self.crop_grids[c]) for c in crops]
-
-    def assemble(
-        self, indices: Tensor, tokens: Tensor, separators: str
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """The kept slots of the run and what fills them.
-
-        Args:
-            indices: ``[K]`` kept visual tokens, ascending.
-            tokens: ``[K, d_l]`` the token placed at each of them.
-            separators: ``"all"`` keeps every separator; ``"nonempty"`` keeps only those
-                closing a row that still holds a kept token.
-
-        Returns:
-            ``[K + S']`` kept slots ascending, ``[K + S', d_l]`` their tokens, ``[S']`` the
-            kept separators' slots.
-        """
-        token_slots = self.token_slots[indices]
-        every = self.separator_slots
-        if every.numel() == 0:
-            return token_slots, tokens, every
-        if separators == "all":
-            kept_separators = every
-        else:
-            closing = self.separator_of[indices]
-            kept_separators = closing[closing >= 0].unique()
-        slots, order = torch.cat([token_slots, kept_separators]).sort()
-        filled = torch.cat([tokens.to(self.packed.dtype), self.packed[kept_separators]])
-        return slots, filled[order], kept_separators
-
-
-@dataclass
-class EncodedImages:
-    """The visual tokens of every image in a call, as the model computed them.
-
-    Attributes:
-        features: per image, projector inputs ``[N_i, d_v]``.
-        projected: per image, projector outputs ``[N_i, d_l]`` (what fills the prompt).
-        grids: per image, ``(height, width)`` with ``height * width == N_i``, or ``(1, N_i)``.
-        cls_attention: per image ``[N_i]``, when asked for.
-        keys: per image ``[N_i, d_k]``, when asked for.
-        encoder_output: the model's own encoder output, reused when calling the model.
-        layouts: per image, where its tokens sit among its placeholders (separators,
-            crops); None means every image is one crop of N placeholders on its grid.
-    """
-
-    features: list[Tensor]
-    projected: list[Tensor]
-    grids: list[tuple[int, int]]
-    cls_attention: list[Tensor] | None
-    keys: list[Tensor] | None
-    encoder_output: Any
-    layouts: list[ImageLayout] | None = None
-
-    def layout(self, image: int) -> ImageLayout:
-        """Image ``image``'s layout, the single-crop one when the adapter gives none."""
-        if self.layouts is not None:
-            return self.layouts[image]
-        return ImageLayout.single(self.projected[image], self.grids[image])
+__all__ = [
+    "CROP_BUDGETS",
+    "SEPARATOR_POLICIES",
+    "Adapter",
+    "EncodedImages",
+    "ImageLayout",
+    "locate_images",
+    "padding_side",
+    "run_capturing",
+    "shrink",
+    "square_grid",
+]
 
 
 class Adapter(ABC):
@@ -218,20 +93,15 @@ class Adapter(ABC):
         """
         return positions
 
-    def save_state(self, model: nn.Module) -> Callable[[], None]:
-        """Snapshot what :meth:`pruned_positions` may change on ``model``; call the result
-        to put it back (``PruneHandle.remove()`` does). The default changes nothing."""
-        return lambda: None
+    def save_state(self, model: nn.Module) -> dict[str, Any]:
+        """What :meth:`pruned_positions` may change on ``model``, as plain data (it is
+        pickled and deep-copied with the model); :meth:`restore_state` puts it back
+        (``PruneHandle.remove()`` does). The default changes nothing."""
+        return {}
 
-    def take_options(self, options: dict[str, Any]) -> dict[str, str]:
-        """Remove this family's layout options from ``options``; all of them, defaults filled."""
-        chosen = {}
-        for name, allowed in self.options.items():
-            value = options.pop(name, allowed[0])
-            if value not in allowed:
-                raise PruneError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-            chosen[name] = value
-        return chosen
+    def restore_state(self, model: nn.Module, saved: dict[str, Any]) -> None:
+        """Undo what pruned calls changed, from :meth:`save_state`'s snapshot."""
+        return None
 
     def provides(self, model: nn.Module) -> frozenset[str]:
         """What this model can give methods beyond features (e.g. ``"cls_attention"``)."""
@@ -267,14 +137,18 @@ class Adapter(ABC):
 
 
 def run_capturing(
-    run: Callable[[], Any], projector: nn.Module, attention: nn.Module | None = None
+    run: Callable[[], Any],
+    projector: nn.Module,
+    attention: nn.Module | None = None,
+    layer: nn.Module | None = None,
 ) -> tuple[Any, dict[str, Tensor]]:
     """``run()`` (the model's own image encoding) with what the adapter needs captured.
 
     Returns ``run()``'s output and a dict with ``"features"`` and ``"projected"`` (the
-    projector's input and output on that call) and, when ``attention`` is given,
-    ``"attention_input"`` (the hidden states entering that attention layer). The hooks are
-    removed whatever happens, so the model is left as it was.
+    projector's input and output on that call); when ``attention`` is given,
+    ``"attention_input"`` (the hidden states entering that attention layer); when
+    ``layer`` is given, ``"layer_output"`` (the hidden states that layer returns). The
+    hooks are removed whatever happens, so the model is left as it was.
     """
     captured: dict[str, Tensor] = {}
 
@@ -284,9 +158,14 @@ def run_capturing(
     def on_attention(module: nn.Module, args: tuple, kwargs: dict) -> None:
         captured["attention_input"] = kwargs.get("hidden_states", args[0] if args else None)
 
+    def on_layer(module: nn.Module, args: tuple, output: Any) -> None:
+        captured["layer_output"] = output[0] if isinstance(output, tuple) else output
+
     hooks = [projector.register_forward_hook(on_projector)]
     if attention is not None:
         hooks.append(attention.register_forward_pre_hook(on_attention, with_kwargs=True))
+    if layer is not None:
+        hooks.append(layer.register_forward_hook(on_layer))
     try:
         output = run()
     finally:

@@ -15,6 +15,7 @@ from transformers import LlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from zooprune.adapters.base import Adapter, EncodedImages, run_capturing, square_grid
+from zooprune.errors import PruneError
 
 
 def _cls_attention_and_keys(attention: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor]:
@@ -44,7 +45,11 @@ class LlavaAdapter(Adapter):
     model_classes = (LlavaForConditionalGeneration,)
     requirement = "with a CLIP or SigLIP vision tower (the LLaVA-1.5 layout)"
     tokens_per_image = "(image side / patch)^2, CLS excluded"
-    extras = {"cls_attention": "CLIP tower, `default` feature strategy, one feature layer"}
+    extras = {
+        "cls_attention": "CLIP tower, `default` feature strategy, one feature layer",
+        # visionzip's cls_token=True: the feature layer's CLS state, one per image
+        "cls_token": "CLIP tower, `default` feature strategy, one feature layer",
+    }
     image_input_names = (
         "pixel_values",
         "image_sizes",
@@ -67,7 +72,7 @@ class LlavaAdapter(Adapter):
             and config.vision_feature_select_strategy == "default"
             and single_layer
         ):
-            return frozenset({"cls_attention"})
+            return frozenset(name for name, condition in self.extras.items() if condition)
         return frozenset()
 
     def image_token_id(self, model: nn.Module) -> int:
@@ -76,10 +81,13 @@ class LlavaAdapter(Adapter):
     def projector(self, model: nn.Module) -> nn.Module:
         return model.model.multi_modal_projector
 
-    def _attention_layer(self, model: nn.Module, feature_layer: Any) -> nn.Module:
+    def _feature_layer(self, model: nn.Module, feature_layer: Any) -> nn.Module:
+        """The tower layer whose output is the feature layer (its attention gives the CLS
+        attention, its output the CLS state)."""
         if not isinstance(feature_layer, int):
-            raise ValueError(
-                f"CLS attention needs a single vision_feature_layer, got {feature_layer!r}"
+            raise PruneError(
+                f"the CLS token's attention and state need a single vision_feature_layer, "
+                f"got {feature_layer!r}"
             )
         tower = model.model.vision_tower
         tower = getattr(tower, "vision_model", tower)  # older layouts nest the encoder
@@ -87,14 +95,14 @@ class LlavaAdapter(Adapter):
         # hidden_states[j] is the output of layers[j - 1]; negative j counts from the end.
         index = feature_layer if feature_layer < 0 else feature_layer - 1
         if feature_layer == 0 or not -len(layers) <= index < len(layers):
-            raise ValueError(f"vision_feature_layer {feature_layer} has no attention layer")
-        return layers[index].self_attn
+            raise PruneError(f"vision_feature_layer {feature_layer} has no attention layer")
+        return layers[index]
 
     def encode(
         self, model: nn.Module, image_inputs: dict[str, Any], needs: frozenset[str]
     ) -> EncodedImages:
         layer, strategy = self._feature_choice(model, image_inputs)
-        output, features, projected, cls_attention, keys = self._encode_hooked(
+        output, features, projected, cls_attention, keys, cls = self._encode_hooked(
             model,
             needs,
             layer,
@@ -114,6 +122,7 @@ class LlavaAdapter(Adapter):
             cls_attention=None if cls_attention is None else list(cls_attention),
             keys=None if keys is None else list(keys),
             encoder_output=output,
+            cls_features=None if cls is None else list(cls),
         )
 
     def _feature_choice(self, model: nn.Module, image_inputs: dict[str, Any]) -> tuple[Any, str]:
@@ -132,24 +141,33 @@ class LlavaAdapter(Adapter):
         layer: Any,
         strategy: str,
         run: Callable[[], Any],
-    ) -> tuple[Any, Tensor, Tensor, Tensor | None, Tensor | None]:
+    ) -> tuple[Any, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """Run the vision side with ``run()``, capturing what the projector saw.
 
         Returns:
             the model's encoder output; projector inputs ``[P, T, d_v]`` and outputs
-            ``[P, T, d_l]`` of all P crops (images, for LLaVA-1.5); and, when
+            ``[P, T, d_l]`` of all P crops (images, for LLaVA-1.5); when
             ``"cls_attention"`` is needed, ``[P, T]`` CLS attention and ``[P, T, d_k]``
-            keys aligned with the feature tokens (else None, None).
+            keys aligned with the feature tokens (else None, None); when ``"cls_token"``
+            is needed, ``[P, d_v]`` the feature layer's CLS state (else None).
         """
-        attention = self._attention_layer(model, layer) if "cls_attention" in needs else None
-        output, captured = run_capturing(run, self.projector(model), attention)
-        cls_attention = keys = None
+        wanted = {"cls_attention", "cls_token"} & needs
+        encoder_layer = self._feature_layer(model, layer) if wanted else None
+        output, captured = run_capturing(
+            run,
+            self.projector(model),
+            attention=encoder_layer.self_attn if "cls_attention" in needs else None,
+            layer=encoder_layer if "cls_token" in needs else None,
+        )
+        cls_attention = keys = cls = None
         if "cls_attention" in needs:
-            attn, k = _cls_attention_and_keys(attention, captured["attention_input"])
+            attn, k = _cls_attention_and_keys(encoder_layer.self_attn, captured["attention_input"])
             # Align with the feature tokens: without CLS under "default", with it otherwise.
             skip = 1 if strategy == "default" else 0
             cls_attention, keys = attn[:, skip:], k[:, skip:]
-        return output, captured["features"], captured["projected"], cls_attention, keys
+        if "cls_token" in needs:
+            cls = captured["layer_output"][:, 0]
+        return output, captured["features"], captured["projected"], cls_attention, keys, cls
 
     def encoder_output(self, encoded: EncodedImages, kept_tokens: list[Tensor]) -> Any:
         return BaseModelOutputWithPooling(pooler_output=kept_tokens)

@@ -79,6 +79,8 @@ class LlavaNextAdapter(LlavaAdapter):
     requirement = "with a CLIP or SigLIP vision tower (AnyRes crops, row newlines)"
     tokens_per_image = "base crop (side / patch)^2 + the unpadded sub-crop grid, newlines excluded"
     options = {"crop_budget": CROP_BUDGETS, "separators": SEPARATOR_POLICIES}
+    # A CLS state per crop has no placeholder of its own in AnyRes layouts.
+    extras = {"cls_attention": LlavaAdapter.extras["cls_attention"], "cls_token": ""}
     image_input_names = (
         "pixel_values",
         "image_sizes",
@@ -128,7 +130,7 @@ class LlavaNextAdapter(LlavaAdapter):
             raise PruneError(f"{type(model).__name__} needs image_sizes with pixel_values")
         layer, strategy = self._feature_choice(model, image_inputs)
         extra = self._image_features_kwargs(model, image_inputs)
-        output, features, _, cls_attention, keys = self._encode_hooked(
+        output, features, _, cls_attention, keys, _ = self._encode_hooked(
             model,
             needs,
             layer,
@@ -250,7 +252,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         "prompt's image: its base crop"
     )
     # OneVision's SigLIP tower has no CLS token whose attention VisionZip could rank by.
-    extras = {"cls_attention": ""}
+    extras = {"cls_attention": "", "cls_token": ""}
     image_input_names = (
         *LlavaNextAdapter.image_input_names,
         "vision_aspect_ratio",

@@ -59,7 +59,6 @@ unpruned; a call with images and videos is refused. The tower has no CLS token:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -73,7 +72,6 @@ from zooprune.errors import PlaceholderMismatchError, PruneError
 
 #: ``mm_token_type_ids`` value of image placeholders (text 0, video 2), as the processor sets
 _IMAGE_TYPE = 1
-_ABSENT = object()
 
 
 class MergerProjector(nn.Module):
@@ -180,7 +178,11 @@ class Qwen2VLAdapter(Adapter):
         projected = list(output.pooler_output)
         # The model's own reordering must agree with ours, or features and tokens would
         # belong to different cells (a tower that changed its order would show here).
-        if not torch.equal(merged, torch.cat(projected)):
+        # NaN equals NaN here: non-finite features are the pipeline's to report.
+        same = torch.cat(projected)
+        if merged.shape != same.shape or not torch.allclose(
+            merged, same, rtol=0, atol=0, equal_nan=True
+        ):
             raise RuntimeError(
                 f"{type(model).__name__}: the merger's output in the adapter's raster order "
                 "differs from the model's image features"
@@ -254,18 +256,17 @@ class Qwen2VLAdapter(Adapter):
         model.model.rope_deltas = (largest + 1 - real).view(-1, 1)
         return torch.cat([text[None].to(positions.dtype), positions])
 
-    def save_state(self, model: nn.Module) -> Callable[[], None]:
+    def save_state(self, model: nn.Module) -> dict[str, Any]:
         """``rope_deltas`` is the one model attribute a pruned call rewrites."""
+        inner = model.model.__dict__
+        return {"rope_deltas": inner["rope_deltas"]} if "rope_deltas" in inner else {}
+
+    def restore_state(self, model: nn.Module, saved: dict[str, Any]) -> None:
         inner = model.model
-        saved = inner.__dict__.get("rope_deltas", _ABSENT)
-
-        def restore() -> None:
-            if saved is _ABSENT:
-                inner.__dict__.pop("rope_deltas", None)
-            else:
-                inner.rope_deltas = saved
-
-        return restore
+        if "rope_deltas" in saved:
+            inner.rope_deltas = saved["rope_deltas"]
+        else:
+            inner.__dict__.pop("rope_deltas", None)
 
 
 def _raster_order(visual: nn.Module, grid_thw: Tensor) -> Tensor | None:

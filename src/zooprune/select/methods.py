@@ -10,7 +10,16 @@ import torch
 from zooprune.errors import PruneError
 from zooprune.select.greedy import maxmin_select
 from zooprune.select.mlp import as_mlp, exact_sensitivity, low_rank_projector
-from zooprune.select.registry import MethodResult, TokenSet, register_method
+from zooprune.select.registry import (
+    SEED_RANGE,
+    MethodResult,
+    TokenSet,
+    check_bool,
+    check_choice,
+    check_int,
+    check_positive_real,
+    register_method,
+)
 from zooprune.select.sensitivity import (
     jvp_sensitivity,
     minmax_normalize,
@@ -24,21 +33,37 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 ESTIMATORS = ("auto", "exact", "zo", "jvp", "lowrank")
 
 
-def check_sensitivity_options(options: dict[str, Any]) -> None:
+def check_sensitivity_options(options: dict[str, Any], keep: int | None) -> dict[str, Any]:
     """Reject option values the sensitivity estimators cannot honour, before any call."""
-    estimator, zo_dtype = options["estimator"], options["zo_dtype"]
-    if estimator not in ESTIMATORS:
-        raise PruneError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
-    if zo_dtype not in _DTYPES:
-        raise PruneError(f"zo_dtype must be one of {', '.join(_DTYPES)}, got {zo_dtype!r}")
+    estimator = check_choice("estimator", options["estimator"], ESTIMATORS)
+    zo_dtype = check_choice("zo_dtype", options["zo_dtype"], tuple(_DTYPES))
     if zo_dtype != "float32" and estimator != "zo":
         raise PruneError(f"zo_dtype={zo_dtype!r} applies to estimator='zo' only; pass it too")
-    for name in ("num_directions", "rank"):
-        value = options[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise PruneError(f"{name} must be a positive int, got {value!r}")
-    if not (isinstance(options["step"], (int, float)) and options["step"] > 0):
-        raise PruneError(f"step must be positive, got {options['step']!r}")
+    return options | {
+        "num_directions": check_int("num_directions", options["num_directions"], low=1),
+        "rank": check_int("rank", options["rank"], low=1),
+        # inf makes every central difference NaN; 0 makes it 0/0
+        "step": check_positive_real("step", options["step"]),
+        "seed": check_int("seed", options["seed"], low=SEED_RANGE[0], high=SEED_RANGE[1]),
+    }
+
+
+def check_seed_option(options: dict[str, Any], keep: int | None) -> dict[str, Any]:
+    return options | {
+        "seed": check_int("seed", options["seed"], low=SEED_RANGE[0], high=SEED_RANGE[1])
+    }
+
+
+def check_visionzip_options(options: dict[str, Any], keep: int | None) -> dict[str, Any]:
+    contextual = options["contextual"]
+    if contextual is not None:
+        # Under ratio= the kept count is known per image only: checked again per call.
+        high = None if keep is None else keep - 1
+        contextual = check_int("contextual", contextual, low=0, high=high)
+    return options | {
+        "contextual": contextual,
+        "cls_token": check_bool("cls_token", options["cls_token"]),
+    }
 
 
 @torch.no_grad()  # scores are only ranked: no graph to keep
@@ -154,11 +179,31 @@ def divprune(tokens: TokenSet, k: int) -> MethodResult:
     "visionzip",
     "VisionZip: top CLS-attention tokens + merged contextual tokens",
     needs=("cls_attention",),
+    validate=check_visionzip_options,
+    option_needs={"cls_token": "cls_token"},
 )
-def visionzip(tokens: TokenSet, k: int, *, contextual: int | None = None) -> MethodResult:
+def visionzip(
+    tokens: TokenSet, k: int, *, contextual: int | None = None, cls_token: bool = False
+) -> MethodResult:
+    """VisionZip. Its authors count the CLS token among the dominant tokens (the top
+    ``dominant - 1`` patches by CLS attention, plus the CLS token itself); by default
+    zooprune keeps one more patch instead, so that every kept token is a patch of the
+    image. ``cls_token=True`` keeps the authors' choice where the tower's CLS output is
+    reachable: the CLS state at the feature layer, projected, fills the image's first
+    placeholder (so it comes first, as in the authors' code), and patch 0, whose
+    placeholder it takes, is never dominant or a merge target itself (it may still be
+    merged into one); ``handle.selection`` then lists index 0 for the CLS token.
+    """
     if tokens.cls_attention is None or tokens.keys is None:
         raise ValueError("visionzip needs the vision tower's CLS attention and keys")
     count = default_contextual(k) if contextual is None else contextual
+    if count >= k:
+        raise PruneError(
+            f"visionzip's contextual={count} leaves no dominant token of the {k} kept here; "
+            f"contextual must be below the tokens kept per image (or per crop)"
+        )
+    if cls_token and tokens.cls_features is None:
+        raise ValueError("visionzip with cls_token=True needs the CLS token's features")
     indices, kept = visionzip_select(
         tokens.cls_attention,
         tokens.keys,
@@ -166,16 +211,17 @@ def visionzip(tokens: TokenSet, k: int, *, contextual: int | None = None) -> Met
         projector_in_dtype(tokens.projector, torch.float32),
         k,
         count,
+        cls_features=tokens.cls_features if cls_token else None,
     )
     return MethodResult(
         indices,
         tokens=kept,
         scores=tokens.cls_attention.float(),
-        details={"dominant": k - count, "contextual": count},
+        details={"dominant": k - count, "contextual": count, "cls_token": cls_token},
     )
 
 
-@register_method("random", "uniformly random tokens (seeded)")
+@register_method("random", "uniformly random tokens (seeded)", validate=check_seed_option)
 def random(tokens: TokenSet, k: int, *, seed: int = 0) -> MethodResult:
     batch, n = tokens.projected.shape[:2]
     index = random_indices(n, k, seed=seed, device=tokens.projected.device)

@@ -3,18 +3,23 @@
 A method is a function ``fn(tokens: TokenSet, k: int, **options) -> MethodResult`` whose
 keyword-only parameters are its options. It sees a batch of images that all have the
 same number of tokens N, and keeps exactly k of them per image. Registering one is a
-decorator on one function (see ``zooprune.select.methods``).
+decorator on one function (see ``zooprune.select.methods``), with a validator that checks
+and normalises its option values before any call.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from zooprune.errors import PruneError, UnknownMethodError
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,8 @@ class TokenSet:
         cls_attention: ``[B, N]`` attention from the vision CLS token to each token,
             summed over heads; present only for methods that need it.
         keys: ``[B, N, d_k]`` that layer's keys, averaged over heads; likewise.
+        cls_features: ``[B, d_v]`` the CLS token's projector input (the feature layer's
+            CLS state); present only for methods that need it.
     """
 
     features: Tensor
@@ -38,6 +45,7 @@ class TokenSet:
     grid: tuple[int, int]
     cls_attention: Tensor | None = None
     keys: Tensor | None = None
+    cls_features: Tensor | None = None
 
 
 @dataclass
@@ -58,13 +66,25 @@ class MethodResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+#: ``validate(options, keep)``: the full option dict (defaults filled) and the budget's
+#: ``keep`` (None under ``ratio``) -> the same options, checked and normalised
+Validator = Callable[[dict[str, Any], "int | None"], dict[str, Any]]
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
     summary: str
     fn: Callable[..., MethodResult]
     needs: frozenset[str]
-    validate: Callable[[dict[str, Any]], None] | None = None
+    validate: Validator | None = None
+    #: option name -> an extra the method needs when that option is truthy
+    option_needs: dict[str, str] = field(default_factory=dict)
+
+    def __reduce__(self) -> tuple:
+        # By name: a pickled or copied spec is the registered one (its function may be a
+        # closure, which pickle cannot store).
+        return (get_method, (self.name,))
 
     @property
     def options(self) -> dict[str, Any]:
@@ -72,9 +92,15 @@ class MethodSpec:
         params = inspect.signature(self.fn).parameters.values()
         return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
-    def check_options(self, options: dict[str, Any]) -> None:
-        from zooprune.errors import PruneError
+    def resolve_options(self, options: dict[str, Any], keep: int | None = None) -> dict[str, Any]:
+        """``options`` checked against the method's names and value ranges, normalised.
 
+        Returns only the options given (normalised: numpy numbers become Python ones).
+
+        Raises:
+            PruneError: naming an unknown option (and the accepted ones) or a bad value
+                (and the accepted range).
+        """
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             accepted = ", ".join(sorted(self.options)) or "none"
@@ -82,8 +108,15 @@ class MethodSpec:
                 f"method {self.name!r} has no option {', '.join(map(repr, unknown))}; "
                 f"its options are: {accepted}"
             )
-        if self.validate is not None:
-            self.validate(self.options | options)
+        if self.validate is None:
+            return dict(options)
+        checked = self.validate(self.options | options, keep)
+        return {name: checked[name] for name in options}
+
+    def needs_for(self, options: dict[str, Any]) -> frozenset[str]:
+        """What the method needs from the model with these options."""
+        extra = {need for name, need in self.option_needs.items() if options.get(name)}
+        return self.needs | extra
 
     def __call__(self, tokens: TokenSet, k: int, **options: Any) -> MethodResult:
         with torch.no_grad():
@@ -111,14 +144,17 @@ def register_method(
     summary: str,
     *,
     needs: tuple[str, ...] = (),
-    validate: Callable[[dict[str, Any]], None] | None = None,
+    validate: Validator | None = None,
+    option_needs: dict[str, str] | None = None,
 ) -> Callable[[Callable[..., MethodResult]], Callable[..., MethodResult]]:
     """Add a method to the registry under ``name``."""
 
     def add(fn: Callable[..., MethodResult]) -> Callable[..., MethodResult]:
         if name in METHODS:
             raise ValueError(f"method {name!r} is already registered")
-        METHODS[name] = MethodSpec(name, summary, fn, frozenset(needs), validate)
+        METHODS[name] = MethodSpec(
+            name, summary, fn, frozenset(needs), validate, dict(option_needs or {})
+        )
         return fn
 
     return add
@@ -126,10 +162,48 @@ def register_method(
 
 def get_method(name: str) -> MethodSpec:
     """The registered method called ``name``; the error lists the known ones."""
-    from zooprune.errors import UnknownMethodError
-
     try:
         return METHODS[name]
-    except KeyError:
+    except (KeyError, TypeError):
         known = ", ".join(sorted(METHODS))
         raise UnknownMethodError(f"unknown method {name!r}; known methods: {known}") from None
+
+
+# -- option value checks, shared by the validators --------------------------------------
+
+
+def check_int(name: str, value: Any, *, low: int, high: int | None = None) -> int:
+    """``value`` as a plain int in ``[low, high]`` (numpy ints accepted, bools not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise PruneError(f"{name} must be an int, got {value!r}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise PruneError(f"{name} must be an int {bound}, got {value}")
+    return value
+
+
+def check_positive_real(name: str, value: Any) -> float:
+    """``value`` as a finite positive float (ints and numpy numbers accepted, bools not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise PruneError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise PruneError(f"{name} must be finite and positive, got {value}")
+    return value
+
+
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise PruneError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise PruneError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+#: seeds a ``torch.Generator`` takes
+SEED_RANGE = (0, 2**63 - 1)

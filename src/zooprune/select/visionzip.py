@@ -22,6 +22,7 @@ def visionzip_select(
     project: Callable[[Tensor], Tensor],
     k: int,
     contextual: int,
+    cls_features: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Keep the ``k - contextual`` tokens the CLS token attends to most, merge the rest.
 
@@ -39,6 +40,10 @@ def visionzip_select(
         project: the projector, ``[..., d_v] -> [..., d_l]``.
         k: tokens to keep per image, ``1 <= k <= N``.
         contextual: how many of the k are merged tokens, ``0 <= contextual < k``.
+        cls_features: ``[B, d_v]`` the CLS token's projector input, to count the CLS token
+            among the dominant ones as VisionZip's authors do: it then fills index 0's
+            place (first in order), and token 0 is neither dominant nor a merge target
+            (it may be merged into one); None (default) keeps k patch tokens.
 
     Returns:
         ``indices`` ``[B, k]`` ascending, and ``tokens`` ``[B, k, d_l]``, the projected
@@ -50,10 +55,19 @@ def visionzip_select(
     if not 0 <= contextual < k:
         raise ValueError(f"contextual must be in [0, {k - 1}], got {contextual}")
     dominant = k - contextual
+    attention = cls_attention.float()
+    if cls_features is not None:
+        dominant -= 1  # the CLS token is one of the dominant tokens
+        attention = attention.clone()
+        attention[:, 0] = -torch.inf  # index 0's place holds the CLS token
     # Stable descending sort: ties go to the lower index.
-    order = torch.sort(cls_attention.float(), dim=-1, descending=True, stable=True).indices
+    order = torch.sort(attention, dim=-1, descending=True, stable=True).indices
     dominant_idx = order[:, :dominant]
     rest = order[:, dominant:].sort(dim=-1).values  # [B, R] raster order
+    merged_only = None
+    if cls_features is not None:
+        merged_only = rest[:, :1]  # token 0: merged into a target, never one itself
+        rest = rest[:, 1:]
     r = rest.shape[1]
     x = at_least_float32(features)
     kept_x = gather_rows(x, dominant_idx)
@@ -65,6 +79,8 @@ def visionzip_select(
         is_target[target_pos] = True
         target_idx = rest[:, target_pos]  # [B, C]
         other_idx = rest[:, ~is_target]  # [B, R - C]
+        if merged_only is not None:
+            other_idx = torch.cat([merged_only, other_idx], dim=1)
         unit = keys.float() / keys.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
         similarity = gather_rows(unit, other_idx) @ gather_rows(unit, target_idx).transpose(1, 2)
         assignment = similarity.argmax(dim=-1)  # [B, R-C] target of each merged token
@@ -78,6 +94,9 @@ def visionzip_select(
         merged = gather_rows(x, target_idx) + sums / counts.clamp_min(1)[..., None]
         kept_x = torch.cat([kept_x, merged], dim=1)
         indices = torch.cat([dominant_idx, target_idx], dim=1)
+    if cls_features is not None:
+        indices = torch.cat([torch.zeros_like(indices[:, :1]), indices], dim=1)
+        kept_x = torch.cat([at_least_float32(cls_features)[:, None], kept_x], dim=1)
     order = indices.argsort(dim=-1)
     indices = indices.gather(1, order)
     kept_x = gather_rows(kept_x, order)

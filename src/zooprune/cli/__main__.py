@@ -1,0 +1,7 @@
+"""``python -m zooprune.cli``."""
+
+import sys
+
+from zooprune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,172 @@
+"""``zooprune bench``: accuracy against the token budget, per method and question family."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.table import Table
+
+from zooprune.cli.common import (
+    BENCH_FAMILIES,
+    add_dtype,
+    add_out,
+    add_threads,
+    console,
+    fail,
+    families,
+    fractions,
+    load_model,
+    method_names,
+    set_threads,
+)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser(
+        "bench", help="accuracy vs token budget for every method, per question family"
+    )
+    bench.add_argument("--model", help="a VLM folder or hub id (default: the bundled test bed)")
+    bench.add_argument("--data", help='JSON lines {"image", "question", "answer"[, "family"]}')
+    bench.add_argument("--methods", type=method_names, default=None, help="default: every one")
+    bench.add_argument(
+        "--ratios",
+        type=fractions,
+        default=None,
+        help="fractions of the visual tokens kept (default 1/3,2/9,1/9,1/18)",
+    )
+    bench.add_argument("--n-per-family", type=int, default=0, help="test-bed questions per family")
+    bench.add_argument(
+        "--families",
+        type=families,
+        default=None,
+        help="test-bed families (default: all but glyph, which the bundled model reads poorly)",
+    )
+    bench.add_argument("--quick", action="store_true", help="12 questions per family")
+    bench.add_argument("--limit", type=int, default=0, help="first N questions of --data")
+    bench.add_argument("--prompt", help="template with {image} and {question} (default: chat)")
+    bench.add_argument("--max-new-tokens", type=int, default=0)
+    bench.add_argument("--batch-size", type=int, default=32)
+    add_dtype(bench, "float32")
+    bench.add_argument("--seed", type=int, default=0)
+    add_threads(bench)
+    add_out(bench, "out/bench", "results folder (resumed if present)")
+    bench.set_defaults(handler=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from zooprune.bench.accuracy import DEFAULT_RATIOS, jsonl_items, run_accuracy, testbed_items
+    from zooprune.bench.timing import machine
+    from zooprune.select import METHODS
+    from zooprune.viz import plot_accuracy
+
+    if args.data is not None and args.model is None:
+        return fail("--data needs --model (the test bed answers its own questions)")
+    if args.data is not None and args.families:
+        return fail("--families chooses test-bed questions; --data brings its own")
+    methods = args.methods or sorted(METHODS)
+    ratios = args.ratios or DEFAULT_RATIOS
+    n = args.n_per_family or (12 if args.quick else 100)
+    set_threads(args.threads)
+    try:
+        items = (
+            jsonl_items(args.data)
+            if args.data
+            else testbed_items(n, "test", args.families or list(BENCH_FAMILIES))
+        )
+    except (OSError, ValueError) as error:
+        return fail(str(error))
+    if args.data and args.limit:
+        items = items[: args.limit]
+    model, processor, name = _load_for_bench(args)
+    max_new = args.max_new_tokens or (1 if args.data is None else 16)
+    out = Path(args.out)
+    total = (1 + len(methods) * len(ratios)) * -(-len(items) // args.batch_size)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    finished: dict[str, int] = {}
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("accuracy", total=total)
+
+        def report(condition: str, done: int, batches: int) -> None:
+            finished[condition] = done
+            progress.update(task, completed=sum(finished.values()), description=condition)
+
+        summary = run_accuracy(
+            model,
+            processor,
+            items,
+            out,
+            methods,
+            ratios,
+            model_name=name,
+            batch_size=args.batch_size,
+            max_new_tokens=max_new,
+            prompt_template=args.prompt,
+            seed=args.seed,
+            on_progress=report,
+        )
+    _print_accuracy(summary)
+    plot = plot_accuracy(summary, out / "accuracy.png")
+    m = machine()
+    console.print(
+        f"[dim]{len(items)} questions, greedy, seed {args.seed}, {m['cpu']}, "
+        f"{m['torch_threads']} threads; wrote {out / 'accuracy.json'}, "
+        f"{out / 'accuracy.csv'}, {plot}[/dim]"
+    )
+    return 0
+
+
+def _load_for_bench(args: argparse.Namespace) -> tuple[object, object, str]:
+    if args.model is None:
+        from zooprune.testbed.model import bundled_path, load_testbed
+
+        model, processor = load_testbed()
+        return model, processor, f"zooprune test bed ({bundled_path().name})"
+    model, processor = load_model(args.model, args.dtype)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.padding_side = "left"  # generate() continues every prompt from its end
+    return model, processor, args.model
+
+
+def _print_accuracy(summary: dict) -> None:
+    from zooprune.bench.accuracy import condition_stats
+
+    conds = summary["conditions"]
+    base = conds[0]
+
+    def cell(stats: dict) -> str:
+        return f"{100 * stats['accuracy']:.0f} [{100 * stats['low']:.0f},{100 * stats['high']:.0f}]"
+
+    for family in ["overall", *base["families"]]:
+        n = condition_stats(base, family)["n"]
+        table = Table(title=f"{family} (n={n}): accuracy % [95% CI] (relative to unpruned)")
+        table.add_column("method", style="bold")
+        ratios = sorted({c["ratio"] for c in conds[1:]}, reverse=True)
+        for ratio in ratios:
+            kept = next(c["kept_mean"] for c in conds if c["ratio"] == ratio)
+            table.add_column(f"{100 * ratio:.1f}% ({kept:.0f})", justify="right")
+        table.add_row("unpruned", *[cell(condition_stats(base, family))] * len(ratios))
+        for method in sorted({c["method"] for c in conds[1:]}):
+            row = []
+            for ratio in ratios:
+                match = next(c for c in conds if c["method"] == method and c["ratio"] == ratio)
+                stats = condition_stats(match, family)
+                relative = "" if stats["relative"] is None else f" ({100 * stats['relative']:.0f}%)"
+                row.append(cell(stats) + relative)
+            table.add_row(method, *row)
+        console.print(table)
+    for comp in summary["comparisons"]:
+        if comp["b"] == "divprune":
+            console.print(
+                f"zoo - divprune at {100 * comp['ratio']:.1f}%: "
+                f"{100 * comp['difference']:+.1f} points "
+                f"[{100 * comp['low']:+.1f}, {100 * comp['high']:+.1f}] (paired 95% CI)"
+            )

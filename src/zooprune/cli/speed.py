@@ -1,0 +1,248 @@
+"""``zooprune speed`` (end to end, per budget) and ``zooprune speed-kernels`` (the selection
+kernels alone)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.table import Table
+
+from zooprune.cli.common import (
+    add_dtype,
+    add_out,
+    add_threads,
+    budgets,
+    console,
+    machine_line,
+    method_name,
+    set_threads,
+    with_progress,
+    write_json,
+)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    speed = commands.add_parser("speed", help="time unpruned vs pruned end to end, per budget")
+    speed.add_argument("--model", default=None, help="default: a LLaVA-1.5-shaped random model")
+    speed.add_argument("--budgets", type=budgets, default=(192, 128, 64))
+    speed.add_argument("--method", type=method_name, default="zoo")
+    add_dtype(speed, "auto")
+    speed.add_argument("--new-tokens", type=int, default=20)
+    speed.add_argument("--repeats", type=int, default=3)
+    speed.add_argument("--warmup", type=int, default=1)
+    speed.add_argument("--device", default="cpu")
+    add_threads(speed)
+    add_out(speed, "out/speed", "folder for speed.json and speed.png")
+    speed.set_defaults(handler=_speed)
+
+    kernels = commands.add_parser(
+        "speed-kernels", help="time the sensitivity estimators and greedy selection alone"
+    )
+    kernels.add_argument("--tokens", type=int, default=576)
+    kernels.add_argument("--vision-dim", type=int, default=1024)
+    kernels.add_argument("--hidden-dim", type=int, default=4096)
+    kernels.add_argument("--text-dim", type=int, default=4096)
+    kernels.add_argument("--budgets", type=budgets, default=(64, 128, 192))
+    kernels.add_argument("--images", type=int, default=4)
+    kernels.add_argument("--num-directions", type=int, default=64)
+    kernels.add_argument(
+        "--token-scale", type=float, default=0.0, help="sigma of a log-normal per-token scale"
+    )
+    kernels.add_argument(
+        "--greedy-only", action="store_true", help="time the greedy selection alone (seconds)"
+    )
+    kernels.add_argument("--device", default="cpu")
+    add_threads(kernels)
+    add_out(kernels, "out/speed", "folder for kernels.json")
+    kernels.set_defaults(handler=_speed_kernels)
+
+
+def _speed(args: argparse.Namespace) -> int:
+    from zooprune.bench.speed import SpeedConfig, run_speed_benchmark
+    from zooprune.viz import plot_speed
+
+    config = SpeedConfig(
+        model=args.model,
+        budgets=args.budgets,
+        method=args.method,
+        dtype=args.dtype,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        device=args.device,
+    )
+    set_threads(args.threads)
+    result = with_progress("speed benchmark", lambda report: run_speed_benchmark(config, report))
+    for table in speed_tables(result):
+        console.print(table)
+    for keep, share in result["selection_share_of_unpruned_prefill"].items():
+        seven_b = result["analytic_7b"]["exact_scoring_plus_greedy_share"].get(keep)
+        extra = (
+            f"; analytic, exact scoring + greedy vs a LLaVA-1.5-7B prefill: {seven_b:.3%}"
+            if seven_b
+            else ""
+        )
+        console.print(f"keep {keep}: selection = {share:.2%} of the unpruned prefill{extra}")
+    console.print(
+        f"[dim]{result['dtype']}, method {result['method']}, medians of {config.repeats} after "
+        f"{config.warmup} warm-up; {machine_line(result)}[/dim]"
+    )
+    path = write_json(result, Path(args.out), "speed.json")
+    plot = plot_speed(result, Path(args.out) / "speed.png")
+    console.print(f"wrote {path} and {plot}")
+    return 0
+
+
+def speed_tables(result: dict) -> list[Table]:
+    """The times per budget, and the ratios and sizes, as ``zooprune speed`` prints them."""
+    ms = lambda seconds: f"{seconds * 1e3:.1f}"  # noqa: E731
+    times = Table(title=f"zooprune speed: {result['model']} (ms)")
+    ratios = Table(title="speed-up over unpruned, and sizes")
+    new_tokens = result["config"]["new_tokens"]
+    for column in (
+        "kept",
+        "vision",
+        "scoring",
+        "greedy",
+        "prefill",
+        "decode/tok",
+        f"LM gen {new_tokens}",
+        "end-to-end",
+        "first token",
+    ):
+        times.add_column(column, justify="right")
+    for column in (
+        "kept",
+        "prefill x",
+        "LM gen + selection x",
+        "end-to-end x",
+        "KV cache MB",
+        "prompt length",
+        "LM prefill GFLOP",
+    ):
+        ratios.add_column(column, justify="right")
+    keys = (
+        "encode_s",
+        "scoring_s",
+        "greedy_s",
+        "prefill_s",
+        "decode_per_token_s",
+        "generate_s",
+        "end_to_end_s",
+        "time_to_first_token_s",
+    )
+    for row in result["rows"]:
+        kept = f"{row['keep']}/{result['visual_tokens']}"
+        times.add_row(kept, *[ms(row[key]) for key in keys])
+        ratios.add_row(
+            kept,
+            f"{row['prefill_speedup']:.2f}",
+            f"{row['generate_speedup_with_selection']:.2f}",
+            f"{row['end_to_end_speedup']:.2f}",
+            f"{row['kv_cache_bytes'] / 2**20:.1f}",
+            str(row["sequence_length"]),
+            f"{row['flops']['lm_prefill'] / 1e9:.1f}",
+        )
+    return [times, ratios]
+
+
+def _speed_kernels(args: argparse.Namespace) -> int:
+    from zooprune.bench.kernels import KernelBenchConfig, run_kernel_benchmark
+
+    config = KernelBenchConfig(
+        tokens=args.tokens,
+        vision_dim=args.vision_dim,
+        hidden_dim=args.hidden_dim,
+        text_dim=args.text_dim,
+        budgets=args.budgets,
+        images=args.images,
+        num_directions=args.num_directions,
+        token_scale=args.token_scale,
+        estimators=() if args.greedy_only else KernelBenchConfig.estimators,
+        device=args.device,
+    )
+    set_threads(args.threads)
+    result = with_progress("kernel benchmark", lambda report: run_kernel_benchmark(config, report))
+    for table in kernel_tables(result):
+        console.print(table)
+    if result["estimators"]:
+        gram_ms = result["setup"]["exact_gram_kernel_s"] * 1e3
+        console.print(
+            f"one-off per model (cached): exact's Gram kernel {gram_ms:.0f} ms, lowrank's SVD "
+            f"{result['setup']['lowrank_svd_s'] * 1e3:.0f} ms; zo: m={config.num_directions}, "
+            f"h=0.01, float32; jvp and lowrank use zo's direction bank, zo-reseeded another "
+            f"one (zo's own sampling noise); features: N(0, 1)"
+            + (f" x log-normal({config.token_scale}) per token" if config.token_scale else "")
+        )
+    console.print(
+        f"[dim]greedy: N={config.tokens}, d={config.text_dim}, float32, medians of "
+        f"{config.greedy_repeats} after 1 warm-up; 'in full' includes each side's distance "
+        f"work; picks' rows: the k rows an exact selection needs, as one product (a floor); "
+        f"{machine_line(result)}[/dim]"
+    )
+    path = write_json(result, Path(args.out), "kernels.json")
+    console.print(f"wrote {path}")
+    return 0
+
+
+def kernel_tables(result: dict) -> list[Table]:
+    """The estimator and greedy tables of ``zooprune speed-kernels``."""
+    config = result["config"]
+    tables = []
+    if result["estimators"]:
+        estimators = Table(
+            title=f"sensitivity estimators: N={config['tokens']}, projector "
+            f"{config['vision_dim']} -> {config['hidden_dim']} -> {config['text_dim']}, "
+            f"{config['images']} images"
+        )
+        for column in (
+            "estimator",
+            "ms / image",
+            "speed-up vs zo",
+            "Spearman vs zo",
+            *[f"top-{k} overlap" for k in config["budgets"]],
+        ):
+            estimators.add_column(column, justify="right")
+        for row in result["estimators"]:
+            estimators.add_row(
+                row["estimator"],
+                f"{row['seconds_per_image'] * 1e3:.1f}",
+                f"{row['speedup_vs_zo']:.1f}",
+                f"{row['spearman_vs_zo']:.4f}",
+                *[f"{row[f'top{k}_overlap_vs_zo']:.3f}" for k in config["budgets"]],
+            )
+        tables.append(estimators)
+    greedy = Table(title="greedy selection in full vs the naive re-slicing loop (ms)")
+    for column in (
+        "k",
+        "ours (auto)",
+        "naive",
+        "speed-up",
+        "ours: matrix",
+        "ours: rows",
+        "distance matrix",
+        "picks' rows",
+        "ours loop",
+        "naive loop",
+        "loop speed-up",
+        "same picks",
+    ):
+        greedy.add_column(column, justify="right")
+    for row in result["greedy"]:
+        greedy.add_row(
+            str(row["k"]),
+            f"{row['ours_s'] * 1e3:.2f} ({row['auto_mode']})",
+            f"{row['naive_reslice_s'] * 1e3:.2f}",
+            f"{row['speedup']:.1f}",
+            f"{row['ours_matrix_s'] * 1e3:.2f}",
+            f"{row['ours_rows_s'] * 1e3:.2f}",
+            f"{row['distance_matrix_s'] * 1e3:.2f}",
+            f"{row['picks_rows_s'] * 1e3:.2f}",
+            f"{row['ours_loop_s'] * 1e3:.2f}",
+            f"{row['naive_loop_s'] * 1e3:.2f}",
+            f"{row['loop_speedup']:.1f}",
+            str(row["same_selection"]),
+        )
+    tables.append(greedy)
+    return tables

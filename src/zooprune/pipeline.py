@@ -1,0 +1,450 @@
+"""Engine-neutral token selection: what every image of a call keeps, and the record of it.
+
+Every engine runs the same four steps: its adapter encodes the images
+(:class:`EncodedImages`: features, projected tokens, the layout of each image's run of
+placeholders); :meth:`Selector.select` shares each image's budget over its units (crops,
+or the whole image), runs the method over units of equal shape in batched calls and
+assembles each image's kept slots (separators policy); the engine places the kept runs
+into its own prompt; :func:`selection_record` maps the choice back to prompt positions,
+crops and cells. Pure torch, no engine imports: the Hugging Face handle
+(``zooprune.api``) and a serving engine share this one piece of code.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from zooprune.budget import Budget, split_evenly
+from zooprune.errors import NonFiniteFeaturesError, PruneError
+from zooprune.record import ImageSelection, Selection
+from zooprune.select import METHODS, MethodSpec, TokenSet, get_method
+
+#: the layout options a multi-crop family may accept (``Adapter.options``), first = default
+CROP_BUDGETS = ("split", "global")
+SEPARATOR_POLICIES = ("all", "nonempty")
+
+
+@dataclass
+class ImageLayout:
+    """Where one image's visual tokens sit in its run of placeholders, and what they show.
+
+    The run holds S placeholders: the N visual tokens (the candidates a method chooses
+    from) and S - N separators (e.g. LLaVA-NeXT's ``image_newline`` after each row), which
+    are never scored nor counted in the budget. Each visual token comes from one crop
+    (crop 0 is the only one of a single-crop model; for AnyRes, crop 0 is the base image
+    and crops 1.. are the sub-crops in raster order) and one patch cell of that crop.
+
+    Attributes:
+        packed: ``[S, d_l]`` what the model itself places in the run, separators included.
+        token_slots: ``[N]`` slot of each visual token in the run, ascending.
+        separator_of: ``[N]`` slot of the separator that closes the token's row, -1 if none.
+        crop: ``[N]`` crop index of each visual token.
+        cell: ``[N, 2]`` (row, column) of the token's patch in its crop's ``patch_grids``.
+        crop_grids: per crop, ``(rows, cols)`` its tokens form in the prompt, raster order
+            (after unpadding or pooling); ``(1, n)`` when they form no rectangle.
+        patch_grids: per crop, ``(height, width)`` of its token grid: the tower's patch grid,
+            or the grid after the connector merges patches (pixel shuffle, patch merger).
+        boxes: per crop, ``(top, left, bottom, right)`` in the original image's pixels, or
+            None when unknown; a crop holding padding reaches past the image.
+    """
+
+    packed: Tensor
+    token_slots: Tensor
+    separator_of: Tensor
+    crop: Tensor
+    cell: Tensor
+    crop_grids: list[tuple[int, int]]
+    patch_grids: list[tuple[int, int]]
+    boxes: list[tuple[float, float, float, float]] | None = None
+
+    @classmethod
+    def single(cls, projected: Tensor, grid: tuple[int, int]) -> ImageLayout:
+        """One crop, no separators: the run is the ``[N, d_l]`` tokens on ``grid``."""
+        n, device = projected.shape[0], projected.device
+        index = torch.arange(n, device=device)
+        return cls(
+            packed=projected,
+            token_slots=index,
+            separator_of=torch.full((n,), -1, dtype=torch.long, device=device),
+            crop=torch.zeros(n, dtype=torch.long, device=device),
+            cell=torch.stack([index // grid[1], index % grid[1]], dim=-1),
+            crop_grids=[grid],
+            patch_grids=[grid],
+        )
+
+    @property
+    def slots(self) -> int:
+        """S, the image's placeholders in the prompt."""
+        return self.packed.shape[0]
+
+    @property
+    def separator_slots(self) -> Tensor:
+        """``[S - N]`` the slots holding separators."""
+        is_token = torch.zeros(self.slots, dtype=torch.bool, device=self.token_slots.device)
+        is_token[self.token_slots] = True
+        return (~is_token).nonzero().flatten()
+
+    def units(self, crop_budget: str) -> list[tuple[Tensor, tuple[int, int]]]:
+        """The groups a budget is split over: ``(token indices [n_u], grid)`` each.
+
+        ``"split"``: one group per non-empty crop, on that crop's grid. ``"global"``: one
+        group of all N tokens, on the crop's grid if there is one crop, else ``(1, N)``.
+        """
+        n = self.token_slots.numel()
+        counts = torch.bincount(self.crop, minlength=len(self.crop_grids)).tolist()
+        crops = [c for c, count in enumerate(counts) if count]
+        if len(crops) == 1:
+            return [(torch.arange(n, device=self.crop.device), self.crop_grids[crops[0]])]
+        if crop_budget == "global":
+            return [(torch.arange(n, device=self.crop.device), (1, n))]
+        return [((self.crop == c).nonzero().flatten(), self.crop_grids[c]) for c in crops]
+
+    def assemble(
+        self, indices: Tensor, tokens: Tensor, separators: str
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The kept slots of the run and what fills them.
+
+        Args:
+            indices: ``[K]`` kept visual tokens, ascending.
+            tokens: ``[K, d_l]`` the token placed at each of them.
+            separators: ``"all"`` keeps every separator; ``"nonempty"`` keeps only those
+                closing a row that still holds a kept token.
+
+        Returns:
+            ``[K + S']`` kept slots ascending, ``[K + S', d_l]`` their tokens, ``[S']`` the
+            kept separators' slots.
+        """
+        token_slots = self.token_slots[indices]
+        every = self.separator_slots
+        if every.numel() == 0:
+            return token_slots, tokens, every
+        if separators == "all":
+            kept_separators = every
+        else:
+            closing = self.separator_of[indices]
+            kept_separators = closing[closing >= 0].unique()
+        slots, order = torch.cat([token_slots, kept_separators]).sort()
+        filled = torch.cat([tokens.to(self.packed.dtype), self.packed[kept_separators]])
+        return slots, filled[order], kept_separators
+
+
+@dataclass
+class EncodedImages:
+    """The visual tokens of every image in a call, as the model computed them.
+
+    Attributes:
+        features: per image, projector inputs ``[N_i, d_v]``.
+        projected: per image, projector outputs ``[N_i, d_l]`` (what fills the prompt).
+        grids: per image, ``(height, width)`` with ``height * width == N_i``, or ``(1, N_i)``.
+        cls_attention: per image ``[N_i]``, when asked for.
+        keys: per image ``[N_i, d_k]``, when asked for.
+        cls_features: per image ``[d_v]``, the CLS token's projector input, when asked
+            for (``"cls_token"``; single-crop families only).
+        encoder_output: the model's own encoder output, reused when calling the model.
+        layouts: per image, where its tokens sit among its placeholders (separators,
+            crops); None (given) means every image is one crop of N placeholders on its
+            grid, and is filled in so.
+    """
+
+    features: list[Tensor]
+    projected: list[Tensor]
+    grids: list[tuple[int, int]]
+    cls_attention: list[Tensor] | None
+    keys: list[Tensor] | None
+    encoder_output: Any
+    layouts: list[ImageLayout] | None = None
+    cls_features: list[Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.layouts is None:  # every image one crop of N placeholders on its grid
+            self.layouts = [
+                ImageLayout.single(p, g) for p, g in zip(self.projected, self.grids, strict=True)
+            ]
+
+
+@dataclass(frozen=True)
+class KeptImage:
+    """What one image keeps, and where it goes in the image's run of placeholders.
+
+    Attributes:
+        indices: ``[K]`` kept visual tokens, ascending (indices into its N tokens).
+        scores: ``[N]`` what the method ranked by (NaN for the tokens of a unit that
+            kept nothing), or None.
+        slots: ``[K + S']`` the kept slots of its run, ascending.
+        run: ``[K + S', d_l]`` what fills them: the kept tokens (merged or pooled ones
+            where the method builds tokens) and the kept separators.
+        separators: ``[S']`` the kept separators' slots.
+        layout: the image's layout.
+        grid: its ``(height, width)`` for the record.
+    """
+
+    indices: Tensor
+    scores: Tensor | None
+    slots: Tensor
+    run: Tensor
+    separators: Tensor
+    layout: ImageLayout
+    grid: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Kept:
+    """What a call keeps: one :class:`KeptImage` per image, and the methods' details."""
+
+    images: list[KeptImage]
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One group of tokens a budget share is selected from (a crop, or a whole image)."""
+
+    image: int
+    crop: int | None  # None: the whole image
+    indices: Tensor  # [n_u] into the image's N tokens
+    grid: tuple[int, int]
+    share: int
+
+    def where(self) -> str:
+        return f"image {self.image}" + ("" if self.crop is None else f", crop {self.crop}")
+
+
+def take_layout_options(
+    options: dict[str, Any], allowed: Mapping[str, tuple[str, ...]]
+) -> dict[str, str]:
+    """Remove the layout options in ``allowed`` from ``options``; all of them, defaults filled.
+
+    ``allowed`` maps each option a family accepts to its values, the default first.
+    """
+    chosen = {}
+    for name, values in allowed.items():
+        value = options.pop(name, values[0])
+        if not isinstance(value, str) or value not in values:
+            raise PruneError(f"{name} must be one of {', '.join(values)}, got {value!r}")
+        chosen[name] = value
+    return chosen
+
+
+@dataclass(frozen=True)
+class Selector:
+    """A method with its options, a budget and layout options: how to choose tokens.
+
+    Build it with :meth:`build` (every value is checked there, before any call), then
+    call :meth:`select` on each call's encoded images. Engines share it: the Hugging Face
+    handle holds one, a serving engine builds one from its settings.
+
+    Attributes:
+        method: the registered method.
+        budget: ``keep=`` / ``ratio=``.
+        options: the method's options as given, checked and normalised.
+        layout: the family's layout options with defaults filled (``crop_budget``,
+            ``separators``; empty for single-crop families).
+    """
+
+    method: MethodSpec
+    budget: Budget
+    options: dict[str, Any] = field(default_factory=dict)
+    layout: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        method: str,
+        *,
+        keep: int | None = None,
+        ratio: float | None = None,
+        options: Mapping[str, Any] | None = None,
+        layout_options: Mapping[str, tuple[str, ...]] | None = None,
+    ) -> Selector:
+        """Check everything and build; ``options`` mixes method and layout options.
+
+        Raises:
+            PruneError subclasses naming the bad value and what is accepted.
+        """
+        spec = get_method(method)
+        rest = dict(options or {})
+        layout = take_layout_options(rest, layout_options or {})
+        budget = Budget(keep=keep, ratio=ratio)
+        return cls(spec, budget, spec.resolve_options(rest, budget.keep), layout)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """What the method needs from the model beyond features, with these options."""
+        return self.method.needs_for(self.options)
+
+    def check_provided(self, provided: frozenset[str], model_name: str) -> None:
+        """Refuse a model that cannot give the method what it needs, naming those it can."""
+        missing = self.needs - provided
+        if missing:
+            usable = sorted(
+                name for name, spec in METHODS.items() if spec.needs_for({}) <= provided
+            )
+            raise PruneError(
+                f"method {self.method.name!r} needs {', '.join(sorted(missing))}, which this "
+                f"{model_name} does not provide; methods that apply: {', '.join(usable)}"
+            )
+
+    def select(self, encoded: EncodedImages, projector: nn.Module) -> Kept:
+        """Choose the kept tokens of every image of a call.
+
+        Each image's budget is shared over its units (``layout["crop_budget"]``); units
+        of equal size, budget and grid go through the method in one batched call.
+
+        Raises:
+            NonFiniteFeaturesError: an image's features or tokens hold NaN or inf.
+            BudgetError: the budget does not fit an image.
+            PruneError: the method cannot serve a unit (naming the image and crop), or
+                scored every token of one NaN, infinite or zero.
+        """
+        layouts = encoded.layouts
+        units = self._units(encoded, layouts)
+        groups: dict[tuple, list[_Unit]] = defaultdict(list)
+        for unit in units:
+            groups[(unit.indices.numel(), unit.grid, unit.share)].append(unit)
+        picked: dict[int, list[tuple[Tensor, Tensor]]] = defaultdict(list)
+        scores: list[Tensor | None] = [None] * len(layouts)
+        details: dict[str, Any] = {}
+        for (_, grid, k), members in groups.items():
+            token_set = TokenSet(
+                features=_gather(encoded.features, members),
+                projected=_gather(encoded.projected, members),
+                projector=projector,
+                grid=grid,
+                cls_attention=_gather(encoded.cls_attention, members),
+                keys=_gather(encoded.keys, members),
+                cls_features=None
+                if encoded.cls_features is None
+                else torch.stack([encoded.cls_features[u.image] for u in members]),
+            )
+            try:
+                result = self.method(token_set, k, **self.options)
+            except PruneError as error:
+                raise type(error)(f"{members[0].where()}: {error}") from None
+            details.update(result.details)
+            if result.scores is not None:
+                self._check_scores(result.scores, members, result.details)
+            for row, unit in enumerate(members):
+                projected = encoded.projected[unit.image]
+                chosen = unit.indices[result.indices[row].to(unit.indices.device)]
+                made = (
+                    projected[chosen]
+                    if result.tokens is None
+                    else result.tokens[row].to(projected.dtype)
+                )
+                picked[unit.image].append((chosen, made))
+                if result.scores is not None:
+                    if scores[unit.image] is None:
+                        n = projected.shape[0]
+                        scores[unit.image] = result.scores.new_full((n,), float("nan"))
+                    where = unit.indices.to(result.scores.device)
+                    scores[unit.image][where] = result.scores[row]
+        separators = self.layout.get("separators", "all")
+        images = []
+        for i, layout in enumerate(layouts):
+            indices, order = torch.cat([c for c, _ in picked[i]]).sort()
+            tokens = torch.cat([t for _, t in picked[i]])[order]
+            slots, run, kept_separators = layout.assemble(indices, tokens, separators)
+            images.append(
+                KeptImage(indices, scores[i], slots, run, kept_separators, layout, encoded.grids[i])
+            )
+        return Kept(images, details)
+
+    def _units(self, encoded: EncodedImages, layouts: list[ImageLayout]) -> list[_Unit]:
+        """Every image's units with their budget shares (units that keep nothing left out)."""
+        crop_budget = self.layout.get("crop_budget", "split")
+        units = []
+        for i, layout in enumerate(layouts):
+            for name, t in (("features", encoded.features[i]), ("tokens", encoded.projected[i])):
+                if not bool(torch.isfinite(t).all()):
+                    raise NonFiniteFeaturesError(f"image {i}'s visual {name} contain NaN or inf")
+            k = self.budget.tokens_for(encoded.features[i].shape[0], i)
+            parts = layout.units(crop_budget)
+            shares = split_evenly(k, [idx.numel() for idx, _ in parts])
+            for (idx, grid), share in zip(parts, shares, strict=True):
+                if share:
+                    crop = int(layout.crop[idx[0]]) if len(parts) > 1 else None
+                    units.append(_Unit(i, crop, idx, grid, share))
+        return units
+
+    def _check_scores(self, scores: Tensor, members: list[_Unit], details: dict) -> None:
+        """A unit whose scores are all NaN/inf or all zero has nothing to rank by."""
+        finite = torch.isfinite(scores).all(dim=-1)
+        zero = (scores == 0).all(dim=-1)
+        for row, unit in enumerate(members):
+            if bool(finite[row]) and not bool(zero[row]):
+                continue
+            what = "0 for every token" if bool(finite[row]) else "NaN or infinite"
+            given = ", ".join(f"{k}={v!r}" for k, v in {**details, **self.options}.items())
+            raise PruneError(
+                f"method {self.method.name!r} scored {unit.where()} {what} "
+                f"({given or 'default options'}): there is nothing to rank by. A step "
+                "outside the features' float resolution does this; try other option values"
+            )
+
+
+def _gather(per_image: list[Tensor] | None, members: list[_Unit]) -> Tensor | None:
+    """``[len(members), n_u, ...]`` the members' rows of a per-image quantity."""
+    if per_image is None:
+        return None
+    # A unit of the whole image needs no gather (every single-crop model).
+    return torch.stack(
+        [
+            per_image[u.image]
+            if u.indices.numel() == per_image[u.image].shape[0]
+            else per_image[u.image][u.indices]
+            for u in members
+        ]
+    )
+
+
+def selection_record(
+    kept: Kept,
+    located: list[Tensor],
+    method: str,
+    budget: Budget,
+    *,
+    encode_seconds: float,
+    select_seconds: float,
+) -> Selection:
+    """The record of a call: what each image kept, mapped to prompt positions and cells.
+
+    Args:
+        located: per image, ``[2, S_i]`` (prompt row, position) of its placeholders.
+    """
+    return Selection(
+        method=method,
+        budget=str(budget),
+        images=[
+            _image_record(i, place, image)
+            for i, (place, image) in enumerate(zip(located, kept.images, strict=True))
+        ],
+        encode_seconds=encode_seconds,
+        select_seconds=select_seconds,
+        details=dict(kept.details),
+    )
+
+
+def _image_record(image: int, place: Tensor, kept: KeptImage) -> ImageSelection:
+    row, col = place
+    layout, indices = kept.layout, kept.indices
+    device = col.device  # the record lives with the prompt, as the caller's inputs do
+    return ImageSelection(
+        image=image,
+        prompt=int(row[0]) if row.numel() else -1,
+        num_tokens=layout.token_slots.numel(),
+        indices=indices.to(device),
+        scores=kept.scores,
+        grid=kept.grid,
+        positions=col[layout.token_slots[indices].to(device)],
+        separators=col[kept.separators.to(device)],
+        crops=layout.crop[indices].to(device),
+        cells=layout.cell[indices].to(device),
+        patch_grids=tuple(layout.patch_grids),
+        boxes=None if layout.boxes is None else tuple(layout.boxes),
+    )

@@ -1,0 +1,519 @@
+"""The adapter conformance suite: every invariant and refusal of a pruned model, written once.
+
+A family's test file defines a small tester (:class:`FamilyTester`: how to build and save
+its tiny model, its processor, pictures and prompts, the sequence inputs its uncached loop
+needs, its masked reference where it differs) and one class per model class,
+``class TestX(AdapterConformance): tester = XTester()``, which inherits every test below.
+What a family cannot do is said by the tester's fields (``position_modes``, the cases) and
+checked as a refusal, never skipped. The family file then holds only what is its own.
+
+The invariants: keeping every token is a no-op; the pruned forward equals the unpruned
+forward with the dropped placeholders masked out; cached generate equals the uncached
+loop; a batch equals its prompts one by one (left and right padding); ``remove()``
+restores the model. And the contract with the caller: copies and pickles are independent
+pruned models, ``max_length`` and streamers see the caller's prompt, a method reference
+outlives ``remove()`` correctly, masked placeholders and non-finite features are refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from transformers.generation.streamers import BaseStreamer
+
+import zooprune
+from zooprune import METHODS, NonFiniteFeaturesError, PruneError
+from zooprune.adapters import adapter_for
+
+#: inputs that run along the sequence (everything else in a batch is an image input)
+SEQUENCE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+#: the cases of a family whose images are several crops: each method under each budget split
+CROP_CASES = (
+    ("zoo", {"crop_budget": "split"}),
+    ("divprune", {"crop_budget": "global"}),
+    ("grid", {"crop_budget": "split"}),
+    ("random", {"crop_budget": "global"}),
+)
+CROP_BATCH_CASES = (("zoo", {"crop_budget": "split"}), ("pool", {"crop_budget": "global"}))
+
+
+class FamilyTester:
+    """How to build and drive a tiny model of one family. Subclasses fill it in."""
+
+    #: names the saved model's folder
+    name: str
+    #: the placeholder token id of one visual token
+    image_token: int
+    #: tokens greedy generation may not emit (a new placeholder would not match the images)
+    banned: tuple[int, ...]
+    #: what stands for one image in a prompt
+    image_text: str = "<image>"
+    #: visual tokens kept by the invariants: at most the N of every test picture
+    keep: int = 6
+    #: the ``positions=`` modes the family accepts (the others are refused)
+    position_modes: tuple[str, ...] = ("compact", "original")
+    #: (method, options) whose pruned forward is checked against the masked model (only
+    #: methods that keep the model's own tokens: VisionZip with ``contextual=0``)
+    pruned_cases: tuple[tuple[str, dict[str, Any]], ...] = (
+        ("zoo", {}),
+        ("divprune", {}),
+        ("random", {}),
+        ("grid", {}),
+    )
+    #: (method, options) whose batch is checked against its prompts alone
+    batch_cases: tuple[tuple[str, dict[str, Any]], ...] = (("zoo", {}), ("pool", {}))
+    #: (method, options) whose cached generate is checked against the uncached loop
+    loop_cases: tuple[tuple[str, dict[str, Any]], ...] = (("zoo", {}),)
+    #: options for the sensitivity methods that keep them quick (fewer jvp directions)
+    fast: dict[str, Any] = {}
+    #: for :class:`UnsplitConformance`: the processor option that leaves an image one
+    #: crop, and that crop's token grid
+    unsplit: dict[str, Any] = {}
+    crop_grid: tuple[int, int] = (0, 0)
+
+    @property
+    def prompts(self) -> list[str]:
+        image = self.image_text
+        return [
+            f"<s> user {image} what is in the image ?",
+            f"<s> user {image} describe this picture",
+            f"<s> user what shape is the red square ? {image} left or right ?",
+        ]
+
+    def build(self, path: Path) -> Path:
+        """Build the tiny random model, ``save_pretrained`` it to ``path``; return ``path``."""
+        raise NotImplementedError
+
+    def load(self, path: Path) -> nn.Module:
+        """``from_pretrained(path)``, in eval mode."""
+        raise NotImplementedError
+
+    def processor(self) -> Any:
+        raise NotImplementedError
+
+    def pictures(self) -> list[Any]:
+        """Four PIL images of different sizes (different N where the family allows)."""
+        raise NotImplementedError
+
+    def inputs(self, proc: Any, per_prompt: list[list[Any]], prompts: list[str]) -> dict:
+        """The processor's batch for images grouped by prompt, left padded."""
+        return proc(images=per_prompt, text=prompts, return_tensors="pt", padding=True)
+
+    def step_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Sequence inputs an uncached forward on ``input_ids`` needs besides the ids
+        (e.g. Gemma 3's ``token_type_ids``, Qwen2-VL's ``mm_token_type_ids``)."""
+        return {}
+
+    def masked_reference(
+        self, model: nn.Module, batch: dict, kept: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Unpruned logits of prompt 0 with its dropped placeholders masked out of attention.
+
+        Args:
+            kept: positions in prompt 0 of the kept placeholders (tokens and separators).
+            positions: ``[1, L]`` the position ids the pruned model gave the prompt.
+        """
+        ids = batch["input_ids"]
+        mask = batch["attention_mask"].clone()
+        mask[ids == self.image_token] = 0
+        mask[0, kept] = 1
+        return model(**batch | {"attention_mask": mask, "position_ids": positions}).logits
+
+    def options_for(self, method: str) -> dict[str, Any]:
+        return dict(self.fast) if "num_directions" in METHODS[method].options else {}
+
+
+def random_pictures(seed: int, shapes: list[tuple[int, int]]) -> list[Any]:
+    """Noise images of the given (height, width), reproducible from ``seed``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (*s, 3), dtype=np.uint8)) for s in shapes]
+
+
+def untouched(model: nn.Module) -> bool:
+    return not {"forward", "generate", "_zooprune_handle"} & set(model.__dict__)
+
+
+def image_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in SEQUENCE_INPUTS}
+
+
+def kept_positions(selection: zooprune.ImageSelection) -> torch.Tensor:
+    """Where the kept placeholders (tokens and separators) of an image stood."""
+    return torch.cat([selection.positions, selection.separators]).sort().values
+
+
+class Recorder(BaseStreamer):
+    """A streamer that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.values: list[torch.Tensor] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.values.append(value.clone())
+
+    def end(self) -> None:
+        self.ended = True
+
+
+class AdapterConformance:
+    """Every invariant of a pruned model; a family's ``TestX`` sets ``tester``."""
+
+    tester: FamilyTester
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def saved(cls, tmp_path_factory: pytest.TempPathFactory) -> Path:
+        torch.manual_seed(0)
+        return cls.tester.build(tmp_path_factory.mktemp(cls.tester.name))
+
+    @pytest.fixture
+    def vlm(self, saved: Path) -> nn.Module:
+        return self.tester.load(saved)
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def proc(cls) -> Any:
+        return cls.tester.processor()
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def pictures(cls) -> list[Any]:
+        return cls.tester.pictures()
+
+    def batch(self, proc: Any, pictures: list, *prompt_rows: int) -> dict:
+        """One image per prompt: picture i with prompt i for each given row."""
+        t = self.tester
+        return t.inputs(
+            proc, [pictures[r : r + 1] for r in prompt_rows], [t.prompts[r] for r in prompt_rows]
+        )
+
+    def greedy(self, model: nn.Module, batch: dict, steps: int = 5, **options: Any) -> Any:
+        return model.generate(
+            **batch,
+            max_new_tokens=steps,
+            do_sample=False,
+            suppress_tokens=list(self.tester.banned),
+            **options,
+        )
+
+    # -- the invariants -----------------------------------------------------------------
+
+    @pytest.mark.parametrize("method", sorted(METHODS))
+    def test_keep_all_tokens_is_a_noop(self, vlm, proc, pictures, method):
+        provided = adapter_for(vlm).provides(vlm)
+        if not METHODS[method].needs <= provided:
+            # What the family cannot serve is refused, naming what it can.
+            with pytest.raises(PruneError, match="methods that apply: ") as error:
+                zooprune.prune(vlm, method, ratio=1.0)
+            usable = str(error.value).split("methods that apply: ")[1].split(", ")
+            assert usable == sorted(m for m, s in METHODS.items() if s.needs <= provided)
+            assert untouched(vlm)
+            return
+        batch = self.batch(proc, pictures, 0, 1)
+        tokens = self.greedy(vlm, batch)
+        logits = vlm(**batch).logits
+        options = self.tester.options_for(method)
+        with zooprune.prune(vlm, method, ratio=1.0, **options) as handle:  # K = N of each image
+            # VisionZip projects its (here one-token) merges again in float32: rounding only.
+            atol = 1e-4 if method == "visionzip" else 1e-5
+            torch.testing.assert_close(vlm(**batch).logits, logits, rtol=0, atol=atol)
+            if method != "visionzip":
+                assert torch.equal(self.greedy(vlm, batch), tokens)
+        assert [s.kept for s in handle.selection.images] == [
+            s.num_tokens for s in handle.selection.images
+        ]
+
+    def test_pruned_forward_equals_masked_unpruned(
+        self, vlm, proc, pictures, pruned_case, positions
+    ):
+        method, options = pruned_case
+        t = self.tester
+        batch = t.inputs(proc, [pictures[:1]], t.prompts[2:3])
+        options = t.options_for(method) | options
+        with zooprune.prune(vlm, method, keep=t.keep, positions=positions, **options) as handle:
+            pruned = vlm(**batch).logits
+            kept = kept_positions(handle.selection.images[0])
+        ids = batch["input_ids"]
+        keep = ids[0] != t.image_token
+        keep[kept] = True
+        place = torch.arange(ids.shape[1])
+        if positions == "compact":
+            place = place - (~keep).long().cumsum(0)
+        reference = t.masked_reference(vlm, batch, kept, place[None])
+        assert handle.selection.kept == t.keep
+        assert pruned.shape[1] == int(keep.sum()) < ids.shape[1]
+        torch.testing.assert_close(pruned[0], reference[0, keep], rtol=0, atol=1e-5)
+
+    def test_generate_with_cache_equals_no_cache_loop(
+        self, vlm, proc, pictures, positions, loop_case
+    ):
+        method, options = loop_case
+        t = self.tester
+        batch = t.inputs(proc, [pictures[3:4]], t.prompts[:1])
+        options = t.options_for(method) | options
+        with zooprune.prune(vlm, method, keep=t.keep, positions=positions, **options):
+            generated = self.greedy(vlm, batch, steps=6)
+            ids = batch["input_ids"]
+            for _ in range(6):
+                logits = vlm(
+                    input_ids=ids, **image_inputs(batch), **t.step_inputs(ids), use_cache=False
+                ).logits
+                logits[..., list(t.banned)] = float("-inf")
+                ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert torch.equal(generated, ids)
+
+    def test_batch_equals_each_prompt_alone(self, vlm, proc, pictures, batch_case):
+        # Left padding, prompts of different lengths, images of different sizes and a
+        # prompt with two images: the pruned prompts lose different numbers of tokens.
+        method, options = batch_case
+        t = self.tester
+        prompts = [t.prompts[0], f"{t.prompts[1]} {t.image_text} and this ?", t.prompts[2]]
+        per_prompt = [pictures[:1], pictures[1:3], pictures[3:4]]
+        batch = t.inputs(proc, per_prompt, prompts)
+        assert bool((batch["attention_mask"][:, 0] == 0).any())
+        scored = {"output_scores": True, "return_dict_in_generate": True}
+        options = t.options_for(method) | options
+        with zooprune.prune(vlm, method, keep=t.keep, **options) as handle:
+            together = self.greedy(vlm, batch, steps=4, **scored)
+            assert [s.prompt for s in handle.selection.images] == [0, 1, 1, 2]
+            for row, (prompt, group) in enumerate(zip(prompts, per_prompt, strict=True)):
+                alone = self.greedy(vlm, t.inputs(proc, [group], [prompt]), steps=4, **scored)
+                assert torch.equal(together.sequences[row, -4:], alone.sequences[0, -4:])
+                torch.testing.assert_close(
+                    together.scores[0][row], alone.scores[0][0], rtol=0, atol=1e-4
+                )
+
+    def test_right_padded_forward_equals_each_prompt_alone(self, vlm, proc, pictures):
+        t = self.tester
+        proc.tokenizer.padding_side = "right"
+        try:
+            batch = self.batch(proc, pictures, 0, 2)
+        finally:
+            proc.tokenizer.padding_side = "left"
+        assert bool((batch["attention_mask"][:, -1] == 0).any())
+        with zooprune.prune(vlm, "zoo", keep=t.keep, **t.fast):
+            together = vlm(**batch).logits
+            for row, prompt in enumerate((0, 2)):
+                alone = vlm(**self.batch(proc, pictures, prompt)).logits[0]
+                real = together[row, : alone.shape[0]]  # right padding: real tokens first
+                torch.testing.assert_close(real, alone, rtol=0, atol=1e-4)
+
+    def test_remove_restores_the_model_exactly(self, vlm, proc, pictures, saved):
+        t = self.tester
+        batch = self.batch(proc, pictures, 0)
+        before = vlm(**batch).logits
+        attributes = dict(vlm.__dict__)
+        adapter = adapter_for(vlm)
+        state = adapter.save_state(vlm)
+        handle = zooprune.prune(vlm, "zoo", keep=t.keep, **t.fast)
+        assert vlm(**batch).logits.shape[1] < before.shape[1]
+        handle.remove()
+        handle.remove()  # harmless twice
+        assert vlm.__dict__.keys() == attributes.keys()
+        assert all(vlm.__dict__[k] is v for k, v in attributes.items())
+        after = adapter.save_state(vlm)  # what pruned calls rewrote (Qwen's rope_deltas)
+        assert after.keys() == state.keys() and all(after[k] is v for k, v in state.items())
+        assert vlm.forward.__func__ is type(vlm).forward
+        assert torch.equal(vlm(**batch).logits, before)
+        assert torch.equal(self.greedy(vlm, batch), self.greedy(t.load(saved), batch))
+        zooprune.prune(vlm, "grid", keep=3).remove()  # can be pruned again after removal
+
+    def test_two_models_do_not_interfere(self, vlm, proc, pictures, saved):
+        t = self.tester
+        other = t.load(saved)
+        batch = self.batch(proc, pictures, 0)
+        reference = other(**batch).logits
+        first = zooprune.prune(vlm, "grid", keep=t.keep)
+        second = zooprune.prune(other, "random", ratio=1.0)  # keeps everything: stays exact
+        assert vlm(**batch).logits.shape[1] < reference.shape[1]
+        assert torch.equal(other(**batch).logits, reference)
+        first.remove()
+        assert torch.equal(other(**batch).logits, reference)
+        assert first.selection.kept == t.keep
+        second.remove()
+
+    def test_prepare_gives_the_pruned_arguments(self, vlm, proc, pictures):
+        t = self.tester
+        batch = self.batch(proc, pictures, 0, 1)
+        with zooprune.prune(vlm, "grid", keep=t.keep) as handle:
+            expected = vlm(**batch).logits
+            prepared = handle.prepare(dict(batch), for_generate=False)
+            assert not set(image_inputs(batch)) & set(prepared)
+            assert "mm_encoder_outputs" in prepared
+            assert ((prepared["input_ids"] == t.image_token).sum(-1) >= t.keep).all()
+        torch.testing.assert_close(vlm(**prepared).logits, expected, rtol=0, atol=0)
+
+    def test_gradients_reach_the_projector_through_kept_tokens(self, vlm, proc, pictures):
+        t = self.tester
+        batch = self.batch(proc, pictures, 0)
+        with zooprune.prune(vlm, "zoo", keep=t.keep, **t.fast):
+            vlm(**batch, labels=batch["input_ids"]).loss.backward()
+        projector = adapter_for(vlm).projector(vlm)
+        assert any(bool(p.grad.abs().sum() > 0) for p in projector.parameters())
+
+    # -- the contract with the caller ---------------------------------------------------
+
+    def test_deepcopy_gives_an_independent_pruned_copy(self, vlm, proc, pictures):
+        t = self.tester
+        batch = self.batch(proc, pictures, 0)
+        full = vlm(**batch).logits.shape[1]
+        handle = zooprune.prune(vlm, "grid", keep=t.keep)
+        pruned = vlm(**batch).logits
+        twin = copy.deepcopy(vlm)
+        copied = zooprune.handle_of(twin)
+        assert copied is not None and copied is not handle and copied.model is twin
+        assert torch.equal(twin(**batch).logits, pruned)
+        # The copy runs on its own weights.
+        with torch.no_grad():
+            twin.get_output_embeddings().weight.mul_(2)
+        edited = twin(**batch).logits
+        assert edited.shape == pruned.shape and not torch.allclose(edited, pruned)
+        assert torch.equal(vlm(**batch).logits, pruned)
+        # Removing one handle leaves the other model pruned.
+        handle.remove()
+        assert vlm(**batch).logits.shape[1] == full
+        assert twin(**batch).logits.shape[1] == pruned.shape[1]
+        copied.remove()
+        assert twin(**batch).logits.shape[1] == full and untouched(twin)
+
+    def test_a_pruned_model_pickles_as_the_unpruned_one_does(self, vlm, proc, pictures, saved):
+        t = self.tester
+        batch = self.batch(proc, pictures, 0)
+        handle = zooprune.prune(vlm, "grid", keep=t.keep)
+        restored = pickle.loads(pickle.dumps(vlm))  # before any call, as a loaded model
+        own = zooprune.handle_of(restored)
+        assert own is not None and own is not handle and own.model is restored
+        pruned = vlm(**batch).logits
+        assert torch.equal(restored(**batch).logits, pruned)
+        assert own.selection.kept == t.keep
+        own.remove()
+        assert restored(**batch).logits.shape[1] > pruned.shape[1] and untouched(restored)
+        # After a call, exactly when the unpruned model in the same state pickles.
+        unpruned = t.load(saved)
+        unpruned(**batch)
+        for model in (unpruned, vlm):
+            try:
+                pickle.dumps(model)
+                outcome = None
+            except Exception as error:  # noqa: BLE001 (whatever the unpruned model raises)
+                outcome = type(error)
+            if model is unpruned:
+                expected = outcome
+        assert outcome == expected
+        handle.remove()
+
+    def test_max_length_counts_the_callers_prompt(self, vlm, proc, pictures):
+        t = self.tester
+        batch = self.batch(proc, pictures, 0)
+        length = batch["input_ids"].shape[1]
+        suppress = {"suppress_tokens": list(t.banned), "do_sample": False}
+        with pytest.raises(ValueError, match="max_length"):  # unpruned refuses it: so must we
+            vlm.generate(**batch, max_length=length - 1, **suppress)
+        with zooprune.prune(vlm, "grid", keep=t.keep):
+            with pytest.raises(ValueError, match="max_length"):
+                vlm.generate(**batch, max_length=length - 1, **suppress)
+            out = vlm.generate(**batch, max_length=length + 3, min_length=length + 3, **suppress)
+        assert out.shape[1] == length + 3
+
+    def test_a_streamer_receives_the_callers_prompt(self, vlm, proc, pictures):
+        t = self.tester
+        batch = self.batch(proc, pictures, 0)
+        unpruned, streamed = Recorder(), Recorder()
+        self.greedy(vlm, batch, steps=3, streamer=unpruned)
+        with zooprune.prune(vlm, "grid", keep=t.keep):
+            out = self.greedy(vlm, batch, steps=3, streamer=streamed)
+        assert torch.equal(streamed.values[0], unpruned.values[0])
+        assert torch.equal(streamed.values[0], batch["input_ids"])
+        new = torch.cat([v.flatten() for v in streamed.values[1:]])
+        assert torch.equal(new, out[0, batch["input_ids"].shape[1] :]) and streamed.ended
+
+    def test_a_method_taken_while_pruned_follows_the_model_after_remove(self, vlm, proc, pictures):
+        t = self.tester
+        batch = self.batch(proc, pictures, 0)
+        unpruned = self.greedy(vlm, batch)
+        full = vlm(**batch).logits.shape[1]
+        handle = zooprune.prune(vlm, "grid", keep=t.keep)
+        generate, forward = vlm.generate, vlm.forward
+        assert forward(**batch).logits.shape[1] < full
+        handle.remove()
+        assert torch.equal(
+            generate(**batch, max_new_tokens=5, do_sample=False, suppress_tokens=list(t.banned)),
+            unpruned,
+        )
+        assert forward(**batch).logits.shape[1] == full
+        with pytest.raises(PruneError, match="removed"):
+            handle.prepare(dict(batch))
+
+    def test_placeholders_masked_out_are_refused(self, vlm, proc, pictures):
+        t = self.tester
+        batch = self.batch(proc, pictures, 0)
+        mask = batch["attention_mask"].clone()
+        mask[0, int((batch["input_ids"][0] == t.image_token).nonzero()[1])] = 0
+        with zooprune.prune(vlm, "grid", keep=t.keep) as handle:
+            with pytest.raises(PruneError, match="masked out by attention_mask"):
+                vlm(**batch | {"attention_mask": mask})
+            assert handle.selection is None
+            assert vlm(**batch).logits.shape[1] < batch["input_ids"].shape[1]
+
+    def test_non_finite_features_are_refused(self, vlm, proc, pictures):
+        batch = self.batch(proc, pictures, 0)
+        batch["pixel_values"] = batch["pixel_values"].clone()
+        batch["pixel_values"][0] = float("nan")
+        with zooprune.prune(vlm, "zoo", keep=self.tester.keep, **self.tester.fast):
+            with pytest.raises(NonFiniteFeaturesError, match="image 0"):
+                vlm(**batch)
+
+    def test_bad_positions_and_layout_options_are_refused(self, vlm):
+        adapter = adapter_for(vlm)
+        assert adapter.position_modes == self.tester.position_modes
+        for mode in ("compact", "original", "middle"):
+            if mode not in adapter.position_modes:
+                with pytest.raises(PruneError, match="positions must be"):
+                    zooprune.prune(vlm, "zoo", keep=4, positions=mode)
+        for name, bad in (("crop_budget", "per-row"), ("separators", "none")):
+            message = f"{name} must be one of" if name in adapter.options else f"no option '{name}'"
+            with pytest.raises(PruneError, match=message):
+                zooprune.prune(vlm, "zoo", keep=4, **{name: bad})
+        assert untouched(vlm)
+        for mode in adapter.position_modes:
+            zooprune.prune(vlm, "zoo", keep=4, positions=mode).remove()
+
+
+class UnsplitConformance:
+    """For families whose processor can leave an image unsplit: it is then one crop, and
+    prunes as a single-crop model does (``tester.unsplit``, ``tester.crop_grid``)."""
+
+    @pytest.mark.parametrize("method", ["zoo", "grid"])
+    def test_unsplit_images_prune_like_single_crop_models(self, vlm, proc, pictures, method):
+        t = self.tester
+        # Two images share a prompt, each one crop.
+        batch = proc(
+            images=[pictures[:2]],
+            text=[f"{t.prompts[1]} {t.image_text} and this ?"],
+            return_tensors="pt",
+            **t.unsplit,
+        )
+        with zooprune.prune(vlm, method, keep=5, positions="original") as handle:
+            pruned = vlm(**batch).logits
+        images = handle.selection.images
+        n = t.crop_grid[0] * t.crop_grid[1]
+        assert [(s.num_tokens, s.kept, s.grid) for s in images] == [(n, 5, t.crop_grid)] * 2
+        assert all(bool((s.crops == 0).all()) for s in images)
+        kept = torch.cat([s.positions for s in images])
+        keep = batch["input_ids"][0] != t.image_token
+        keep[kept] = True
+        place = torch.arange(batch["input_ids"].shape[1])[None]
+        reference = t.masked_reference(vlm, batch, kept, place)
+        torch.testing.assert_close(pruned[0], reference[0, keep], rtol=0, atol=1e-5)

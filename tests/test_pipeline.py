@@ -1,0 +1,206 @@
+"""The engine-neutral pipeline on synthetic tensors, no model: budgets over crops, grouped
+method calls, the kept runs, the record, and what it refuses."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from zooprune import NonFiniteFeaturesError, PruneError
+from zooprune.budget import split_evenly
+from zooprune.pipeline import EncodedImages, ImageLayout, Selector, selection_record
+from zooprune.select import METHODS, MethodResult
+from zooprune.select.registry import register_method
+
+D_V, D_L = 6, 5
+
+
+def projector() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D_V, 8), nn.GELU(), nn.Linear(8, D_L))
+
+
+def encoded(grids, layouts=None, seed=0) -> EncodedImages:
+    """Images on the given grids, features random, tokens the projector's."""
+    g = torch.Generator().manual_seed(seed)
+    features = [torch.randn(h * w, D_V, generator=g) for h, w in grids]
+    with torch.no_grad():
+        projected = [projector()(f) for f in features]
+    return EncodedImages(features, projected, list(grids), None, None, None, layouts)
+
+
+def two_crops(projected: torch.Tensor, first: int) -> ImageLayout:
+    """One image of two crops: tokens [0, first) on a 2-row grid, the rest on one row."""
+    n = projected.shape[0]
+    index = torch.arange(n)
+    crop = (index >= first).long()
+    return ImageLayout(
+        packed=projected,
+        token_slots=index,
+        separator_of=torch.full((n,), -1),
+        crop=crop,
+        cell=torch.stack([torch.zeros(n, dtype=torch.long), index], -1),
+        crop_grids=[(2, first // 2), (1, n - first)],
+        patch_grids=[(2, first // 2), (1, n - first)],
+    )
+
+
+@pytest.fixture
+def spy():
+    """A registered method that keeps its first k tokens and logs each call's batch."""
+    calls = []
+
+    @register_method("_spy", "test only")
+    def keep_first(tokens, k, *, scores: str = "index"):
+        calls.append(tuple(tokens.projected.shape))
+        batch, n = tokens.projected.shape[:2]
+        made = {
+            "index": torch.arange(n, dtype=torch.float32).expand(batch, -1) + 1,
+            "nan": torch.full((batch, n), math.nan),
+            "zero": torch.zeros(batch, n),
+        }[scores]
+        return MethodResult(torch.arange(k).expand(batch, -1), scores=made)
+
+    yield calls
+    del METHODS["_spy"]
+
+
+def test_units_of_equal_shape_go_through_the_method_in_one_call(spy):
+    images = encoded([(4, 4), (3, 3), (4, 4), (4, 4)])
+    kept = Selector.build("_spy", keep=3).select(images, projector())
+    assert sorted(spy) == [(1, 9, D_L), (3, 16, D_L)]  # ragged N: two calls, not four
+    assert [image.indices.tolist() for image in kept.images] == [[0, 1, 2]] * 4
+    # A batched call of a real method gives each image what it gets alone.
+    together = Selector.build("zoo", keep=3).select(images, projector()).images
+    for i, image in enumerate(together):
+        one = EncodedImages(
+            [images.features[i]], [images.projected[i]], [images.grids[i]], None, None, None
+        )
+        alone = Selector.build("zoo", keep=3).select(one, projector()).images[0]
+        assert torch.equal(image.indices, alone.indices)
+        assert torch.equal(image.scores, alone.scores)
+
+
+def test_ratio_keeps_a_pure_function_of_each_images_n():
+    kept = Selector.build("grid", ratio=0.5).select(encoded([(4, 4), (3, 3)]), projector())
+    assert [image.indices.numel() for image in kept.images] == [8, 4]
+
+
+def test_the_budget_is_split_evenly_over_crops_and_a_crop_may_keep_nothing(spy):
+    images = encoded([(1, 10)])
+    images.layouts = [two_crops(images.projected[0], first=4)]
+    kept = Selector.build("_spy", keep=5).select(images, projector()).images[0]
+    assert split_evenly(5, [4, 6]) == [3, 2]
+    assert kept.indices.tolist() == [0, 1, 2, 4, 5]  # each crop's first tokens
+    assert sorted(spy) == [(1, 4, D_L), (1, 6, D_L)]
+    # keep=1: the first crop takes it, the second keeps nothing and is never scored.
+    spy.clear()
+    kept = Selector.build("_spy", keep=1).select(images, projector()).images[0]
+    assert kept.indices.tolist() == [0] and spy == [(1, 4, D_L)]
+    assert torch.equal(kept.scores[:4], torch.arange(4.0) + 1)
+    assert bool(kept.scores[4:].isnan().all())  # NaN where nothing was ranked
+    # global: one selection over all N.
+    kept = Selector.build(
+        "_spy",
+        keep=5,
+        options={"crop_budget": "global"},
+        layout_options={"crop_budget": ("split", "global")},
+    ).select(images, projector())
+    assert kept.images[0].indices.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_kept_runs_hold_the_kept_tokens_and_the_separators_policy(spy):
+    # Two rows of three tokens, each row closed by a separator: slots t t t s t t t s.
+    tokens = torch.arange(6 * D_L, dtype=torch.float32).view(6, D_L)
+    newline = torch.full((D_L,), -1.0)
+    packed = torch.cat([tokens[:3], newline[None], tokens[3:], newline[None]])
+    slots = torch.tensor([0, 1, 2, 4, 5, 6])
+    layout = ImageLayout(
+        packed=packed,
+        token_slots=slots,
+        separator_of=torch.tensor([3, 3, 3, 7, 7, 7]),
+        crop=torch.zeros(6, dtype=torch.long),
+        cell=torch.stack([torch.arange(6) // 3, torch.arange(6) % 3], -1),
+        crop_grids=[(2, 3)],
+        patch_grids=[(2, 3)],
+    )
+    images = EncodedImages([torch.randn(6, D_V)], [tokens], [(2, 3)], None, None, None, [layout])
+    for policy, kept_slots in (("all", [0, 1, 3, 7]), ("nonempty", [0, 1, 3])):
+        selector = Selector.build(
+            "_spy",
+            keep=2,
+            options={"separators": policy},
+            layout_options={"separators": ("all", "nonempty")},
+        )
+        image = selector.select(images, nn.Identity()).images[0]
+        assert image.indices.tolist() == [0, 1]
+        assert image.slots.tolist() == kept_slots
+        assert torch.equal(image.run, packed[kept_slots])
+
+
+def test_the_record_maps_kept_tokens_to_prompt_positions():
+    images = encoded([(4, 4), (3, 3)])
+    selector = Selector.build("grid", keep=4)
+    kept = selector.select(images, projector())
+    # Image 0 in prompt 1 at positions 10.., image 1 in prompt 0 at 2..
+    located = [
+        torch.stack([torch.ones(16, dtype=torch.long), torch.arange(10, 26)]),
+        torch.stack([torch.zeros(9, dtype=torch.long), torch.arange(2, 11)]),
+    ]
+    record = selection_record(
+        kept, located, "grid", selector.budget, encode_seconds=0.5, select_seconds=0.25
+    )
+    assert [image.prompt for image in record.images] == [1, 0]
+    for image, start in zip(record.images, (10, 2), strict=True):
+        assert torch.equal(image.positions, start + image.indices)
+        width = image.grid[1]
+        assert torch.equal(
+            image.cells, torch.stack([image.indices // width, image.indices % width], -1)
+        )
+    assert record.kept == 8 and record.total == 25 and record.budget == "keep=4"
+
+
+def test_non_finite_features_name_the_image():
+    images = encoded([(3, 3), (3, 3)])
+    images.features[1][4, 2] = float("nan")
+    with pytest.raises(NonFiniteFeaturesError, match="image 1's visual features"):
+        Selector.build("divprune", keep=2).select(images, projector())
+
+
+@pytest.mark.parametrize(
+    ("scores", "message"), [("nan", "NaN or infinite"), ("zero", "0 for every token")]
+)
+def test_scores_that_rank_nothing_are_refused(spy, scores, message):
+    images = encoded([(3, 3), (2, 2)])
+    with pytest.raises(PruneError, match=f"scored image 0 {message}.*scores='{scores}'"):
+        Selector.build("_spy", keep=2, options={"scores": scores}).select(images, projector())
+
+
+def test_a_methods_refusal_names_the_image_and_crop():
+    images = encoded([(1, 10)])
+    images.layouts = [two_crops(images.projected[0], first=4)]
+    # keep=4 over two crops: 2 each, and 2 contextual tokens leave no dominant one.
+    images.cls_attention = [torch.rand(10)]
+    images.keys = [torch.randn(10, 3)]
+    with pytest.raises(PruneError, match="image 0, crop 0: visionzip's contextual=2"):
+        Selector.build("visionzip", keep=4, options={"contextual": 2}).select(images, projector())
+
+
+def test_build_checks_every_value_before_any_call():
+    with pytest.raises(PruneError, match="crop_budget must be one of split, global"):
+        Selector.build(
+            "zoo",
+            keep=4,
+            options={"crop_budget": "rows"},
+            layout_options={"crop_budget": ("split", "global")},
+        )
+    with pytest.raises(PruneError, match="no option 'crop_budget'"):
+        Selector.build("zoo", keep=4, options={"crop_budget": "split"})
+    selector = Selector.build("zoo", ratio=0.5, options={"num_directions": 8})
+    assert selector.options == {"num_directions": 8} and selector.layout == {}
+    assert selector.needs == frozenset()
+    assert Selector.build("visionzip", keep=4, options={"cls_token": True}).needs == {
+        "cls_attention",
+        "cls_token",
+    }
