@@ -5,8 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
+TRANSFORMERS := transformers==5.23.0
+# lmms-eval gets its own environment: `make test-lmms`, which `make test` runs too.
+LMMS_VENV ?= .venv-lmms
 
-.PHONY: install demo test lint format clean
+.PHONY: install lmms-install demo test test-core test-lmms lint format clean
 
 install: $(VENV)/.installed
 
@@ -16,11 +19,30 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# lmms-eval's slim dependency set, then lmms-eval itself without its dependencies: the
+# full set pulls the index's torchvision, a CUDA build whose failed import takes
+# transformers' AutoProcessor down on a CPU torch (see README, Evaluating with lmms-eval).
+lmms-install: $(LMMS_VENV)/.installed
+
+$(LMMS_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(LMMS_VENV)
+	$(LMMS_VENV)/bin/pip install --quiet $(TORCH) $(TRANSFORMERS)
+	$(LMMS_VENV)/bin/pip install --quiet accelerate evaluate sacrebleu loguru pytz tenacity \
+		pytablewriter decord "filelock<4"
+	$(LMMS_VENV)/bin/pip install --quiet --no-deps lmms-eval==0.7.3
+	$(LMMS_VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
 demo: install
 	$(VENV)/bin/zooprune demo --out .cache/demo.png
 
-test: install
+test: test-core test-lmms
+
+test-core: install
 	$(PY) -m pytest
+
+test-lmms: lmms-install
+	ZOOPRUNE_REQUIRE_LMMS_EVAL=1 $(LMMS_VENV)/bin/python -m pytest tests/integrations
 
 lint: install
 	$(VENV)/bin/ruff check src tests
@@ -31,4 +53,4 @@ format: install
 	$(VENV)/bin/ruff check --fix src tests
 
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV) $(LMMS_VENV) .cache

@@ -4,9 +4,16 @@ handle = zooprune.prune(model, method="zoo", keep=64)
 model.generate(**inputs)      # unchanged call, pruned prompt
 handle.selection              # what was kept
 handle.remove()               # the model as it was
+
+The names below torch and transformers are imported on first use, so that importing a
+light submodule (an engine's plugin manifest, the errors) stays light.
 """
 
-from zooprune.api import PruneHandle, handle_of, prune
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from zooprune.errors import (
     AlreadyPrunedError,
     BudgetError,
@@ -16,10 +23,17 @@ from zooprune.errors import (
     UnknownMethodError,
     UnsupportedModelError,
 )
-from zooprune.record import ImageSelection, Selection
-from zooprune.select import METHODS
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "prune": "zooprune.api",
+    "PruneHandle": "zooprune.api",
+    "handle_of": "zooprune.api",
+    "ImageSelection": "zooprune.record",
+    "Selection": "zooprune.record",
+    "METHODS": "zooprune.select",
+}
 
 __all__ = [
     "METHODS",
@@ -36,3 +50,15 @@ __all__ = [
     "handle_of",
     "prune",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'zooprune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -18,9 +18,11 @@ handle leaves the other model pruned.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 import weakref
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -35,6 +37,8 @@ from zooprune.record import Selection
 from zooprune.select import MethodSpec
 
 Positions = Literal["compact", "original"]
+#: ``observer(selection, error)``: one of the two is None (see :meth:`PruneHandle.observe`)
+Observer = Callable[["Selection | None", "Exception | None"], None]
 _MARK = "_zooprune_handle"
 _WRAPPED = ("forward", "generate")
 
@@ -152,6 +156,7 @@ class PruneHandle:
         self.positions = positions
         self.selection: Selection | None = None
         self._pruned_caches: weakref.WeakSet = weakref.WeakSet()
+        self._observers: list[Observer] = []
         self._saved = {name: model.__dict__.get(name) for name in _WRAPPED}
         self._adapter_state = adapter.save_state(model)
         for name in _WRAPPED:
@@ -162,13 +167,23 @@ class PruneHandle:
         state = "removed" if self.removed else "active"
         return f"PruneHandle(method={self.method.name!r}, {self.budget}, {state})"
 
-    # The caches a pruned generate returned are only good for refusing them again.
+    # The caches a pruned generate returned are only good for refusing them again; the
+    # observers belong to whoever attached them, not to a copy.
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_pruned_caches"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_pruned_caches", "_observers")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._pruned_caches = weakref.WeakSet()
+        self._observers = []
+
+    def observe(self, callback: Observer) -> None:
+        """Call ``callback(selection, None)`` after every pruned call's selection, and
+        ``callback(None, error)`` when a pruned call is refused (the error is re-raised
+        after, unless the callback raises first). For harnesses that must log every call
+        or stop on the first refusal even where a caller swallows exceptions. Copies of
+        the model do not carry observers."""
+        self._observers.append(callback)
 
     @property
     def method(self) -> MethodSpec:
@@ -237,31 +252,34 @@ class PruneHandle:
         self._refuse_pruned_cache(call.get("past_key_values"))
         if call.get("pixel_values") is None:
             return self._original("forward")(*args, **kwargs)
-        cache = call.get("past_key_values")
-        if cache is not None and cache.get_seq_length() > 0:
-            raise PruneError(
-                "a pruned forward with pixel_values cannot continue a non-empty cache; "
-                "start from an empty cache or use generate()"
-            )
-        return self._original("forward")(**self.prepare(call, for_generate=False))
+        with self._observed():
+            cache = call.get("past_key_values")
+            if cache is not None and cache.get_seq_length() > 0:
+                raise PruneError(
+                    "a pruned forward with pixel_values cannot continue a non-empty cache; "
+                    "start from an empty cache or use generate()"
+                )
+            prepared = self._prepare(call, for_generate=False)
+        return self._original("forward")(**prepared)
 
     def _generate(self, *args: Any, **kwargs: Any) -> Any:
         self._refuse_pruned_cache(kwargs.get("past_key_values"))
         if kwargs.get("pixel_values") is None:
             return self._original("generate")(*args, **kwargs)
         call = dict(kwargs)
-        if args:
-            call["input_ids"] = args[0]
-            if len(args) > 1:
-                raise PruneError("pass generate()'s options by keyword when pruning")
-        if "inputs" in call:
-            call["input_ids"] = call.pop("inputs")
-        prompt = call.get("input_ids")
-        if prompt is not None:
-            self._lengths_to_new_tokens(call, prompt.shape[1])
-            if call.get("streamer") is not None:
-                call["streamer"] = _CallersPromptStreamer(call["streamer"], prompt)
-        prepared = self.prepare(call, for_generate=True)
+        with self._observed():
+            if args:
+                call["input_ids"] = args[0]
+                if len(args) > 1:
+                    raise PruneError("pass generate()'s options by keyword when pruning")
+            if "inputs" in call:
+                call["input_ids"] = call.pop("inputs")
+            prompt = call.get("input_ids")
+            if prompt is not None:
+                self._lengths_to_new_tokens(call, prompt.shape[1])
+                if call.get("streamer") is not None:
+                    call["streamer"] = _CallersPromptStreamer(call["streamer"], prompt)
+            prepared = self._prepare(call, for_generate=True)
         output = self._original("generate")(**prepared)
         cache = getattr(output, "past_key_values", None)
         if cache is not None:
@@ -308,8 +326,24 @@ class PruneHandle:
         adapter asks for), ``labels``, ``token_type_ids`` and ``mm_token_type_ids``, and
         replaces the image inputs by ``mm_encoder_outputs``.
         Separator placeholders (row newlines) stay or go with ``self.layout``.
-        Records the choice in ``self.selection``.
+        Records the choice in ``self.selection`` and tells the observers.
         """
+        with self._observed():
+            return self._prepare(inputs, for_generate)
+
+    @contextlib.contextmanager
+    def _observed(self) -> Iterator[None]:
+        """Tell the observers how the pruning work inside the block ended."""
+        try:
+            yield
+        except Exception as error:
+            for observer in self._observers:
+                observer(None, error)
+            raise
+        for observer in self._observers:
+            observer(self.selection, None)
+
+    def _prepare(self, inputs: dict[str, Any], for_generate: bool) -> dict[str, Any]:
         if self.removed:
             raise PruneError("this handle was removed; prune the model again to prepare inputs")
         call = dict(inputs)

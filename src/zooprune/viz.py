@@ -219,7 +219,7 @@ def _crop_panels(
     return fig
 
 
-def plot_accuracy(summary: dict[str, Any], path: str | Path) -> Path:
+def plot_accuracy(summary: dict[str, Any], path: str | Path, ylabel: str = "accuracy %") -> Path:
     """Overall accuracy (with 95% intervals) against the fraction of tokens kept, per method;
     one small panel per family below."""
     from zooprune.bench.accuracy import UNPRUNED, condition_stats
@@ -265,7 +265,7 @@ def plot_accuracy(summary: dict[str, Any], path: str | Path) -> Path:
         )
         ax.set_title(family, fontsize=10)
         ax.set_xlabel("% of visual tokens kept", fontsize=8)
-        ax.set_ylabel("accuracy %", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.set_ylim(0, 102)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[panels:]:

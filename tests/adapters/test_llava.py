@@ -203,3 +203,25 @@ class TestLlava(AdapterConformance):
         assert out.shape[1] == batch["input_ids"].shape[1] + 3
         assert handle.selection.details["estimator"] == "exact"
         assert handle.selection.scores[0].dtype == torch.float32
+
+    def test_observers_see_every_pruned_call_and_every_refusal(self, vlm, proc, pictures):
+        import copy
+
+        seen = []
+        batch = self.batch(proc, pictures, 0, 1)
+        with zooprune.prune(vlm, "grid", keep=5) as handle:
+            handle.observe(lambda selection, error: seen.append((selection, error)))
+            vlm(**batch)
+            self.greedy(vlm, batch, steps=2)  # the cached steps carry no image: not pruned
+            assert [(s.kept, e) for s, e in seen] == [(10, None), (10, None)]
+            with pytest.raises(PruneError, match="max_length"):
+                vlm.generate(**batch, max_length=3)
+            assert seen[-1][0] is None and isinstance(seen[-1][1], PruneError)
+            assert zooprune.handle_of(copy.deepcopy(vlm))._observers == []  # not copied
+
+            def stop(selection, error):
+                raise KeyboardInterrupt  # an observer may end the call its own way
+
+            handle.observe(stop)
+            with pytest.raises(KeyboardInterrupt):
+                vlm(**batch)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from zooprune.cli import bench, demo, methods, run, speed, testbed
+from zooprune.cli import bench, demo, methods, report, run, speed, testbed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -12,7 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zooprune", description="Training-free visual-token pruning for VLMs."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    for group in (run, methods, speed, testbed, bench, demo):
+    for group in (run, methods, speed, testbed, bench, demo, report):
         group.register(commands)
     return parser
 

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from zooprune.cli.common import add_out, add_threads, console
+from zooprune.cli.common import add_out, add_threads, console, families
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -19,6 +19,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=int, default=0)
     add_threads(train, "the recipe's 2")
     train.set_defaults(handler=_testbed_train)
+
+    task = testbed_commands.add_parser(
+        "task", help="write test-bed questions as an offline lmms-eval task folder"
+    )
+    task.add_argument("out", help="the task folder (pass it to lmms-eval's --include_path)")
+    task.add_argument("--split", choices=["train", "validation", "test"], default="test")
+    task.add_argument(
+        "--families", type=families, default=None, help="default: the six `zooprune bench` scores"
+    )
+    task.add_argument("--n-per-family", type=int, default=100)
+    task.add_argument(
+        "--max-new-tokens", type=int, default=1, help="answer tokens generated (bench: 1)"
+    )
+    task.set_defaults(handler=_testbed_task)
 
 
 def _testbed_train(args: argparse.Namespace) -> int:
@@ -72,4 +86,23 @@ def _testbed_train(args: argparse.Namespace) -> int:
 
         path = train(config, out, report)
     console.print(f"saved {path}; learning curve in {out / 'curve.png'}")
+    return 0
+
+
+def _testbed_task(args: argparse.Namespace) -> int:
+    from zooprune.integrations.lmms_eval.task import TASK, write_testbed_task
+
+    with console.status(f"writing {args.out}"):
+        data = write_testbed_task(
+            args.out,
+            split=args.split,
+            families=args.families,
+            n_per_family=args.n_per_family,
+            max_new_tokens=args.max_new_tokens,
+        )
+    count = len(data.read_text().splitlines())
+    console.print(
+        f"wrote {count} questions to {data.parent}: lmms-eval --include_path {data.parent} "
+        f"--tasks {TASK}; the same questions for zooprune bench --data {data}"
+    )
     return 0

@@ -1,0 +1,184 @@
+"""``--model zooprune``: a built-in lmms-eval wrapper whose Hugging Face model is pruned.
+
+``--model_args base=NAME,...`` names the wrapper (``llava_hf``, ``qwen2_5_vl``,
+``qwen2_vl``, ``internvl_hf``, ``gemma3``, ...: any that keeps the Hugging Face model in
+``self.model`` and calls its ``generate``). The plugin builds that wrapper with the
+arguments that are its own, calls ``zooprune.prune(self.model, method, keep= | ratio=,
+**options)`` on the model it loaded (the same call and selection as everywhere else) and
+evaluates it. Zooprune's arguments: ``method`` (default ``zoo``), ``keep`` or ``ratio``,
+``positions``, the method's options (``estimator=zo``, ...) and the family's layout
+options (``crop_budget=global``, ...).
+
+Two lmms-eval habits are overridden, so that a result is never a silent failure:
+- the stock wrappers catch exceptions from ``generate()`` and score an empty answer, and
+  lmms-eval exits 0 after an error it catches: a refused pruning call or a bad option
+  therefore raises :class:`EvaluationAborted`, a ``SystemExit`` with zooprune's message,
+  which ends the run with exit status 1;
+- what was kept is logged next to lmms-eval's own figures: after each task the wrapper
+  adds a record to lmms-eval's throughput log, so ``results["throughput"]`` holds
+  ``avg_zooprune_images``, ``avg_zooprune_kept_tokens``, ``avg_zooprune_visual_tokens``
+  and ``avg_zooprune_select_seconds`` (sums per task, averaged over tasks: their ratios to
+  ``avg_zooprune_images`` are exact per-image means; ``zooprune report`` computes them).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+from lmms_eval import utils
+from lmms_eval.api.model import lmms
+from lmms_eval.models import get_model
+from lmms_eval.models.model_utils.gen_metrics import log_metrics
+
+import zooprune
+from zooprune.pipeline import CROP_BUDGETS, SEPARATOR_POLICIES, Selector
+from zooprune.record import Selection
+from zooprune.select import get_method
+
+#: the model_args that are zooprune's, whatever the method
+GENERAL_ARGS = ("base", "method", "keep", "ratio", "positions")
+#: the layout options a family may accept (prune() refuses those it does not)
+LAYOUT_ARGS = {"crop_budget": CROP_BUDGETS, "separators": SEPARATOR_POLICIES}
+
+
+class EvaluationAborted(SystemExit):
+    """Ends an lmms-eval run with zooprune's message and exit status 1.
+
+    A ``SystemExit``, because lmms-eval's wrappers and command line catch ``Exception``:
+    a pruning error would otherwise be scored as an empty answer, and the run exit 0.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"zooprune: {message}")
+
+
+class ZoopruneModel(lmms):
+    """What ``--model zooprune`` resolves to. Never an instance itself:
+    :meth:`create_from_arg_string` returns the pruned base wrapper (chat or simple, as the
+    base is)."""
+
+    is_simple = True
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> lmms:
+        args = utils.simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return create_pruned(args, extra)
+
+
+def create_pruned(args: dict[str, Any], extra: dict[str, Any] | None = None) -> lmms:
+    """The ``base`` wrapper built from its own ``args`` and ``extra`` (lmms-eval's batch
+    size, device), its model pruned with the rest. Every value is checked before the
+    model loads.
+
+    Raises:
+        EvaluationAborted: naming what is wrong and what is accepted.
+    """
+    args = dict(args)
+    base_name = args.pop("base", None)
+    if base_name is None or base_name == "zooprune":
+        raise EvaluationAborted(
+            "name the lmms-eval wrapper to prune in --model_args, e.g. base=llava_hf"
+        )
+    try:
+        base = get_model(base_name)
+    except Exception as error:  # noqa: BLE001 (lmms-eval's own lookup error, passed on)
+        raise EvaluationAborted(f"base={base_name!r}: {error}") from None
+    method = args.pop("method", "zoo")
+    budget = {"keep": args.pop("keep", None), "ratio": args.pop("ratio", None)}
+    positions = args.pop("positions", None)
+    try:
+        spec = get_method(method)
+    except zooprune.PruneError as error:
+        raise EvaluationAborted(str(error)) from None
+    options = {name: args.pop(name) for name in list(args) if name in spec.options}
+    layout = {name: args.pop(name) for name in list(args) if name in LAYOUT_ARGS}
+    takes = _parameters(base)
+    unknown = sorted(set(args) - takes)
+    if unknown:
+        ours = [*GENERAL_ARGS, *spec.options, *LAYOUT_ARGS]
+        raise EvaluationAborted(
+            f"unknown model_args {', '.join(unknown)}; zooprune takes {', '.join(ours)} "
+            f"(method {method!r}'s options: {', '.join(spec.options) or 'none'}); "
+            f"{base_name} takes {', '.join(sorted(takes))}"
+        )
+    try:  # the method, its options and the budget, before any weight loads
+        Selector.build(method, **budget, options=options | layout, layout_options=LAYOUT_ARGS)
+    except zooprune.PruneError as error:
+        raise EvaluationAborted(str(error)) from None
+    settings = {"method": method, **budget, "positions": positions, **options, **layout}
+    return _pruned_class(base)(zooprune_settings=settings, **args, **(extra or {}))
+
+
+def _parameters(base: type) -> set[str]:
+    """The keyword arguments ``base.__init__`` names (its ``**kwargs`` aside)."""
+    params = inspect.signature(base.__init__).parameters.values()
+    return {
+        p.name
+        for p in params
+        if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+
+
+@functools.cache
+def _pruned_class(base: type) -> type:
+    """``base`` with :class:`_Pruned` in front: the same wrapper, its model pruned."""
+    return type(f"Zooprune{base.__name__}", (_Pruned, base), {"__module__": __name__})
+
+
+class _Pruned:
+    """Prunes the wrapper's model once built, stops the run on a refused call, and logs
+    what each task kept."""
+
+    def __init__(self, *, zooprune_settings: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        settings = dict(zooprune_settings)
+        try:
+            self.zooprune_handle = zooprune.prune(self.model, settings.pop("method"), **settings)
+        except zooprune.PruneError as error:
+            raise EvaluationAborted(str(error)) from None
+        self.zooprune_handle.observe(self._zooprune_observe)
+        self._zooprune_kept = _Tally()
+
+    def _zooprune_observe(self, selection: Selection | None, error: Exception | None) -> None:
+        if error is not None:
+            raise EvaluationAborted(str(error)) from error
+        self._zooprune_kept.add(selection)
+
+    def generate_until(self, requests: list) -> list:
+        try:
+            return super().generate_until(requests)
+        finally:
+            self._zooprune_kept.log()
+
+
+class _Tally:
+    """What the pruned calls of one task kept, logged as one lmms-eval metrics record."""
+
+    def __init__(self) -> None:
+        self.images = self.kept = self.total = 0
+        self.seconds = 0.0
+
+    def add(self, selection: Selection) -> None:
+        self.images += len(selection.images)
+        self.kept += selection.kept
+        self.total += selection.total
+        self.seconds += selection.select_seconds
+
+    def log(self) -> None:
+        if not self.images:
+            return
+        log_metrics(
+            total_elapsed_time=0.0,
+            total_gen_tokens=0,
+            avg_speed=0.0,
+            additional_metrics={
+                "zooprune_images": self.images,
+                "zooprune_kept_tokens": self.kept,
+                "zooprune_visual_tokens": self.total,
+                "zooprune_select_seconds": self.seconds,
+            },
+        )
+        self.__init__()
