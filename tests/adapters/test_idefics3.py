@@ -160,15 +160,19 @@ class Idefics3Specifics(UnsplitConformance, AdapterConformance):
         with torch.no_grad():
             full = vlm.model.get_image_features(
                 batch["pixel_values"], batch["pixel_attention_mask"]
-            ).pooler_output  # per prompt [crops * S, D]
-        placed = prepared["mm_encoder_outputs"]["image"].pooler_output
-        for image, tokens in zip(handle.selection.images, placed, strict=True):
-            crops = crop_count(batch, image.prompt)
+            ).pooler_output  # every real crop's S tokens, prompt by prompt
+        full = torch.cat([f.reshape(-1, f.shape[-1]) for f in full])
+        images = handle.selection.images
+        placed = prepared["mm_encoder_outputs"]["image"].pooler_output[:, 0]
+        placed = placed.split([image.kept for image in images])
+        counts = [crop_count(batch, image.prompt) for image in images]
+        firsts = [sum(counts[:i]) for i in range(len(counts))]
+        for image, tokens, crops, first in zip(images, placed, counts, firsts, strict=True):
             assert bool((image.cells >= 0).all() & (image.cells < SIDE).all())
             assert image.boxes is None and image.regions() is None
             # The processor's crop order: sub-crops in raster order, then the global crop.
             pixel_crop = torch.where(image.crops == 0, crops - 1, image.crops - 1)
-            per_crop = full[image.prompt].view(crops, S, -1)
+            per_crop = full[first * S : (first + crops) * S].view(crops, S, -1)
             expected = per_crop[pixel_crop, image.cells[:, 0] * SIDE + image.cells[:, 1]]
             torch.testing.assert_close(tokens, expected, rtol=0, atol=0)
             # And the kept positions are the placeholders of those runs in the prompt.

@@ -46,13 +46,13 @@ def tokenizer():
     return word_level_llava_processor(SPECIAL + ["<video>"] + WORDS, CROP, PATCH).tokenizer
 
 
-def text_config(cls, vocab_size):
+def text_config(cls, vocab_size, width=32, heads=4):
     return cls(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=heads,
         num_key_value_heads=2,
         pad_token_id=0,
         bos_token_id=2,
@@ -80,13 +80,15 @@ class OnevisionProcessorWithoutVideo(LlavaOnevisionProcessor):
         return super().check_argument_for_proper_class(name, argument)
 
 
-def build(family, path):
+def build(family, path, text_width=32, text_heads=4):
+    """The family's tiny model saved to ``path`` (vLLM's CPU attention needs head_dim >= 32:
+    its tests pass ``text_width=64, text_heads=2``)."""
     torch.manual_seed(0)
     vocab = len(tokenizer())
     if family == "llava-next":
         config = LlavaNextConfig(
             vision_config=vision(CLIPVisionConfig),
-            text_config=text_config(LlamaConfig, vocab),
+            text_config=text_config(LlamaConfig, vocab, text_width, text_heads),
             image_token_id=IMAGE,
             image_grid_pinpoints=PINPOINTS,
             vision_feature_layer=-2,
@@ -96,7 +98,7 @@ def build(family, path):
     else:
         config = LlavaOnevisionConfig(
             vision_config=vision(SiglipVisionConfig),
-            text_config=text_config(Qwen2Config, vocab),
+            text_config=text_config(Qwen2Config, vocab, text_width, text_heads),
             image_token_id=IMAGE,
             video_token_id=SPECIAL.index("<image>") + 1,
             image_grid_pinpoints=PINPOINTS,

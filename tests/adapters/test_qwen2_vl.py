@@ -73,14 +73,23 @@ def processor() -> Qwen2VLProcessor:
     )
 
 
-def build(family, path):
+def _sections(head_dim):
+    """M-RoPE's three sections (temporal, height, width) over head_dim / 2 frequencies."""
+    half = head_dim // 2
+    third = 3 * half // 8
+    return [half - 2 * third, third, third]
+
+
+def build(family, path, text_width=32, text_heads=2):
+    """The family's tiny model saved to ``path`` (vLLM's CPU attention needs head_dim >= 32:
+    its tests pass ``text_width=64``)."""
     config_class, model_class = CLASSES[family]
     vision = {"patch_size": PATCH, "spatial_merge_size": MERGE, "temporal_patch_size": 2}
     if family == "qwen2-vl":
         vision |= {
             "depth": 1,
             "embed_dim": WIDTH,
-            "hidden_size": 32,
+            "hidden_size": text_width,  # the merger's output: the language model's width
             "num_heads": 2,
             "mlp_ratio": 2,
         }
@@ -88,7 +97,7 @@ def build(family, path):
         vision |= {
             "depth": 2,
             "hidden_size": WIDTH,
-            "out_hidden_size": 32,
+            "out_hidden_size": text_width,
             "intermediate_size": 32,
             "num_heads": 2,
             "window_size": 16,
@@ -98,13 +107,16 @@ def build(family, path):
         vision_config=vision,
         text_config={
             "vocab_size": len(VOCAB),
-            "hidden_size": 32,
-            "intermediate_size": 64,
+            "hidden_size": text_width,
+            "intermediate_size": 2 * text_width,
             "num_hidden_layers": 2,
-            "num_attention_heads": 2,
+            "num_attention_heads": text_heads,
             "num_key_value_heads": 1,
-            # head_dim 16: the three M-RoPE sections share its 8 frequencies
-            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3]},
+            # the three M-RoPE sections share head_dim / 2 frequencies (8 at head_dim 16)
+            "rope_parameters": {
+                "rope_type": "default",
+                "mrope_section": _sections(text_width // text_heads),
+            },
             "pad_token_id": 0,
             "bos_token_id": 2,
             "eos_token_id": 3,

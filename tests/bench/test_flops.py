@@ -102,3 +102,21 @@ def test_scoring_counts_match_the_flop_counter():
     }
     for estimator, value in measured.items():
         assert value == flops.scoring(s, n, estimator, directions=m, rank=8), estimator
+
+
+def test_the_default_speed_model_is_proportioned_like_llava15_7b():
+    from zooprune.bench.speed import llava15_proportioned_config
+
+    config = llava15_proportioned_config()
+    with torch.device("meta"):  # shapes only: counted, never computed
+        m = LlavaForConditionalGeneration(config).eval()
+    s = flops.Shapes.of_llava(config)
+    pixels = torch.empty(1, 3, 336, 336, device="meta")
+    # on the meta device the counter sees the tower's attention too: the whole count
+    assert s.vision_tokens == 577 and counted(lambda: m.model.vision_tower(pixels)) == (
+        flops.vision(s)
+    )
+    share, seven_b = flops.vision_share(s, 40), flops.vision_share(flops.LLAVA15_7B, 40)
+    assert abs(share - seven_b) < 0.01  # ~4.4% against ~4.8%
+    head_dim = config.text_config.hidden_size // config.text_config.num_attention_heads
+    assert head_dim >= 32  # what vLLM's CPU attention needs

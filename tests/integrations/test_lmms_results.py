@@ -104,14 +104,15 @@ def test_report_refuses_what_it_cannot_compare(runs, tmp_path, capsys):
 
 def test_the_entry_point_module_is_light():
     # lmms-eval drops every plugin when one entry point fails to load: the module it names
-    # imports neither torch nor transformers (nor lmms-eval until asked for the manifest).
+    # adds neither torch nor transformers nor lmms-eval to what the interpreter had loaded
+    # (until lmms-eval asks for the manifest).
     import subprocess
     import sys
 
-    code = (
-        "import sys, zooprune.integrations.lmms_eval as m; "
-        "print(sorted({'torch', 'transformers', 'lmms_eval'} & set(sys.modules)), m.MODEL_CLASS)"
-    )
+    heavy = "{'torch', 'transformers', 'lmms_eval'}"
+    code = f"import sys; before = {heavy} & set(sys.modules); "
+    code += "import zooprune.integrations.lmms_eval as m; "
+    code += f"print(sorted({heavy} & set(sys.modules) - before), m.MODEL_CLASS)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split("]")[0] == "["
     assert out.stdout.strip().endswith("zooprune.integrations.lmms_eval.model.ZoopruneModel")

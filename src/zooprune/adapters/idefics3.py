@@ -133,8 +133,10 @@ class Idefics3Adapter(Adapter):
         )
 
     def encoder_output(self, encoded: EncodedImages, kept_tokens: list[Tensor]) -> Any:
-        # The model concatenates the list and fills placeholders in order.
-        return BaseModelOutputWithPooling(pooler_output=list(kept_tokens))
+        # One [T, 1, d_l] tensor filled into the placeholders in order: what every
+        # transformers from 5.19 takes (SmolVLM before 5.20 reads it as T blocks of one
+        # token; later versions and Idefics3 only count and scatter it).
+        return BaseModelOutputWithPooling(pooler_output=torch.cat(kept_tokens)[:, None])
 
 
 def _crops_per_image(

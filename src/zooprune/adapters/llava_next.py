@@ -43,7 +43,9 @@ re-implemented here.
 
 from __future__ import annotations
 
+import functools
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -125,7 +127,6 @@ class LlavaNextAdapter(LlavaAdapter):
     def encode(
         self, model: nn.Module, image_inputs: dict[str, Any], needs: frozenset[str]
     ) -> EncodedImages:
-        config = model.config
         if image_inputs.get("image_sizes") is None:
             raise PruneError(f"{type(model).__name__} needs image_sizes with pixel_values")
         layer, strategy = self._feature_choice(model, image_inputs)
@@ -144,6 +145,42 @@ class LlavaNextAdapter(LlavaAdapter):
                 **extra,
             ),
         )
+        return self.encoded_from(
+            model,
+            features,
+            list(output.pooler_output),
+            image_inputs,
+            strategy,
+            cls_attention=cls_attention,
+            keys=keys,
+            encoder_output=output,
+        )
+
+    def encoded_from(
+        self,
+        model: Any,
+        features: Tensor,
+        packed_tokens: list[Tensor],
+        image_inputs: dict[str, Any],
+        strategy: str,
+        *,
+        cls_attention: Tensor | None = None,
+        keys: Tensor | None = None,
+        encoder_output: Any = None,
+    ) -> EncodedImages:
+        """The call's images from what the model computed, whatever engine computed it.
+
+        Args:
+            model: anything with the model's ``config`` and ``model.pack_image_features``
+                (the Hugging Face model; another engine passes a stand-in with the HF
+                class's packing, see :func:`packing_stand_in`).
+            features: ``[P, T, d_v]`` the projector inputs of all P crops.
+            packed_tokens: per image, ``[S, d_l]`` the run the model packed (tokens and
+                newlines).
+            image_inputs: ``image_sizes`` and the family's other image inputs.
+            cls_attention, keys: ``[P, T]`` and ``[P, T, d_k]`` when VisionZip needs them.
+        """
+        config = model.config
         side = config.vision_config.image_size // config.vision_config.patch_size
         crops = self._crops_per_image(model, image_inputs)
         total, per_crop, d_v = features.shape
@@ -165,7 +202,6 @@ class LlavaNextAdapter(LlavaAdapter):
         packed_carried = self._pack(
             model, list(carried.split(crops)), image_inputs, strategy, newline
         )
-        packed_tokens = list(output.pooler_output)
 
         layouts, feats, projected, attn, key_list = [], [], [], [], []
         for i, (carry, tokens) in enumerate(zip(packed_carried, packed_tokens, strict=True)):
@@ -189,7 +225,7 @@ class LlavaNextAdapter(LlavaAdapter):
             grids=[_image_grid(layout) for layout in layouts],
             cls_attention=attn if cls_attention is not None else None,
             keys=key_list if cls_attention is not None else None,
-            encoder_output=output,
+            encoder_output=encoder_output,
             layouts=layouts,
         )
 
@@ -310,6 +346,16 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         side = max(height, width)
         top, left = (side - height) // 2, (side - width) // 2
         return (float(-top), float(-left), float(side - top), float(side - left))
+
+
+def packing_stand_in(model_class: type, config: Any) -> Any:
+    """What :meth:`LlavaNextAdapter.encoded_from` needs of a model, for an engine that
+    runs its own: the config, and the Hugging Face class's own ``pack_image_features``
+    (which reads nothing of the model but its config) bound to it."""
+    inner = SimpleNamespace(config=config)
+    pack = model_class.pack_image_features
+    inner.pack_image_features = functools.partial(pack, inner)
+    return SimpleNamespace(config=config, model=inner)
 
 
 def _coordinates(side: int, crops: list[int], grids: list[tuple[int, int]]) -> Tensor:

@@ -167,7 +167,9 @@ def paired_difference(
     return {"difference": observed, "low": float(low), "high": float(high)}
 
 
-def _prompt(processor: Any, question: str, template: str | None) -> str:
+def prompt_for(processor: Any, question: str, template: str | None = None) -> str:
+    """The prompt text for one question about one image: ``template`` (``{image}`` and
+    ``{question}`` filled), else the processor's chat template, else the image token."""
     token = getattr(processor, "image_token", "<image>")
     if template is not None:
         return template.replace("{image}", token).replace("{question}", question)
@@ -187,7 +189,7 @@ def _answer(
     max_new_tokens: int,
 ) -> list[str]:
     images = [item.pil() for item in items]
-    texts = [_prompt(processor, item.question, prompt_template) for item in items]
+    texts = [prompt_for(processor, item.question, prompt_template) for item in items]
     inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
     dtype = next(model.parameters()).dtype
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -197,19 +199,49 @@ def _answer(
     return processor.batch_decode(new, skip_special_tokens=True)
 
 
+#: ``answer(items, method, ratio, options) -> (predictions, visual tokens kept per image)``;
+#: ``method`` and ``ratio`` are None for the unpruned model (and the kept list empty)
+Answerer = Callable[
+    [Sequence[Item], str | None, float | None, dict[str, Any]], tuple[list[str], list[int]]
+]
+
+
+def hf_answerer(
+    model: nn.Module, processor: Any, prompt_template: str | None, max_new_tokens: int
+) -> Answerer:
+    """Answers with ``generate`` on the Hugging Face model, pruned by a handle per batch."""
+
+    def answer(
+        items: Sequence[Item], method: str | None, ratio: float | None, options: dict[str, Any]
+    ) -> tuple[list[str], list[int]]:
+        if method is None:
+            return _answer(model, processor, items, prompt_template, max_new_tokens), []
+        with zooprune.prune(model, method, ratio=ratio, **options) as handle:
+            predictions = _answer(model, processor, items, prompt_template, max_new_tokens)
+        return predictions, [image.kept for image in handle.selection.images]
+
+    return answer
+
+
 def _condition_key(method: str, ratio: float | None) -> str:
     return UNPRUNED if ratio is None else f"{method}@{ratio:.6f}"
 
 
 def _fingerprint(
-    items: Sequence[Item], model: nn.Module, model_name: str, settings: dict[str, Any]
+    items: Sequence[Item], model: nn.Module | Path, model_name: str, settings: dict[str, Any]
 ) -> str:
     digest = hashlib.sha256(model_name.encode())
     digest.update(json.dumps(settings, sort_keys=True).encode())
     # Retrained weights under the same name must not reuse old results.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            digest.update(f"{name}{tuple(param.shape)}{float(param.double().sum()):.10e}".encode())
+    if isinstance(model, Path):  # a folder another engine loads: its weight files
+        for file in sorted(model.glob("*.safetensors")):
+            stat = file.stat()
+            digest.update(f"{file.name}{stat.st_size}{stat.st_mtime_ns}".encode())
+    else:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                line = f"{name}{tuple(param.shape)}{float(param.double().sum()):.10e}"
+                digest.update(line.encode())
     for item in items:
         image = item.image if isinstance(item.image, str) else item.pil().tobytes()
         digest.update(image if isinstance(image, bytes) else image.encode())
@@ -218,7 +250,7 @@ def _fingerprint(
 
 
 def run_accuracy(
-    model: nn.Module,
+    model: nn.Module | Path,
     processor: Any,
     items: Sequence[Item],
     out_dir: str | Path,
@@ -232,8 +264,14 @@ def run_accuracy(
     seed: int = 0,
     reps: int = 2000,
     on_progress: Callable[[str, int, int], None] | None = None,
+    engine: str = "hf",
+    answerer: Answerer | None = None,
 ) -> dict[str, Any]:
     """Score every (method, ratio) and the unpruned model on ``items``; resumable.
+
+    ``model`` answers through ``generate`` (:func:`hf_answerer`) unless ``answerer`` is
+    given: another engine, named by ``engine`` (results are kept apart per engine), serving
+    ``model``, then its folder (whose weight files fingerprint the results).
 
     Writes ``results.jsonl`` (one line per finished condition, with every prediction),
     then ``accuracy.json`` and ``accuracy.csv`` from :func:`summarize`. A condition already
@@ -251,6 +289,9 @@ def run_accuracy(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"max_new_tokens": max_new_tokens, "prompt": prompt_template, "seed": seed}
+    if engine != "hf":  # the HF results' fingerprints stay what they were
+        settings["engine"] = engine
+    answer = answerer or hf_answerer(model, processor, prompt_template, max_new_tokens)
     fingerprint = _fingerprint(items, model, model_name, settings)
     results_path = out / "results.jsonl"
     done: dict[str, dict[str, Any]] = {}
@@ -271,14 +312,15 @@ def run_accuracy(
         predictions: list[str] = []
         kept: list[int] = []
         start = time.perf_counter()
+        options = (
+            {"seed": seed}
+            if ratio is not None and "seed" in zooprune.METHODS[method].options
+            else {}
+        )
         for number, batch in enumerate(batches, 1):
-            if ratio is None:
-                predictions += _answer(model, processor, batch, prompt_template, max_new_tokens)
-            else:
-                options = {"seed": seed} if "seed" in zooprune.METHODS[method].options else {}
-                with zooprune.prune(model, method, ratio=ratio, **options) as handle:
-                    predictions += _answer(model, processor, batch, prompt_template, max_new_tokens)
-                kept += [image.kept for image in handle.selection.images]
+            said, counted = answer(batch, None if ratio is None else method, ratio, options)
+            predictions += said
+            kept += counted
             if on_progress:
                 on_progress(key, number, len(batches))
         row = {

@@ -1,8 +1,11 @@
 """End-to-end efficiency of a pruned model: where the time goes, per token budget.
 
-By default on a LLaVA-1.5-shaped model with random weights sized for a CPU (CLIP ViT-L/14
-at 336 px, 576 visual tokens, and a 24-layer, 1024-wide Llama): the speed of a model does
-not depend on what its weights say.
+By default on a model with random weights, laid out like LLaVA-1.5 (a CLIP tower at 336 px,
+576 visual tokens, the 2-layer projector, a Llama) and proportioned like LLaVA-1.5-7B, sized
+for a CPU: its vision tower is ~4% of the unpruned prefill's FLOPs, as in the 7B model, so
+pruning can save what it saves there. (A tower as big as the language model would cap every
+end-to-end ratio: pruning does not shorten the tower's work.) The speed of a model does not
+depend on what its weights say.
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ from zooprune.bench import flops
 from zooprune.bench.timing import StepClock, fast_dtype, machine, median_seconds
 from zooprune.select import TokenSet, get_method
 from zooprune.select.methods import sensitivity_scores
-from zooprune.tiny import llava_layout_config
+from zooprune.tiny import SPECIAL, WORDS, llava_layout_config
 
+DEFAULT_DESCRIPTION = (
+    "LLaVA-1.5-proportioned, random weights (ViT 256 x 6 at 336 px + Llama 1024 x 12)"
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -43,17 +49,36 @@ class SpeedConfig:
     seed: int = 0
 
 
-def llava15_shaped_config(vocab_size: int = 32064) -> LlavaConfig:
-    """LLaVA-1.5's vision side and projector layout with a 0.34B Llama language model."""
+#: the default model's words (a word-level tokenizer: any id is one word)
+VOCAB = SPECIAL + WORDS
+
+
+def llava15_proportioned_config(vocab_size: int = 32064) -> LlavaConfig:
+    """LLaVA-1.5's layout (336 px, 14 px patches: 576 visual tokens) at CPU size, with the
+    7B model's vision share of the prefill: a 256-wide, 6-layer tower and a 1024-wide,
+    12-layer Llama (head_dim 64)."""
     return llava_layout_config(
         image_size=336,
         patch_size=14,
-        vision=(1024, 24, 16, 4096),
-        text=(1024, 24, 16, 16, 2816),
+        vision=(256, 6, 4, 1024),
+        text=(1024, 12, 16, 16, 2816),
         vocab_size=vocab_size,
-        image_token_id=vocab_size - 1,
-        projection_dim=768,
+        image_token_id=VOCAB.index("<image>"),
+        projection_dim=256,
     )
+
+
+def default_model(dtype: torch.dtype, seed: int = 0) -> LlavaForConditionalGeneration:
+    """The default benchmark model, initialised in ``dtype`` (half the memory and time)."""
+    torch.manual_seed(seed)
+    with _default_dtype(dtype):
+        return LlavaForConditionalGeneration(llava15_proportioned_config()).eval()
+
+
+def default_prompt_words(count: int, seed: int) -> list[str]:
+    """``count`` words of the default model's vocabulary, drawn with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return [WORDS[int(i)] for i in torch.randint(0, len(WORDS), (count,), generator=g)]
 
 
 @contextlib.contextmanager
@@ -71,14 +96,12 @@ def load(config: SpeedConfig) -> tuple[LlavaForConditionalGeneration, dict[str, 
     dtype = DTYPES[config.dtype]
     torch.manual_seed(config.seed)
     if config.model is None:
-        with _default_dtype(dtype):  # initialise in the target dtype: half the memory and time
-            model = LlavaForConditionalGeneration(llava15_shaped_config())
-        model = model.to(config.device).eval()
+        model = default_model(dtype, config.seed).to(config.device)
         text = model.config.text_config
         vision = model.config.vision_config
         n = (vision.image_size // vision.patch_size) ** 2
         g = torch.Generator().manual_seed(config.seed)
-        words = torch.randint(3, text.vocab_size - 1, (config.text_tokens,), generator=g)
+        words = torch.randint(len(SPECIAL), text.vocab_size, (config.text_tokens,), generator=g)
         half = config.text_tokens // 2
         ids = torch.cat(
             [
@@ -90,7 +113,7 @@ def load(config: SpeedConfig) -> tuple[LlavaForConditionalGeneration, dict[str, 
         )[None]
         pixels = torch.randn(1, 3, vision.image_size, vision.image_size, generator=g)
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
-        description = "LLaVA-1.5-shaped, random weights (CLIP ViT-L/14-336 + Llama 1024 x 24)"
+        description = DEFAULT_DESCRIPTION
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -306,6 +329,7 @@ def run_speed_benchmark(
         "machine": machine()
         | {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
         "visual_tokens": n,
+        "vision_share_of_prefill_flops": flops.vision_share(shapes, text_length),
         "rows": rows,
         "selection_share_of_unpruned_prefill": {
             row["keep"]: row["select_s"] / base["prefill_s"] for row in rows if row["pruned"]

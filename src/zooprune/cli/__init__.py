@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from zooprune.cli import bench, demo, methods, report, run, speed, testbed
+from zooprune.cli import bench, demo, methods, report, run, serve, speed, testbed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -12,11 +13,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zooprune", description="Training-free visual-token pruning for VLMs."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    for group in (run, methods, speed, testbed, bench, demo, report):
+    for group in (run, methods, serve, speed, testbed, bench, demo, report):
         group.register(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `zooprune serve MODEL ... -- VLLM ARGS`: what follows `--` goes to the engine unchanged
+    passthrough: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if passthrough and not hasattr(args, "passthrough"):
+        parser.error(f"`zooprune {args.command}` takes no arguments after --")
+    if passthrough:
+        args.passthrough = passthrough
     return args.handler(args)

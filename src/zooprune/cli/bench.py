@@ -28,6 +28,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("--model", help="a VLM folder or hub id (default: the bundled test bed)")
     bench.add_argument("--data", help='JSON lines {"image", "question", "answer"[, "family"]}')
+    bench.add_argument(
+        "--engine",
+        choices=["hf", "vllm"],
+        default="hf",
+        help="hf: generate() with a pruning handle; vllm: the vLLM plugin (needs vLLM)",
+    )
     bench.add_argument("--methods", type=method_names, default=None, help="default: every one")
     bench.add_argument(
         "--ratios",
@@ -67,6 +73,19 @@ def _bench(args: argparse.Namespace) -> int:
     if args.data is not None and args.families:
         return fail("--families chooses test-bed questions; --data brings its own")
     methods = args.methods or sorted(METHODS)
+    if args.engine == "vllm" and args.methods is None:
+        from zooprune.integrations.vllm import served_methods
+
+        methods = served_methods()  # visionzip needs the CLS attention vLLM's towers hide
+    if args.engine == "vllm":
+        from zooprune.integrations.vllm import served_methods
+
+        refused = sorted(set(methods) - set(served_methods()))
+        if refused:
+            return fail(
+                f"vLLM cannot serve {', '.join(refused)} (its towers give no CLS attention); "
+                f"it serves {', '.join(served_methods())}"
+            )
     ratios = args.ratios or DEFAULT_RATIOS
     n = args.n_per_family or (12 if args.quick else 100)
     set_threads(args.threads)
@@ -80,8 +99,24 @@ def _bench(args: argparse.Namespace) -> int:
         return fail(str(error))
     if args.data and args.limit:
         items = items[: args.limit]
-    model, processor, name = _load_for_bench(args)
     max_new = args.max_new_tokens or (1 if args.data is None else 16)
+    answerer = None
+    if args.engine == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            return fail("--engine vllm needs vLLM in this environment: `make vllm-install`")
+        from zooprune.integrations.vllm.accuracy import VllmAnswerer
+
+        model, name = _folder_for_bench(args)
+        if not model.is_dir():
+            return fail(f"--engine vllm takes a local model folder; no folder {model}")
+        answerer = VllmAnswerer(
+            model, prompt_template=args.prompt, max_new_tokens=max_new, dtype=args.dtype
+        )
+        processor = answerer.processor
+    else:
+        model, processor, name = _load_for_bench(args)
     out = Path(args.out)
     total = (1 + len(methods) * len(ratios)) * -(-len(items) // args.batch_size)
     columns = (
@@ -111,16 +146,28 @@ def _bench(args: argparse.Namespace) -> int:
             prompt_template=args.prompt,
             seed=args.seed,
             on_progress=report,
+            engine=args.engine,
+            answerer=answerer,
         )
+    if answerer is not None:
+        answerer.close()
     _print_accuracy(summary)
     plot = plot_accuracy(summary, out / "accuracy.png")
     m = machine()
     console.print(
-        f"[dim]{len(items)} questions, greedy, seed {args.seed}, {m['cpu']}, "
+        f"[dim]{len(items)} questions, {args.engine} engine, greedy, seed {args.seed}, {m['cpu']}, "
         f"{m['torch_threads']} threads; wrote {out / 'accuracy.json'}, "
         f"{out / 'accuracy.csv'}, {plot}[/dim]"
     )
     return 0
+
+
+def _folder_for_bench(args: argparse.Namespace) -> tuple[Path, str]:
+    if args.model is None:
+        from zooprune.testbed.model import bundled_path
+
+        return bundled_path(), f"zooprune test bed ({bundled_path().name})"
+    return Path(args.model), args.model
 
 
 def _load_for_bench(args: argparse.Namespace) -> tuple[object, object, str]:

@@ -41,6 +41,19 @@ def add_threads(parser: argparse.ArgumentParser, default_note: str = "torch's") 
     )
 
 
+def add_method_and_budget(parser: argparse.ArgumentParser) -> None:
+    """``--method``, ``--keep`` or ``--ratio``, and ``--option NAME=VALUE``: one pruning."""
+    parser.add_argument(
+        "--method", type=method_name, default="zoo", help="a method from `zooprune methods`"
+    )
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=int, help="visual tokens kept per image (default 64)")
+    budget.add_argument("--ratio", type=float, help="fraction of visual tokens kept per image")
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="NAME=VALUE", help="a method option"
+    )
+
+
 def add_dtype(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument(
         "--dtype",
@@ -88,6 +101,21 @@ def method_name(text: str) -> str:
 def method_names(text: str) -> list[str]:
     """``zoo,divprune`` -> registered method names."""
     return [method_name(name) for name in names(text)]
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """``--option NAME=VALUE``: booleans, integers and floats by their spelling."""
+    if "=" not in text:
+        raise SystemExit(f"--option takes NAME=VALUE, got {text!r}")
+    name, value = text.split("=", 1)
+    if value in ("True", "False"):
+        return name, value == "True"
+    for convert in (int, float):
+        try:
+            return name, convert(value)
+        except ValueError:
+            pass
+    return name, value
 
 
 def names(text: str) -> list[str]:

@@ -10,11 +10,12 @@ from rich.table import Table
 
 from zooprune.cli.common import (
     add_dtype,
+    add_method_and_budget,
     add_threads,
     console,
     fail,
     load_model,
-    method_name,
+    parse_option,
     resolve_dtype,
     set_threads,
 )
@@ -27,12 +28,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--model", required=True, help="a local folder or hub id of a supported VLM")
     run.add_argument("--image", required=True, help="an image file")
     run.add_argument("--prompt", required=True, help="the question; <image> is prepended if absent")
-    run.add_argument(
-        "--method", type=method_name, default="zoo", help="a method from `zooprune methods`"
-    )
-    budget = run.add_mutually_exclusive_group()
-    budget.add_argument("--keep", type=int, help="visual tokens kept per image (default 64)")
-    budget.add_argument("--ratio", type=float, help="fraction of visual tokens kept per image")
+    add_method_and_budget(run)
     run.add_argument(
         "--positions",
         choices=["compact", "original"],
@@ -43,9 +39,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_dtype(run, "float32")
     add_threads(run)
     run.add_argument("--show", metavar="PNG", help="draw the kept patches and scores to this file")
-    run.add_argument(
-        "--option", action="append", default=[], metavar="NAME=VALUE", help="a method option"
-    )
     run.set_defaults(handler=_run)
 
     tiny = commands.add_parser("tiny", help="save a tiny random LLaVA to try the commands on")
@@ -76,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
         prompt = f"{token} {prompt}"
     inputs = processor(images=[image], text=[prompt], return_tensors="pt")
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    options = dict(_parse_option(o) for o in args.option)
+    options = dict(parse_option(o) for o in args.option)
     try:
         handle = zooprune.prune(
             model,
@@ -150,20 +143,6 @@ def _draw(args, processor, inputs, image, selection) -> Path:
         picture = processed_image(pixels, images.image_mean, images.image_std)
         return plot_selection(picture, [(args.method, chosen)], args.show)
     return plot_regions(image, chosen, args.show, title=args.method)
-
-
-def _parse_option(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise SystemExit(f"--option takes NAME=VALUE, got {text!r}")
-    name, value = text.split("=", 1)
-    if value in ("True", "False"):
-        return name, value == "True"
-    for convert in (int, float):
-        try:
-            return name, convert(value)
-        except ValueError:
-            pass
-    return name, value
 
 
 def _tiny(args: argparse.Namespace) -> int:

@@ -8,25 +8,48 @@ from pathlib import Path
 
 from rich.table import Table
 
+from zooprune.bench.flops import LLAVA15_7B, vision_share
 from zooprune.cli.common import (
     add_dtype,
     add_out,
     add_threads,
     budgets,
     console,
+    fail,
     machine_line,
     method_name,
+    parse_option,
     set_threads,
     with_progress,
     write_json,
 )
 
+#: the vision tower's share of LLaVA-1.5-7B's unpruned prefill, 40 text tokens
+VISION_SHARE_7B = vision_share(LLAVA15_7B, 40)
+
 
 def register(commands: argparse._SubParsersAction) -> None:
-    speed = commands.add_parser("speed", help="time unpruned vs pruned end to end, per budget")
-    speed.add_argument("--model", default=None, help="default: a LLaVA-1.5-shaped random model")
+    speed = commands.add_parser(
+        "speed",
+        help="time unpruned vs pruned end to end, per budget (Hugging Face, or vLLM serving)",
+    )
+    speed.add_argument(
+        "--model", default=None, help="default: a LLaVA-1.5-proportioned random model"
+    )
+    speed.add_argument(
+        "--engine",
+        choices=["hf", "vllm"],
+        default="hf",
+        help="hf: one request, phase by phase; vllm: concurrent requests served by vLLM",
+    )
     speed.add_argument("--budgets", type=budgets, default=(192, 128, 64))
     speed.add_argument("--method", type=method_name, default="zoo")
+    speed.add_argument(
+        "--option", action="append", default=[], metavar="NAME=VALUE", help="a method option"
+    )
+    speed.add_argument(
+        "--concurrency", type=int, default=8, help="vllm: requests submitted at once (R)"
+    )
     add_dtype(speed, "auto")
     speed.add_argument("--new-tokens", type=int, default=20)
     speed.add_argument("--repeats", type=int, default=3)
@@ -59,6 +82,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _speed(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        return _speed_vllm(args)
+    if args.option:
+        return fail("--option applies to --engine vllm (the hf engine times the defaults)")
     from zooprune.bench.speed import SpeedConfig, run_speed_benchmark
     from zooprune.viz import plot_speed
 
@@ -74,8 +101,7 @@ def _speed(args: argparse.Namespace) -> int:
     )
     set_threads(args.threads)
     result = with_progress("speed benchmark", lambda report: run_speed_benchmark(config, report))
-    for table in speed_tables(result):
-        console.print(table)
+    notes = [_vision_share_line(result["vision_share_of_prefill_flops"])]
     for keep, share in result["selection_share_of_unpruned_prefill"].items():
         seven_b = result["analytic_7b"]["exact_scoring_plus_greedy_share"].get(keep)
         extra = (
@@ -83,15 +109,121 @@ def _speed(args: argparse.Namespace) -> int:
             if seven_b
             else ""
         )
-        console.print(f"keep {keep}: selection = {share:.2%} of the unpruned prefill{extra}")
-    console.print(
+        notes.append(f"keep {keep}: selection = {share:.2%} of the unpruned prefill{extra}")
+    notes.append(
         f"[dim]{result['dtype']}, method {result['method']}, medians of {config.repeats} after "
         f"{config.warmup} warm-up; {machine_line(result)}[/dim]"
     )
-    path = write_json(result, Path(args.out), "speed.json")
-    plot = plot_speed(result, Path(args.out) / "speed.png")
-    console.print(f"wrote {path} and {plot}")
+    _publish(result, speed_tables(result), notes, Path(args.out) / "speed", plot_speed)
     return 0
+
+
+def _vision_share_line(share: float) -> str:
+    return (
+        f"vision tower + projector: {share:.1%} of the unpruned prefill's FLOPs "
+        f"(LLaVA-1.5-7B: {VISION_SHARE_7B:.1%})"
+    )
+
+
+def _publish(result: dict, tables: list[Table], notes: list[str], stem: Path, plot) -> None:
+    """Print the tables and notes; write ``stem``.json and ``stem``.png."""
+    for line in (*tables, *notes):
+        console.print(line)
+    path = write_json(result, stem.parent, stem.name + ".json")
+    picture = plot(result, stem.with_suffix(".png"))
+    console.print(f"wrote {path} and {picture}")
+
+
+def _speed_vllm(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return fail(
+            "--engine vllm needs vLLM in this environment: `make vllm-install` builds one "
+            "(.venv-vllm)"
+        )
+    from zooprune.errors import PruneError
+    from zooprune.integrations.vllm.throughput import ServingConfig, run_serving_benchmark
+    from zooprune.viz import plot_serving
+
+    if args.concurrency < 1 or args.repeats < 1 or args.new_tokens < 1:
+        return fail("--concurrency, --repeats and --new-tokens must be at least 1")
+    config = ServingConfig(
+        model=args.model,
+        budgets=args.budgets,
+        method=args.method,
+        options=dict(parse_option(o) for o in args.option),
+        dtype=args.dtype,
+        concurrency=args.concurrency,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        device=args.device,
+    )
+    set_threads(args.threads)
+    try:
+        result = with_progress(
+            "vLLM serving benchmark", lambda report: run_serving_benchmark(config, report)
+        )
+    except PruneError as error:
+        return fail(str(error))
+    share = result["vision_share_of_prefill_flops"]
+    notes = [] if share is None else [_vision_share_line(share)]
+    notes.append(
+        f"[dim]{result['engine']}, {result['dtype']}, method {result['method']}; each wave: "
+        f"{config.concurrency} requests at once, one {config.image_size} px image and "
+        f"{config.text_tokens} words each, {config.new_tokens} output tokens; medians of "
+        f"{config.repeats} waves after {config.warmup} warm-up (TTFT and latency: of every "
+        f"request in them); KV blocks: the warm-up wave's peak; {machine_line(result)}[/dim]"
+    )
+    _publish(result, serving_tables(result), notes, Path(args.out) / "serving", plot_serving)
+    return 0
+
+
+def serving_tables(result: dict) -> list[Table]:
+    """The throughput, latency and KV cache per budget, and the ratios to unpruned."""
+    visual = result["visual_tokens"]
+    times = Table(title=f"zooprune speed --engine vllm: {result['model']}")
+    ratios = Table(title="over unpruned")
+    for column in (
+        "kept",
+        "prompt tokens",
+        "requests/s",
+        "output tok/s",
+        "TTFT median ms",
+        "TTFT p95 ms",
+        "latency median ms",
+        "latency p95 ms",
+        "KV blocks peak",
+        "selection ms/image",
+    ):
+        times.add_column(column, justify="right")
+    for column in ("kept", "throughput x", "TTFT x", "latency x", "KV blocks x"):
+        ratios.add_column(column, justify="right")
+    base = result["rows"][0]
+    for row in result["rows"]:
+        kept = f"{row['keep'] if row['pruned'] else visual}/{visual}"
+        selection = row["selection_s_per_image"]
+        times.add_row(
+            kept,
+            f"{row['prompt_tokens']:.0f}",
+            f"{row['requests_per_s']:.2f}",
+            f"{row['output_tokens_per_s']:.1f}",
+            f"{row['ttft_median_s'] * 1e3:.0f}",
+            f"{row['ttft_p95_s'] * 1e3:.0f}",
+            f"{row['latency_median_s'] * 1e3:.0f}",
+            f"{row['latency_p95_s'] * 1e3:.0f}",
+            f"{row['kv_blocks_peak']} of {row['kv_blocks_total']}",
+            "-" if selection is None else f"{selection * 1e3:.1f}",
+        )
+        ratios.add_row(
+            kept,
+            f"{row['throughput_x']:.2f}",
+            f"{row['ttft_ratio']:.2f}",
+            f"{row['latency_ratio']:.2f}",
+            f"{row['kv_blocks_peak'] / max(base['kv_blocks_peak'], 1):.2f}",
+        )
+    return [times, ratios]
 
 
 def speed_tables(result: dict) -> list[Table]:

@@ -1,0 +1,77 @@
+"""``zooprune serve``: vLLM's OpenAI-compatible server, serving a model pruned.
+
+The command checks the settings and the model's architecture first (a typo fails here, in a
+second, not after the engine has loaded), then replaces itself with vLLM's server, whose
+``--hf-overrides`` name the pruned architecture and carry the settings. Everything after
+``--`` goes to vLLM unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import sys
+
+from zooprune.cli.common import add_method_and_budget, console, fail, parse_option
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model pruned, with vLLM's OpenAI-compatible server (needs vLLM)",
+        description="Serve MODEL with vLLM's OpenAI-compatible server, its visual tokens "
+        "pruned at every request. Arguments after -- go to vLLM unchanged.",
+        epilog="example: zooprune serve llava-hf/llava-1.5-7b-hf --method zoo --keep 64 "
+        "-- --port 8000 --max-model-len 4096",
+    )
+    serve.add_argument("model", help="a local folder or hub id of a model vLLM serves")
+    add_method_and_budget(serve)
+    serve.add_argument(
+        "--print-command", action="store_true", help="print the vLLM command line and exit"
+    )
+    serve.set_defaults(handler=_serve, passthrough=[])
+
+
+def server_command(args: argparse.Namespace) -> list[str]:
+    """The vLLM server's command line for ``args`` (settings checked; raises PruneError)."""
+    from zooprune.integrations.vllm import engine_args
+
+    keep = args.keep if args.keep is not None or args.ratio is not None else 64
+    options = dict(parse_option(o) for o in args.option)
+    overrides = engine_args(args.model, args.method, keep=keep, ratio=args.ratio, **options)
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(args.model),
+        "--hf-overrides",
+        json.dumps(overrides["hf_overrides"], separators=(",", ":")),
+        *args.passthrough,
+    ]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from zooprune.errors import PruneError
+
+    try:
+        command = server_command(args)
+    except PruneError as error:
+        return fail(str(error))
+    line = shlex.join(command)
+    if args.print_command:
+        print(line)
+        return 0
+    if importlib.util.find_spec("vllm") is None:
+        return fail(
+            "vLLM is not installed in this environment: `pip install 'zooprune[vllm]'` "
+            "(GPU) or `make vllm-install` (the CPU build this repository tests against)"
+        )
+    console.print(f"[dim]{line}[/dim]", soft_wrap=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)
+    return 0  # not reached: execv replaces this process

@@ -1,0 +1,259 @@
+"""Serving throughput on vLLM: R concurrent requests with images, unpruned and per budget.
+
+Each condition gets its own engine (the budget is part of the model's config). A wave puts
+R requests, each with an image of its own (vLLM's encoder cache must not serve one), into
+the engine at once and steps it until all are answered: requests/s and output tokens/s
+come from the wave's wall time, time to first token and latency from the step in which
+each request got its first and last token. Medians over the timed waves; the warm-up wave
+also reads the KV-cache blocks in use (its peak), outside the timing.
+
+The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the selection's
+own time can be read from :data:`zooprune.integrations.vllm.selection.TALLY`.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from zooprune.bench import flops
+from zooprune.bench.accuracy import prompt_for
+from zooprune.bench.speed import (
+    DEFAULT_DESCRIPTION,
+    DTYPES,
+    VOCAB,
+    default_model,
+    default_prompt_words,
+)
+from zooprune.bench.timing import fast_dtype, machine
+
+
+@dataclass
+class ServingConfig:
+    model: str | None = None  # None: the LLaVA-1.5-proportioned default, saved under cache
+    budgets: tuple[int, ...] = (192, 128, 64)
+    method: str = "zoo"
+    options: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "auto"  # bfloat16 where the hardware has it, else float32
+    concurrency: int = 8
+    new_tokens: int = 32
+    text_tokens: int = 40
+    repeats: int = 3
+    warmup: int = 1
+    image_size: int = 336
+    kv_cache_gib: float = 2.0  # the CPU engine's KV-cache space
+    device: str = "cpu"
+    seed: int = 0
+    cache: str = ".cache/speed-model"
+
+
+def save_default_model(path: str | Path, dtype: str, seed: int = 0) -> Path:
+    """The default model (``zooprune speed``'s) and its processor, saved in the layout of
+    the LLaVA-1.5 checkpoints on the hub, which vLLM's stock LLaVA (the unpruned baseline)
+    loads. Written once per dtype and seed; later calls find it."""
+    from zooprune.integrations.vllm.checkpoint import to_hub_layout
+    from zooprune.tiny import word_level_llava_processor
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    model = default_model(DTYPES[dtype], seed)
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(path)
+    word_level_llava_processor(VOCAB, 336, 14).save_pretrained(path)
+    return to_hub_layout(path)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile, linearly interpolated (numpy's default)."""
+    return float(np.percentile(np.asarray(values, dtype=float), q * 100))
+
+
+def _images(config: ServingConfig, wave: int) -> list[Image.Image]:
+    rng = np.random.default_rng([config.seed, wave])
+    side = config.image_size
+    return [
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+        for _ in range(config.concurrency)
+    ]
+
+
+def _kv_blocks_in_use(engine: Any, total: int) -> int:
+    for metric in engine.get_metrics():
+        if metric.name == "vllm:kv_cache_usage_perc":
+            return round(metric.value * total)
+    return 0
+
+
+def _wave(
+    engine: Any, requests: list[dict], params: Any, name: str, blocks: int | None
+) -> dict[str, Any]:
+    """Submit every request at once and step the engine until all are done."""
+    start = time.perf_counter()
+    for i, request in enumerate(requests):
+        engine.add_request(f"{name}-{i}", request, params)
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    prompt_tokens: dict[str, int] = {}
+    output_tokens: dict[str, int] = {}
+    peak = 0
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            if out.outputs and out.outputs[0].token_ids:
+                first.setdefault(out.request_id, now)
+            if out.finished:
+                last[out.request_id] = now
+                prompt_tokens[out.request_id] = len(out.prompt_token_ids)
+                output_tokens[out.request_id] = len(out.outputs[0].token_ids)
+        if blocks is not None:  # the warm-up wave only: reading metrics costs time
+            peak = max(peak, _kv_blocks_in_use(engine, blocks))
+    wall = max(last.values()) - start
+    return {
+        "wall_s": wall,
+        "ttft_s": [first[r] - start for r in sorted(first)],
+        "latency_s": [last[r] - start for r in sorted(last)],
+        "prompt_tokens": statistics.median(prompt_tokens.values()),
+        "output_tokens": sum(output_tokens.values()),
+        "kv_blocks_peak": peak,
+    }
+
+
+def _condition(
+    config: ServingConfig,
+    path: Path,
+    prompt: str,
+    keep: int | None,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+
+    import zooprune.integrations.vllm as zv
+    from zooprune.integrations.vllm.selection import TALLY
+
+    TALLY.synchronize = True
+    label = "unpruned" if keep is None else f"keep {keep}"
+    progress(f"{label}: starting the engine")
+    pruning = (
+        {} if keep is None else zv.engine_args(path, config.method, keep=keep, **config.options)
+    )
+    llm = LLM(
+        model=str(path),
+        dtype=config.dtype,
+        max_model_len=2048,
+        max_num_seqs=max(config.concurrency, 1),
+        limit_mm_per_prompt={"image": 1},
+        enforce_eager=config.device == "cpu",  # no graph capture or compilation on a CPU
+        disable_log_stats=False,  # the KV-cache usage gauge
+        seed=config.seed,
+        **pruning,
+    )
+    engine = llm.llm_engine
+    blocks = engine.vllm_config.cache_config.num_gpu_blocks
+    params = SamplingParams(
+        max_tokens=config.new_tokens, temperature=0, ignore_eos=True, detokenize=False
+    )
+    waves = []
+    for wave in range(config.warmup + config.repeats):
+        timed = wave >= config.warmup
+        progress(f"{label}: wave {wave + 1} of {config.warmup + config.repeats}")
+        if wave == config.warmup:
+            TALLY.reset()
+        requests = [
+            {"prompt": prompt, "multi_modal_data": {"image": image}}
+            for image in _images(config, wave)
+        ]
+        result = _wave(engine, requests, params, f"{label}-{wave}", None if timed else blocks)
+        if timed:
+            waves.append(result)
+        else:
+            kv_peak = result["kv_blocks_peak"]
+    selection = TALLY.seconds / TALLY.images if keep is not None and TALLY.images else None
+    block_size = engine.vllm_config.cache_config.block_size
+    del llm, engine
+    gc.collect()
+    walls = [w["wall_s"] for w in waves]
+    ttft = [t for w in waves for t in w["ttft_s"]]
+    latency = [t for w in waves for t in w["latency_s"]]
+    return {
+        "keep": keep,
+        "pruned": keep is not None,
+        "prompt_tokens": waves[0]["prompt_tokens"],
+        "requests_per_s": statistics.median(config.concurrency / w for w in walls),
+        "output_tokens_per_s": statistics.median(w["output_tokens"] / w["wall_s"] for w in waves),
+        "ttft_median_s": statistics.median(ttft),
+        "ttft_p95_s": percentile(ttft, 0.95),
+        "latency_median_s": statistics.median(latency),
+        "latency_p95_s": percentile(latency, 0.95),
+        "wave_s": walls,
+        "kv_blocks_peak": kv_peak,
+        "kv_blocks_total": blocks,
+        "kv_block_size": block_size,
+        "selection_s_per_image": selection,
+    }
+
+
+def run_serving_benchmark(
+    config: ServingConfig, progress: Callable[[str], None] = lambda _: None
+) -> dict[str, Any]:
+    """Measure unpruned and every budget on vLLM; returns a JSON-ready dict."""
+    # Before vLLM reads them: the engine in this process (the selection tally) and the
+    # CPU engine's KV-cache space.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.kv_cache_gib:g}")
+    if config.dtype == "auto":
+        config = replace(config, dtype=fast_dtype(config.device))
+    default = config.model is None
+    if default:
+        progress("saving the default model")
+        path = save_default_model(
+            Path(config.cache) / f"{config.dtype}-{config.seed}", config.dtype, config.seed
+        )
+    else:
+        path = Path(config.model)
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(path)
+    words = default_prompt_words(config.text_tokens, config.seed)
+    if default:
+        prompt = "<s> user <image> " + " ".join(words)
+    else:
+        from transformers import AutoProcessor
+
+        prompt = prompt_for(AutoProcessor.from_pretrained(path), " ".join(words))
+    share = None
+    if hf_config.model_type == "llava":
+        share = flops.vision_share(flops.Shapes.of_llava(hf_config), config.text_tokens)
+    rows = [_condition(config, path, prompt, keep, progress) for keep in (None, *config.budgets)]
+    base = rows[0]
+    for row in rows:
+        row["throughput_x"] = row["requests_per_s"] / base["requests_per_s"]
+        row["ttft_ratio"] = row["ttft_median_s"] / base["ttft_median_s"]
+        row["latency_ratio"] = row["latency_median_s"] / base["latency_median_s"]
+    import vllm
+
+    return {
+        "engine": f"vllm {vllm.__version__}",
+        "config": asdict(config),
+        "model": DEFAULT_DESCRIPTION if default else str(config.model),
+        "method": config.method,
+        "dtype": config.dtype,
+        "vision_share_of_prefill_flops": share,
+        # the unpruned prompt's length less a pruned one's text
+        "visual_tokens": round(base["prompt_tokens"] - rows[1]["prompt_tokens"] + rows[1]["keep"])
+        if len(rows) > 1
+        else None,
+        "machine": machine(),
+        "rows": rows,
+        "median_of": config.repeats,
+    }
