@@ -50,6 +50,8 @@ class FamilyTester:
 
     #: names the saved model's folder
     name: str
+    #: the transformers class :meth:`load` loads the saved model with
+    model_class: type
     #: the placeholder token id of one visual token
     image_token: int
     #: tokens greedy generation may not emit (a new placeholder would not match the images)
@@ -92,9 +94,9 @@ class FamilyTester:
         """Build the tiny random model, ``save_pretrained`` it to ``path``; return ``path``."""
         raise NotImplementedError
 
-    def load(self, path: Path) -> nn.Module:
-        """``from_pretrained(path)``, in eval mode."""
-        raise NotImplementedError
+    def load(self, path: Path, **config: Any) -> nn.Module:
+        """``model_class.from_pretrained(path, **config)``, in eval mode."""
+        return self.model_class.from_pretrained(path, **config).eval()
 
     def processor(self) -> Any:
         raise NotImplementedError

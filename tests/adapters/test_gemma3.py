@@ -45,6 +45,7 @@ def processor() -> Gemma3Processor:
 
 class Gemma3Tester(FamilyTester):
     name = "gemma3"
+    model_class = Gemma3ForConditionalGeneration
     image_token = IMAGE
     banned = (IMAGE, EOS)  # </s> too: a prompt alone would stop early
     image_text = "<start_of_image>"
@@ -88,9 +89,6 @@ class Gemma3Tester(FamilyTester):
         model.generation_config.pad_token_id = 0
         model.eval().save_pretrained(path)
         return path
-
-    def load(self, path):
-        return Gemma3ForConditionalGeneration.from_pretrained(path).eval()
 
     def processor(self):
         return processor()

@@ -107,12 +107,10 @@ class Idefics3Tester(FamilyTester):
 
     def __init__(self, family):
         self.name = family
+        self.model_class = CLASSES[family][1]
 
     def build(self, path):
         return build(self.name, path)
-
-    def load(self, path):
-        return CLASSES[self.name][1].from_pretrained(path).eval()
 
     def processor(self):
         return processor()

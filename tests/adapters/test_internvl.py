@@ -119,6 +119,7 @@ def tiles_of(proc, picture):
 
 class InternVLTester(FamilyTester):
     name = "internvl"
+    model_class = InternVLForConditionalGeneration
     image_token = IMAGE
     banned = (IMAGE, EOS)  # </s> too: a prompt alone would stop early
     keep = 9
@@ -131,9 +132,6 @@ class InternVLTester(FamilyTester):
 
     def build(self, path):
         return build(path)
-
-    def load(self, path, **config):
-        return InternVLForConditionalGeneration.from_pretrained(path, **config).eval()
 
     def processor(self):
         return processor()

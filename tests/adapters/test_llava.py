@@ -24,6 +24,7 @@ N = 64  # the tiny model's 8 x 8 patch grid
 
 class LlavaTester(FamilyTester):
     name = "llava"
+    model_class = LlavaForConditionalGeneration
     image_token = IMAGE
     banned = (IMAGE,)
     keep = 7
@@ -38,9 +39,6 @@ class LlavaTester(FamilyTester):
 
     def build(self, path: Path) -> Path:
         return save_tiny_llava(path)
-
-    def load(self, path: Path, **config) -> LlavaForConditionalGeneration:
-        return LlavaForConditionalGeneration.from_pretrained(path, **config).eval()
 
     def processor(self):
         return tiny_llava_processor()
