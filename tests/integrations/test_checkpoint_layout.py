@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from transformers import LlavaForConditionalGeneration
 
-from zooprune.integrations.vllm.checkpoint import hub_key, hub_layout_copy
+from zooprune.integrations.vllm.checkpoint import hub_key, hub_layout_copy, in_hub_layout
 from zooprune.tiny import save_tiny_llava
 
 
@@ -23,6 +23,7 @@ def test_the_copy_nests_the_tower_and_loads_back_to_the_same_weights(tmp_path):
     assert after == {hub_key(k) for k in before} and len(after) == len(before)
     assert all(".vision_model." in k for k in after if "vision_tower." in k)
     assert keys(source) == before  # the source folder is left as it was
+    assert not in_hub_layout(source) and in_hub_layout(copy)
     assert hub_key("model.vision_tower.vision_model.x") == "model.vision_tower.vision_model.x"
     original = LlavaForConditionalGeneration.from_pretrained(source).state_dict()
     loaded = LlavaForConditionalGeneration.from_pretrained(copy).state_dict()

@@ -19,6 +19,7 @@ from zooprune.cli.common import (
     load_model,
     method_names,
     set_threads,
+    vllm_missing,
 )
 
 
@@ -73,13 +74,11 @@ def _bench(args: argparse.Namespace) -> int:
     if args.data is not None and args.families:
         return fail("--families chooses test-bed questions; --data brings its own")
     methods = args.methods or sorted(METHODS)
-    if args.engine == "vllm" and args.methods is None:
-        from zooprune.integrations.vllm import served_methods
-
-        methods = served_methods()  # visionzip needs the CLS attention vLLM's towers hide
     if args.engine == "vllm":
         from zooprune.integrations.vllm import served_methods
 
+        # by default what vLLM serves: visionzip needs the CLS attention its towers hide
+        methods = args.methods or served_methods()
         refused = sorted(set(methods) - set(served_methods()))
         if refused:
             return fail(
@@ -102,10 +101,8 @@ def _bench(args: argparse.Namespace) -> int:
     max_new = args.max_new_tokens or (1 if args.data is None else 16)
     answerer = None
     if args.engine == "vllm":
-        import importlib.util
-
-        if importlib.util.find_spec("vllm") is None:
-            return fail("--engine vllm needs vLLM in this environment: `make vllm-install`")
+        if (status := vllm_missing("--engine vllm")) is not None:
+            return status
         from zooprune.integrations.vllm.accuracy import VllmAnswerer
 
         model, name = _folder_for_bench(args)

@@ -41,6 +41,20 @@ def add_threads(parser: argparse.ArgumentParser, default_note: str = "torch's") 
     )
 
 
+def vllm_missing(what: str) -> int | None:
+    """:func:`fail`'s status, saying how to get vLLM, when ``what`` needs it and this
+    environment lacks it; else None."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        return None
+    return fail(
+        f"{what} needs vLLM, which this environment lacks: `pip install 'zooprune[vllm]'` on "
+        "a GPU machine, `make vllm-install` (.venv-vllm, the CPU build this repository tests "
+        "against) on a CPU"
+    )
+
+
 def add_method_and_budget(parser: argparse.ArgumentParser) -> None:
     """``--method``, ``--keep`` or ``--ratio``, and ``--option NAME=VALUE``: one pruning."""
     parser.add_argument(

@@ -9,13 +9,12 @@ second, not after the engine has loaded), then replaces itself with vLLM's serve
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shlex
 import sys
 
-from zooprune.cli.common import add_method_and_budget, console, fail, parse_option
+from zooprune.cli.common import add_method_and_budget, console, fail, parse_option, vllm_missing
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -65,11 +64,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.print_command:
         print(line)
         return 0
-    if importlib.util.find_spec("vllm") is None:
-        return fail(
-            "vLLM is not installed in this environment: `pip install 'zooprune[vllm]'` "
-            "(GPU) or `make vllm-install` (the CPU build this repository tests against)"
-        )
+    if (status := vllm_missing("zooprune serve")) is not None:
+        return status
     console.print(f"[dim]{line}[/dim]", soft_wrap=True)
     sys.stdout.flush()
     sys.stderr.flush()

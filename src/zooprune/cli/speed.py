@@ -20,6 +20,7 @@ from zooprune.cli.common import (
     method_name,
     parse_option,
     set_threads,
+    vllm_missing,
     with_progress,
     write_json,
 )
@@ -135,13 +136,8 @@ def _publish(result: dict, tables: list[Table], notes: list[str], stem: Path, pl
 
 
 def _speed_vllm(args: argparse.Namespace) -> int:
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
-        return fail(
-            "--engine vllm needs vLLM in this environment: `make vllm-install` builds one "
-            "(.venv-vllm)"
-        )
+    if (status := vllm_missing("--engine vllm")) is not None:
+        return status
     from zooprune.errors import PruneError
     from zooprune.integrations.vllm.throughput import ServingConfig, run_serving_benchmark
     from zooprune.viz import plot_serving

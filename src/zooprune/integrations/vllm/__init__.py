@@ -72,9 +72,8 @@ def settings(
 
     chosen = {"method": method, "keep": keep, "ratio": ratio, **options}
     # Bad settings fail here, before any engine starts; so does a method that needs more
-    # than features, tokens and the projector (vLLM's towers give neither CLS attention
-    # nor the CLS state: their q/k/v are fused).
-    selector_from(chosen).check_provided(frozenset(), "vLLM model")
+    # than features, tokens and the projector (see selector_from).
+    selector_from(chosen)
     return chosen
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from zooprune.bench.accuracy import Item, prompt_for
-from zooprune.integrations.vllm.checkpoint import hub_layout_copy
+from zooprune.integrations.vllm.checkpoint import hub_layout_copy, in_hub_layout
 
 
 class VllmAnswerer:
@@ -40,9 +40,13 @@ class VllmAnswerer:
         from transformers import AutoProcessor
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        # vLLM's stock class (the unpruned condition) reads the hub's layout only.
-        self._scratch = tempfile.TemporaryDirectory(prefix="zooprune-vllm-")
-        self.path = hub_layout_copy(model, Path(self._scratch.name) / "model")
+        # vLLM's stock class (the unpruned condition) reads the hub's layout only: a
+        # transformers 5 save is served from a rewritten copy, any other folder as it is.
+        self.path = Path(model)
+        self._scratch = None
+        if not in_hub_layout(self.path):
+            self._scratch = tempfile.TemporaryDirectory(prefix="zooprune-vllm-")
+            self.path = hub_layout_copy(self.path, Path(self._scratch.name) / "model")
         self.processor = AutoProcessor.from_pretrained(self.path)
         self.image_token_id = self.processor.tokenizer.convert_tokens_to_ids(
             getattr(self.processor, "image_token", "<image>")

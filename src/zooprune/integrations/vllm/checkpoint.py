@@ -22,14 +22,20 @@ def hub_key(name: str) -> str:
     return name
 
 
+def in_hub_layout(folder: str | Path) -> bool:
+    """Whether every ``*.safetensors`` file of ``folder`` spells its keys as the hub does
+    (read from the files' headers: no tensor is loaded)."""
+    return not any(_flat_keys(file) for file in Path(folder).glob("*.safetensors"))
+
+
 def to_hub_layout(folder: str | Path) -> Path:
     """Rewrite the ``*.safetensors`` files of ``folder`` in the hub's layout, in place."""
     from safetensors.torch import load_file, save_file
 
     folder = Path(folder)
     for file in sorted(folder.glob("*.safetensors")):
-        tensors = load_file(file)
-        if any(hub_key(name) != name for name in tensors):
+        if _flat_keys(file):
+            tensors = load_file(file)
             save_file({hub_key(k): v for k, v in tensors.items()}, file, metadata={"format": "pt"})
     return folder
 
@@ -39,3 +45,10 @@ def hub_layout_copy(source: str | Path, destination: str | Path) -> Path:
     destination = Path(destination)
     shutil.copytree(source, destination, dirs_exist_ok=True)
     return to_hub_layout(destination)
+
+
+def _flat_keys(file: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(file, "pt") as tensors:
+        return any(hub_key(name) != name for name in tensors.keys())

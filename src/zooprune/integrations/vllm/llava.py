@@ -44,15 +44,20 @@ from vllm.model_executor.models.llava_onevision import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from zooprune.adapters.base import square_grid
 from zooprune.adapters.llava_next import (
     LlavaNextAdapter,
     LlavaOnevisionAdapter,
     packing_stand_in,
 )
 from zooprune.errors import PruneError
-from zooprune.integrations.vllm import SETTINGS
 from zooprune.integrations.vllm.checkpoint import hub_key
-from zooprune.integrations.vllm.selection import ProjectorCopy, select_runs, selector_from
+from zooprune.integrations.vllm.selection import (
+    ProjectorCopy,
+    refuse_embeddings,
+    select_runs,
+    selector_for,
+)
 from zooprune.pipeline import CROP_BUDGETS, SEPARATOR_POLICIES, EncodedImages, Selector
 
 #: what vLLM can serve of the AnyRes layout options (see the module's note)
@@ -60,7 +65,7 @@ ANYRES_LAYOUT = {"crop_budget": CROP_BUDGETS, "separators": SEPARATOR_POLICIES[:
 
 
 def _selector(config: Any, anyres: bool = False) -> Selector:
-    return selector_from(getattr(config, SETTINGS, None), ANYRES_LAYOUT if anyres else None)
+    return selector_for(config, ANYRES_LAYOUT if anyres else None)
 
 
 class _Pruned:
@@ -78,8 +83,6 @@ class _Pruned:
                 f"{config.vision_config.model_type}"
             )
         self.selector = _selector(config, self.anyres)  # bad settings fail at engine start
-        # vLLM's tower gives neither the CLS attention nor the CLS state (fused q/k/v).
-        self.selector.check_provided(frozenset(), f"vLLM {type(self).__name__}")
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._projector_copy = ProjectorCopy(
             ("model.multi_modal_projector.", "multi_modal_projector.")
@@ -94,10 +97,6 @@ class _Pruned:
         projector = self._projector_copy.gelu_mlp(self.config.projector_hidden_act, dtype)
         object.__setattr__(self, "scoring_projector", projector)
         return loaded
-
-    def _refuse_embeddings(self, image_input: Any) -> None:
-        if image_input.get("type") == "image_embeds":
-            raise PruneError("pruning needs pixel values, not precomputed image embeddings")
 
 
 def _tower_keys(weights: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
@@ -127,18 +126,13 @@ class ZoopruneLlava(_Pruned, LlavaForConditionalGeneration):
     """vLLM's LLaVA, its visual tokens pruned by the zooprune settings in its HF config."""
 
     def _process_image_input(self, image_input: Any) -> tuple[Tensor, ...]:
-        self._refuse_embeddings(image_input)
+        refuse_embeddings(image_input)
         features = list(self._process_image_pixels(image_input))  # [N, d_v] per image
         sizes = [f.shape[0] for f in features]
         projected = list(self.multi_modal_projector(torch.cat(features)).split(sizes))
-        grids = [_square(n) for n in sizes]
+        grids = [square_grid(n) for n in sizes]
         encoded = EncodedImages(features, projected, grids, None, None, None)
         return tuple(select_runs(self, encoded))
-
-
-def _square(n: int) -> tuple[int, int]:
-    side = int(round(n**0.5))
-    return (side, side) if side * side == n else (1, n)
 
 
 # -- AnyRes: LLaVA-NeXT and OneVision -------------------------------------------------------
@@ -187,7 +181,7 @@ class _PrunedAnyRes(_Pruned):
         raise NotImplementedError
 
     def _process_image_input(self, image_input: Any) -> list[Tensor]:
-        self._refuse_embeddings(image_input)
+        refuse_embeddings(image_input)
         pixel_values = image_input["pixel_values"]
         image_sizes = image_input["image_sizes"]
         per_image = list(pixel_values)  # [crops (maybe padded), 3, H, W] each

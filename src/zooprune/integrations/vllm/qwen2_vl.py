@@ -45,9 +45,12 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
 from zooprune.adapters.qwen2_vl import MergerProjector, _raster_order
-from zooprune.errors import PruneError
-from zooprune.integrations.vllm import SETTINGS
-from zooprune.integrations.vllm.selection import ProjectorCopy, select_runs, selector_from
+from zooprune.integrations.vllm.selection import (
+    ProjectorCopy,
+    refuse_embeddings,
+    select_runs,
+    selector_for,
+)
 from zooprune.pipeline import EncodedImages
 
 #: images whose selection waits for vLLM to encode them (an image seen again is served by
@@ -82,7 +85,7 @@ class _Count:
 
     def get_num_image_tokens(self, **kwargs: Any) -> int:
         n = super().get_num_image_tokens(**kwargs)
-        return selector_from(getattr(self.get_hf_config(), SETTINGS, None)).budget.tokens_for(n)
+        return selector_for(self.get_hf_config()).budget.tokens_for(n)
 
 
 class ZoopruneQwen2VLProcessingInfo(_Count, Qwen2VLProcessingInfo):
@@ -97,7 +100,7 @@ class _ShortPrompt:
     """The prompt update that gives an image its N placeholders, cut to the budget's K."""
 
     def _get_prompt_updates(self, *args: Any, **kwargs: Any) -> list[Any]:
-        budget = selector_from(getattr(self.info.get_hf_config(), SETTINGS, None)).budget
+        budget = selector_for(self.info.get_hf_config()).budget
         updates = list(super()._get_prompt_updates(*args, **kwargs))
         for number, update in enumerate(updates):
             if update.modality == "image":
@@ -128,9 +131,7 @@ class _PrunedQwen:
     rms_merger = False
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        config = vllm_config.model_config.hf_config
-        self.selector = selector_from(getattr(config, SETTINGS, None))
-        self.selector.check_provided(frozenset(), f"vLLM {type(self).__name__}")
+        self.selector = selector_for(vllm_config.model_config.hf_config)  # fails at start
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._merger_copy = ProjectorCopy(("model.visual.merger.", "visual.merger."))
         # Outside the module tree: vLLM would expect their weights from the checkpoint.
@@ -188,8 +189,7 @@ class _PrunedQwen:
         return list(states.split(counts)), list(tokens.split(counts)), grids
 
     def _process_image_input(self, image_input: Any) -> tuple[Tensor, ...]:
-        if image_input["type"] == "image_embeds":
-            raise PruneError("pruning needs pixel values, not precomputed image embeddings")
+        refuse_embeddings(image_input)
         grid_thw = image_input["image_grid_thw"]
         runs = [run for _, run in self._kept(image_input["pixel_values"], grid_thw)]
         return tuple(runs)

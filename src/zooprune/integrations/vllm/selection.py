@@ -45,18 +45,35 @@ TALLY = Tally()
 def selector_from(
     settings: dict[str, Any], layout: dict[str, tuple[str, ...]] | None = None
 ) -> Selector:
-    """The :class:`~zooprune.pipeline.Selector` the settings describe, every value checked."""
+    """The :class:`~zooprune.pipeline.Selector` the settings describe, every value checked,
+    and the method one that a vLLM model can serve: its towers fuse q/k/v, so they give
+    neither the CLS attention nor the CLS state."""
     if not isinstance(settings, dict):
         raise PruneError(f"the zooprune settings must be a dict, got {settings!r}")
     options = {k: v for k, v in settings.items() if k not in GENERAL}
     get_method(settings.get("method", "zoo"))
-    return Selector.build(
+    selector = Selector.build(
         settings.get("method", "zoo"),
         keep=settings.get("keep"),
         ratio=settings.get("ratio"),
         options=options,
         layout_options=layout or {},
     )
+    selector.check_provided(frozenset(), "vLLM model")
+    return selector
+
+
+def selector_for(config: Any, layout: dict[str, tuple[str, ...]] | None = None) -> Selector:
+    """The selector of a pruned variant: from the settings its HF ``config`` carries."""
+    from zooprune.integrations.vllm import SETTINGS
+
+    return selector_from(getattr(config, SETTINGS, None), layout)
+
+
+def refuse_embeddings(image_input: dict[str, Any]) -> None:
+    """Pruning selects among the tower's tokens: precomputed embeddings are refused."""
+    if image_input.get("type") == "image_embeds":
+        raise PruneError("pruning needs pixel values, not precomputed image embeddings")
 
 
 class ProjectorCopy:
