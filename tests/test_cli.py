@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from zooprune import METHODS
 from zooprune.cli import main
 from zooprune.cli.common import BENCH_FAMILIES, FAMILIES, fraction, fractions
 
@@ -65,9 +66,70 @@ def test_run_reports_bad_input(tmp_path, capsys):
     image = tmp_path / "scene.png"
     Image.new("RGB", (40, 40)).save(image)
     base = ["run", "--model", str(tmp_path / "model"), "--image", str(image), "--prompt", "hi"]
-    assert "known methods: divprune, grid" in refused([*base, "--method", "nope"], capsys)
+    # written out: registering or dropping a method by accident shows here
+    known = (
+        "known methods: cdpruner, dart, divprune, fastv, grid, pool, random, sensitivity, "
+        "visionzip, zoo, zoo-sum\n"
+    )
+    assert known in refused([*base, "--method", "nope"], capsys)
     assert main([*base[:4], str(tmp_path / "missing.png"), *base[5:]]) == 2
     assert "no such image" in capsys.readouterr().out
+
+
+def test_run_with_an_in_lm_method(tmp_path, capsys):
+    main(["tiny", str(tmp_path / "model")])
+    image = tmp_path / "scene.png"
+    Image.new("RGB", (40, 40), "red").save(image)
+    base = ["run", "--model", str(tmp_path / "model"), "--image", str(image), "--prompt", "hi"]
+    capsys.readouterr()
+    assert main([*base, "--method", "fastv", "--keep", "9", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    # fastv ranks during the prefill: its selection time is reported as part of it
+    assert "9 / 64" in out and "ms (in prefill)" in out
+    assert main([*base, "--method", "fastv", "--positions", "compact"]) == 2
+    assert "positions='compact' does not apply" in capsys.readouterr().out
+
+
+def save_tiny_llava_on_mistral(path) -> str:
+    """The tiny LLaVA with a Mistral language model: its 4096-token sliding window is
+    longer than any prompt here, so every method runs, but fastv (no sliding layers)."""
+    from transformers import LlavaForConditionalGeneration, MistralConfig
+
+    from zooprune.tiny import tiny_llava_config, tiny_llava_processor
+
+    processor = tiny_llava_processor()
+    config = tiny_llava_config(vocab_size=len(processor.tokenizer))
+    llama = config.text_config
+    fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+    fields += ("num_attention_heads", "num_key_value_heads", "pad_token_id", "bos_token_id")
+    config.text_config = MistralConfig(
+        **{name: getattr(llama, name) for name in (*fields, "eos_token_id")}, sliding_window=4096
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def test_bench_runs_by_default_the_methods_the_model_can(tmp_path, capsys):
+    import json
+
+    model = save_tiny_llava_on_mistral(tmp_path / "model")
+    Image.new("RGB", (48, 48), "red").save(tmp_path / "0.png")
+    (tmp_path / "data.jsonl").write_text(
+        json.dumps({"image": "0.png", "question": "what ?", "answer": "red"})
+    )
+    args = ["bench", "--model", model, "--data", str(tmp_path / "data.jsonl")]
+    out_dir = tmp_path / "bench"
+    assert main([*args, "--ratios", "1/4", "--out", str(out_dir)]) == 0
+    assert "skipped fastv: this model cannot run them" in capsys.readouterr().out
+    summary = json.loads((out_dir / "accuracy.json").read_text())
+    ran = [c["method"] for c in summary["conditions"]]
+    assert ran == ["unpruned", *sorted(set(METHODS) - {"fastv"})]
+    # asked for by name, it is refused with the reason
+    assert main([*args, "--methods", "fastv", "--out", str(tmp_path / "other")]) == 2
+    assert "its language model has sliding_attention layers" in capsys.readouterr().out
 
 
 def test_cli_families_match_the_generator():
@@ -192,8 +254,13 @@ def test_bench_quick_on_the_bundled_test_bed(tmp_path, capsys):
     for family in BENCH_FAMILIES:
         assert f"{family} (n=12)" in text
     assert "glyph (n=" not in text  # below its floor, so not in the default
-    assert "zoo - divprune at 11.1%" in text
+    assert "paired differences on the same questions" in text
+    for pair in ("zoo - divprune", "zoo - fastv", "divprune - cdpruner", "divprune - dart"):
+        assert pair in text
     summary = json.loads((out_dir / "accuracy.json").read_text())
+    pairs = {(c["a"], c["b"]) for c in summary["comparisons"]}
+    others = set(METHODS) - {"zoo", "divprune"}
+    assert pairs == {("zoo", "divprune")} | {(a, b) for a in ("zoo", "divprune") for b in others}
     methods = {c["method"] for c in summary["conditions"]}
     assert methods == {"unpruned", *METHODS}
     assert len(summary["conditions"]) == 1 + 4 * len(METHODS)
@@ -252,6 +319,9 @@ def test_serve_without_vllm_says_how_to_get_it(tmp_path, capsys):
 def test_speed_refuses_what_its_engine_cannot_do(capsys):
     assert main(["speed", "--option", "estimator=jvp"]) == 2
     assert "--option applies to --engine vllm" in capsys.readouterr().out
+    for engine in ("hf", "vllm"):  # before any model is built or vLLM is looked for
+        assert main(["speed", "--method", "fastv", "--engine", engine]) == 2
+        assert "chooses tokens inside the language model" in capsys.readouterr().out
     if importlib.util.find_spec("vllm") is None:
         assert main(["speed", "--engine", "vllm"]) == 2
         assert "make vllm-install" in capsys.readouterr().out

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from zooprune import NonFiniteFeaturesError, PruneError
+from zooprune import BudgetError, NonFiniteFeaturesError, PruneError
 from zooprune.budget import split_evenly
 from zooprune.pipeline import EncodedImages, ImageLayout, Selector, selection_record
 from zooprune.select import METHODS, MethodResult
@@ -204,3 +204,59 @@ def test_build_checks_every_value_before_any_call():
         "cls_attention",
         "cls_token",
     }
+
+
+def video_call(frames=3, grid=(2, 2), images=1):
+    """``images`` images of 3 x 3 tokens, then one video of ``frames`` frames on ``grid``."""
+    call = encoded([(3, 3)] * images + [(frames * grid[0], grid[1])])
+    video = ImageLayout.frames(call.projected[-1], grid, frames)
+    call.layouts = call.layouts[:images] + [video]
+    call.grids[-1] = grid
+    return call
+
+
+def test_a_videos_budget_is_shared_over_its_frames_or_over_the_whole_video(spy):
+    layout = {"video_budget": ("frame", "global")}
+    per_frame = Selector.build("_spy", keep=5, layout_options=layout).select(
+        video_call(), projector()
+    )
+    image, video = per_frame.images
+    assert image.indices.numel() == 5 and image.layout.kind == "image"
+    # 5 over 3 frames of 4: 2, 2, 1, the first frames taking the remainder, one call.
+    assert torch.bincount(video.layout.crop[video.indices], minlength=3).tolist() == [2, 2, 1]
+    whole = Selector.build(
+        "_spy", keep=5, options={"video_budget": "global"}, layout_options=layout
+    ).select(video_call(), projector())
+    assert whole.images[1].indices.numel() == 5
+    record = selection_record(
+        whole,
+        [torch.stack([torch.zeros(s, dtype=torch.long), torch.arange(s)]) for s in (9, 12)],
+        "_spy",
+        Selector.build("_spy", keep=5).budget,
+        encode_seconds=0.0,
+        select_seconds=0.0,
+    )
+    assert [(s.kind, s.image) for s in record.images] == [("image", 0), ("video", 0)]
+    assert record.videos == [record.images[1]]
+    assert torch.equal(record.images[1].crops, record.images[1].indices // 4)
+
+
+def test_errors_name_the_video_and_its_frame(spy):
+    call = video_call(images=0)
+    call.features[0][5, 0] = float("nan")  # frame 1
+    with pytest.raises(NonFiniteFeaturesError, match="video 0's visual features"):
+        Selector.build("divprune", keep=3).select(call, projector())
+    with pytest.raises(BudgetError, match="keep=13 exceeds video 0's 12 visual tokens"):
+        Selector.build("divprune", keep=13).select(video_call(images=0), projector())
+    with pytest.raises(PruneError, match="scored video 0, frame 0 0 for every token"):
+        Selector.build("_spy", keep=3, options={"scores": "zero"}).select(
+            video_call(images=0), projector()
+        )
+
+
+def test_a_video_layout_must_fill_its_placeholders():
+    with pytest.raises(ValueError, match="fills 13 placeholders, not 12"):
+        ImageLayout.frames(torch.zeros(12, D_L), (2, 2), 3, closing=True)
+    closed = ImageLayout.frames(torch.zeros(13, D_L), (2, 2), 3, closing=True)
+    assert closed.separator_slots.tolist() == [12]
+    assert bool((closed.separator_of == 12).all())

@@ -80,3 +80,32 @@ def test_several_crops_without_boxes_get_a_panel_each():
     kept = [np.argwhere(ax.images[0].get_array() > 0).tolist() for ax in fig.axes]
     assert kept == [[[0, 0]], [[1, 0]], [[0, 1], [1, 1]]]
     assert fig.axes[2].images[0].get_array().shape == (2, 3)
+
+
+def test_a_video_gets_a_panel_per_frame_over_its_pictures():
+    # Two frames of 2 x 2 tokens: frame 0 keeps (0, 1), frame 1 keeps (1, 0) and (1, 1).
+    sel = ImageSelection(
+        image=0,
+        prompt=0,
+        num_tokens=8,
+        indices=torch.tensor([1, 6, 7]),
+        scores=None,
+        grid=(2, 2),
+        positions=torch.arange(3),
+        crops=torch.tensor([0, 1, 1]),
+        cells=torch.tensor([[0, 1], [1, 0], [1, 1]]),
+        patch_grids=((2, 2), (2, 2)),
+        kind="video",
+    )
+    frames = [np.ones((20, 40, 3)), np.ones((20, 40, 3))]
+    fig = regions_figure(frames, sel, title="zoo")
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 2
+    # (top, left, height, width): cells of 10 x 20 px.
+    assert rectangles(panels[0]) == [(0.0, 20.0, 10.0, 20.0)]
+    assert rectangles(panels[1]) == [(10.0, 0.0, 10.0, 20.0), (10.0, 20.0, 10.0, 20.0)]
+    shown = panels[0].images[0].get_array()
+    assert shown[5, 30, 0] == 1.0 and shown[15, 5, 0] < 0.5  # kept lit, dropped dimmed
+    # Without pictures: each frame's grid with its kept cells filled.
+    grids = [ax.images[0].get_array() for ax in regions_figure(None, sel).axes if ax.images]
+    assert [np.argwhere(g > 0).tolist() for g in grids] == [[[0, 1]], [[1, 0], [1, 1]]]

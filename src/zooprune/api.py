@@ -11,6 +11,11 @@ images, the engine-neutral :class:`~zooprune.pipeline.Selector` chooses the kept
 the prompt is shortened around them, and the choice is recorded in ``handle.selection``.
 Only the third step is particular to Hugging Face's ``forward`` / ``generate``.
 
+A method that chooses inside the language model (``needs=("lm_stage",)``: FastV) gets an
+:class:`~zooprune.lm_stage.LMStageHandle` instead, a subclass: the prompt reaches the
+model whole, the stage drops tokens between decoder layers, every token keeps its
+original position, and there is no ``prepare()`` (nothing pruned to hand over).
+
 ``copy.deepcopy`` and ``pickle`` of a pruned model give a pruned model with a handle of
 its own (:func:`handle_of` returns it): it runs on the copy's weights, and removing one
 handle leaves the other model pruned.
@@ -32,7 +37,7 @@ from zooprune.adapters import adapter_for
 from zooprune.adapters.base import Adapter, EncodedImages, locate_images, padding_side, shrink
 from zooprune.budget import Budget
 from zooprune.errors import AlreadyPrunedError, PruneError
-from zooprune.pipeline import Kept, Selector, selection_record
+from zooprune.pipeline import ITEM_KINDS, ImageLayout, Kept, Selector, item_names, selection_record
 from zooprune.record import Selection
 from zooprune.select import MethodSpec
 
@@ -63,12 +68,18 @@ def prune(
             authors' choice); ``"original"`` keeps each token's unpruned position.
             None (default): the family's default (``Adapter.position_modes``; compact
             where positions are 1-D, original for M-RoPE models, which refuse compact).
+            An in-LM method (``fastv``) always keeps the original positions: None or
+            ``"original"`` only.
         **options: the method's options (e.g. ``num_directions``, ``step``, ``seed`` for
-            ``zoo``), and the model family's layout options where it has any
-            (``Adapter.options``; e.g. ``crop_budget="global"`` for LLaVA-NeXT).
+            ``zoo``; ``layer`` for ``fastv``), and the model family's layout options
+            where it has any (``Adapter.options``; e.g. ``crop_budget="global"`` for
+            LLaVA-NeXT). An in-LM method takes no layout options: it ranks each image's
+            tokens as one set, and refuses videos.
 
     Returns:
-        a :class:`PruneHandle`; ``handle.remove()`` undoes everything.
+        a :class:`PruneHandle`; for an in-LM method, its subclass
+        :class:`~zooprune.lm_stage.LMStageHandle` (no ``prepare()``; ``query_at``).
+        ``handle.remove()`` undoes everything.
 
     Raises:
         PruneError subclasses on bad input, every value checked here; the model is then
@@ -78,21 +89,26 @@ def prune(
     selector = Selector.build(
         method, keep=keep, ratio=ratio, options=options, layout_options=adapter.options
     )
+    in_lm = "lm_stage" in selector.needs  # the method chooses inside the language model
+    if in_lm:
+        from zooprune.lm_stage import LMStageHandle
+
+        LMStageHandle.check(model, adapter, selector, positions, options)
     modes = adapter.position_modes
     positions = modes[0] if positions is None else positions
-    if positions not in modes:
+    if positions not in modes and not in_lm:
         note = f" ({adapter.position_note})" if adapter.position_note else ""
         raise PruneError(
             f"positions must be {' or '.join(map(repr, modes))} for {type(model).__name__}, "
             f"got {positions!r}{note}"
         )
-    selector.check_provided(adapter.provides(model), type(model).__name__)
+    selector.check_provided(adapter.available(model), type(model).__name__)
     if _MARK in model.__dict__:
         raise AlreadyPrunedError(
             f"this {type(model).__name__} is already pruned "
             f"({model.__dict__[_MARK]!r}); call .remove() on that handle first"
         )
-    return PruneHandle(model, adapter, selector, positions)
+    return (LMStageHandle if in_lm else PruneHandle)(model, adapter, selector, positions)
 
 
 def handle_of(model: nn.Module) -> PruneHandle | None:
@@ -250,21 +266,21 @@ class PruneHandle:
             if param.kind is inspect.Parameter.VAR_KEYWORD:
                 call.update(call.pop(name, {}))
         self._refuse_pruned_cache(call.get("past_key_values"))
-        if call.get("pixel_values") is None:
+        if not self._has_items(call):
             return self._original("forward")(*args, **kwargs)
         with self._observed():
             cache = call.get("past_key_values")
             if cache is not None and cache.get_seq_length() > 0:
                 raise PruneError(
-                    "a pruned forward with pixel_values cannot continue a non-empty cache; "
+                    "a pruned forward with images or videos cannot continue a non-empty cache; "
                     "start from an empty cache or use generate()"
                 )
             prepared = self._prepare(call, for_generate=False)
-        return self._original("forward")(**prepared)
+        return self._run("forward", prepared)
 
     def _generate(self, *args: Any, **kwargs: Any) -> Any:
         self._refuse_pruned_cache(kwargs.get("past_key_values"))
-        if kwargs.get("pixel_values") is None:
+        if not self._has_items(kwargs):
             return self._original("generate")(*args, **kwargs)
         call = dict(kwargs)
         with self._observed():
@@ -280,11 +296,20 @@ class PruneHandle:
                 if call.get("streamer") is not None:
                     call["streamer"] = _CallersPromptStreamer(call["streamer"], prompt)
             prepared = self._prepare(call, for_generate=True)
-        output = self._original("generate")(**prepared)
+        output = self._run("generate", prepared)
         cache = getattr(output, "past_key_values", None)
         if cache is not None:
             self._pruned_caches.add(cache)
         return _restore_prompt(output, prompt, prepared["input_ids"].shape[1])
+
+    def _run(self, name: str, prepared: dict[str, Any]) -> Any:
+        """The model's own ``forward`` / ``generate`` on the prepared arguments (a stage
+        inside the language model arms itself around it: ``zooprune.lm_stage``)."""
+        return self._original(name)(**prepared)
+
+    def _has_items(self, call: dict[str, Any]) -> bool:
+        """Whether the call holds images (or videos, where the family prunes them)."""
+        return any(call.get(name) is not None for name in self.adapter.pixel_input_names)
 
     def _lengths_to_new_tokens(self, call: dict[str, Any], prompt_length: int) -> None:
         """Turn max_length / min_length into new-token counts against the caller's prompt.
@@ -344,9 +369,14 @@ class PruneHandle:
             observer(self.selection, None)
 
     def _prepare(self, inputs: dict[str, Any], for_generate: bool) -> dict[str, Any]:
+        """The pruned call's arguments. The steps every handle shares, around two hooks a
+        subclass may override: :meth:`_choose` (which tokens the model gets) and
+        :meth:`_record` (what ``self.selection`` says); :meth:`_check_call` refuses a
+        call before anything runs."""
         if self.removed:
             raise PruneError("this handle was removed; prune the model again to prepare inputs")
         call = dict(inputs)
+        self._check_call(call, for_generate)
         input_ids = call.get("input_ids")
         if input_ids is None:
             raise PruneError("pruning needs input_ids (the image placeholders are found there)")
@@ -360,28 +390,78 @@ class PruneHandle:
         encoded = self._encode(input_ids, image_inputs)
         _sync(input_ids.device)
         encoded_at = time.perf_counter()
-        located = locate_images(
-            input_ids,
-            self.adapter.image_token_id(self.model),
-            [layout.slots for layout in encoded.layouts],
-        )
-        _refuse_masked_placeholders(located, mask)
-        kept = self.selector.select(encoded, self.adapter.projector(self.model))
+        located = self._locate(input_ids, encoded)
+        _refuse_masked_placeholders(located, encoded.layouts, mask)
+        if "instruction" in self.selector.needs:
+            encoded.instruction = self._instruction(input_ids, mask, located)
+        kept = self._choose(encoded, located, input_ids, mask)
         _sync(input_ids.device)
         selected_at = time.perf_counter()
         call.update(self._shorten_prompt(call | image_inputs, mask, located, kept, for_generate))
-        call["mm_encoder_outputs"] = {
-            "image": self.adapter.encoder_output(encoded, [image.run for image in kept.images]),
-        }
+        call["mm_encoder_outputs"] = self.adapter.encoder_outputs(encoded, kept.images)
+        self._record(
+            kept,
+            located,
+            encode_seconds=encoded_at - start,
+            select_seconds=selected_at - encoded_at,
+        )
+        return call
+
+    def _check_call(self, call: dict[str, Any], for_generate: bool) -> None:
+        """Refuse a call this handle cannot prune, before the vision side runs (a hook:
+        the pre-LM methods take every call)."""
+
+    def _choose(
+        self, encoded: EncodedImages, located: list[Tensor], input_ids: Tensor, mask: Tensor
+    ) -> Kept:
+        """The tokens the model gets: the selector's choice, before the language model."""
+        return self.selector.select(encoded, self.adapter.projector(self.model))
+
+    def _record(
+        self, kept: Kept, located: list[Tensor], *, encode_seconds: float, select_seconds: float
+    ) -> None:
+        """Record the choice in ``self.selection`` (the observers hear of it after)."""
         self.selection = selection_record(
             kept,
             located,
             self.method.name,
             self.budget,
-            encode_seconds=encoded_at - start,
-            select_seconds=selected_at - encoded_at,
+            encode_seconds=encode_seconds,
+            select_seconds=select_seconds,
         )
-        return call
+
+    def _locate(self, input_ids: Tensor, encoded: EncodedImages) -> list[Tensor]:
+        """Each item's placeholders, in the order of ``encoded.layouts``: the images'
+        among the image tokens, the videos' among the video tokens (the model fills each
+        kind in its own order, whatever order the adapter lists the kinds in)."""
+        per_kind: dict[str, Iterator[Tensor]] = {}
+        for kind in ITEM_KINDS:
+            counts = [layout.placeholders for layout in encoded.layouts if layout.kind == kind]
+            token = self.adapter.placeholder_id(self.model, kind)
+            if counts and token is None:
+                raise RuntimeError(
+                    f"{type(self.adapter).__name__} encoded {len(counts)} {kind}(s) but names "
+                    f"no {kind} placeholder token (placeholder_id(model, {kind!r}) is None)"
+                )
+            if counts or token is not None:  # no items: their tokens must be absent too
+                per_kind[kind] = iter(locate_images(input_ids, token, counts, kind))
+        # Each run's every slot, separators that are prompt text (Mistral 3) included.
+        return [layout.run_positions(next(per_kind[layout.kind])) for layout in encoded.layouts]
+
+    def _instruction(self, input_ids: Tensor, mask: Tensor, located: list[Tensor]) -> list[Tensor]:
+        """Per item, the model's input embeddings of the text tokens of the prompt that
+        holds it: every attended token that is no image or video placeholder (template,
+        special and marker tokens included; the whole prompt as the call passes it)."""
+        text = mask != 0
+        for kind in ITEM_KINDS:
+            token = self.adapter.placeholder_id(self.model, kind)
+            if token is not None:
+                text &= input_ids != token
+        embed = self.model.get_input_embeddings()
+        prompts = {int(row[0]) for row, _ in located}
+        with torch.no_grad():  # only ranked: no graph to keep
+            embedded = {p: embed(input_ids[p][text[p]]) for p in prompts}
+        return [embedded[int(row[0])] for row, _ in located]
 
     def _encode(self, input_ids: Tensor, image_inputs: dict[str, Any]) -> EncodedImages:
         # The caller's grad mode: training through a pruned model reaches the vision side.
@@ -399,9 +479,14 @@ class PruneHandle:
         """The call's sequences without the dropped placeholders, re-padded, with the
         positions the model is to use (``self.positions``, in the adapter's form)."""
         input_ids = call["input_ids"]
-        keep = input_ids != self.adapter.image_token_id(self.model)
+        keep = torch.ones_like(input_ids, dtype=torch.bool)
+        for kind in ITEM_KINDS:
+            token = self.adapter.placeholder_id(self.model, kind)
+            if token is not None:
+                keep &= input_ids != token
         for (row, col), image in zip(located, kept.images, strict=True):
             slots = image.slots.to(row.device)
+            keep[row, col] = False  # the whole run: text separators go unless kept
             keep[row[slots], col[slots]] = True
         positions = call.get("position_ids")
         if positions is None:
@@ -449,15 +534,19 @@ class _CallersPromptStreamer:
         return getattr(self.streamer, name)
 
 
-def _refuse_masked_placeholders(located: list[Tensor], mask: Tensor) -> None:
+def _refuse_masked_placeholders(
+    located: list[Tensor], layouts: list[ImageLayout], mask: Tensor
+) -> None:
     """Pruning decides which visual tokens the model sees: none may be masked out already."""
-    for image, (row, col) in enumerate(located):
+    for name, layout, (row, col) in zip(item_names(layouts), layouts, located, strict=True):
         hidden = int((mask[row, col] == 0).sum())
         if hidden:
+            # Mistral 3's runs hold its [IMG_BREAK] text tokens too: they count here.
+            what = "placeholder (or separator)" if layout.text_separators else "placeholder"
             raise PruneError(
-                f"image {image}: {hidden} of its {col.numel()} placeholder tokens are masked "
-                "out by attention_mask; pruning chooses which visual tokens the model sees, "
-                "so pass the attention_mask the processor made (all placeholders attended)"
+                f"{name}: {hidden} of its {col.numel()} {what} tokens are masked out by "
+                "attention_mask; pruning chooses which visual tokens the model sees, so pass "
+                "the attention_mask the processor made (all placeholders attended)"
             )
 
 

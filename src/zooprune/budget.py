@@ -35,19 +35,17 @@ class Budget:
                 raise BudgetError(f"ratio must be in (0, 1], got {self.ratio}")
             object.__setattr__(self, "ratio", float(self.ratio))
 
-    def tokens_for(self, num_tokens: int, image: int = 0) -> int:
-        """Tokens kept of an image of ``num_tokens``; ``image`` only names it in errors."""
+    def tokens_for(self, num_tokens: int, image: int | str = 0) -> int:
+        """Tokens kept of an image of ``num_tokens``; ``image`` only names it in errors
+        (an index, or a name such as ``"video 0"``)."""
+        name = f"image {image}" if isinstance(image, int) else image
         if self.keep is not None:
             if self.keep > num_tokens:
-                raise BudgetError(
-                    f"keep={self.keep} exceeds image {image}'s {num_tokens} visual tokens"
-                )
+                raise BudgetError(f"keep={self.keep} exceeds {name}'s {num_tokens} visual tokens")
             return self.keep
         kept = int(self.ratio * num_tokens)
         if kept < 1:
-            raise BudgetError(
-                f"ratio={self.ratio} keeps no token of image {image} ({num_tokens} tokens)"
-            )
+            raise BudgetError(f"ratio={self.ratio} keeps no token of {name} ({num_tokens} tokens)")
         return kept
 
     def __str__(self) -> str:

@@ -21,13 +21,18 @@ import torch
 from torch import Tensor, nn
 
 from zooprune.budget import Budget, split_evenly
-from zooprune.errors import NonFiniteFeaturesError, PruneError
+from zooprune.errors import NonFiniteFeaturesError, PlaceholderMismatchError, PruneError
 from zooprune.record import ImageSelection, Selection
 from zooprune.select import METHODS, MethodSpec, TokenSet, get_method
 
 #: the layout options a multi-crop family may accept (``Adapter.options``), first = default
 CROP_BUDGETS = ("split", "global")
 SEPARATOR_POLICIES = ("all", "nonempty")
+#: how a video's budget is shared (``Adapter.options["video_budget"]``), first = default:
+#: evenly over its frames, or over all its tokens at once
+VIDEO_BUDGETS = ("frame", "global")
+#: what an item of a call is: an image, or a video whose crops are its frames
+ITEM_KINDS = ("image", "video")
 
 
 @dataclass
@@ -52,6 +57,14 @@ class ImageLayout:
             or the grid after the connector merges patches (pixel shuffle, patch merger).
         boxes: per crop, ``(top, left, bottom, right)`` in the original image's pixels, or
             None when unknown; a crop holding padding reaches past the image.
+        kind: ``"image"``, or ``"video"``: then each crop is one frame (the temporal
+            slice the model encodes as one grid), in time order, and its placeholders
+            are the video's (``Adapter.video_token_id``).
+        text_separators: the separators are text tokens of the prompt that the model
+            embeds itself (Mistral 3's ``[IMG_BREAK]``), not placeholders it fills: the
+            placeholders are the N token slots of a run that is contiguous in the prompt,
+            ``packed``'s separator rows are unused, and a kept run holds the kept tokens
+            only; a dropped separator leaves the prompt as a dropped placeholder does.
     """
 
     packed: Tensor
@@ -62,6 +75,39 @@ class ImageLayout:
     crop_grids: list[tuple[int, int]]
     patch_grids: list[tuple[int, int]]
     boxes: list[tuple[float, float, float, float]] | None = None
+    kind: str = "image"
+    text_separators: bool = False
+
+    @classmethod
+    def frames(
+        cls, projected: Tensor, grid: tuple[int, int], frames: int, closing: bool = False
+    ) -> ImageLayout:
+        """A video: ``frames`` grids in time order, each a crop; with ``closing``, one
+        separator ends the run (OneVision's newline after the last frame).
+
+        Args:
+            projected: ``[frames * h * w (+ 1), d_l]`` the run as the model fills it.
+            grid: ``(h, w)`` of one frame's tokens.
+        """
+        per_frame = grid[0] * grid[1]
+        n, device = per_frame * frames, projected.device
+        if projected.shape[0] != n + int(closing):
+            raise ValueError(
+                f"a video of {frames} frames of {grid} tokens fills {n + int(closing)} "
+                f"placeholders, not {projected.shape[0]}"
+            )
+        index = torch.arange(n, device=device)
+        within = index % per_frame
+        return cls(
+            packed=projected,
+            token_slots=index,
+            separator_of=torch.full((n,), n if closing else -1, dtype=torch.long, device=device),
+            crop=index // per_frame,
+            cell=torch.stack([within // grid[1], within % grid[1]], dim=-1),
+            crop_grids=[grid] * frames,
+            patch_grids=[grid] * frames,
+            kind="video",
+        )
 
     @classmethod
     def single(cls, projected: Tensor, grid: tuple[int, int]) -> ImageLayout:
@@ -84,6 +130,31 @@ class ImageLayout:
         return self.packed.shape[0]
 
     @property
+    def placeholders(self) -> int:
+        """The image's placeholder tokens in the prompt: S, or N with text separators."""
+        return self.token_slots.numel() if self.text_separators else self.slots
+
+    def run_positions(self, placed: Tensor) -> Tensor:
+        """``[2, S]`` (prompt row, position) of every slot of the run, from ``placed``
+        ``[2, placeholders]``, where the image's placeholders are.
+
+        Raises:
+            PlaceholderMismatchError: with text separators, the placeholders are not the
+                token slots of one contiguous run (a prompt the processor did not build).
+        """
+        if not self.text_separators or placed.shape[1] == 0:
+            return placed
+        row, col = placed
+        run = col[0] + torch.arange(self.slots, device=col.device)
+        if not torch.equal(run[self.token_slots.to(col.device)], col):
+            raise PlaceholderMismatchError(
+                f"the {col.numel()} image placeholders from prompt {int(row[0])}, position "
+                f"{int(col[0])} are not laid out as the image's rows ({self.crop_grids[0]}, "
+                "one separator token between rows); build the prompt with the model's processor"
+            )
+        return torch.stack([row[:1].expand(self.slots), run])
+
+    @property
     def separator_slots(self) -> Tensor:
         """``[S - N]`` the slots holding separators."""
         is_token = torch.zeros(self.slots, dtype=torch.bool, device=self.token_slots.device)
@@ -93,8 +164,9 @@ class ImageLayout:
     def units(self, crop_budget: str) -> list[tuple[Tensor, tuple[int, int]]]:
         """The groups a budget is split over: ``(token indices [n_u], grid)`` each.
 
-        ``"split"``: one group per non-empty crop, on that crop's grid. ``"global"``: one
-        group of all N tokens, on the crop's grid if there is one crop, else ``(1, N)``.
+        ``"split"``: one group per non-empty crop (frame), on that crop's grid.
+        ``"global"``: one group of all N tokens, on the crop's grid if there is one crop,
+        else ``(1, N)``.
         """
         n = self.token_slots.numel()
         counts = torch.bincount(self.crop, minlength=len(self.crop_grids)).tolist()
@@ -130,13 +202,18 @@ class ImageLayout:
             closing = self.separator_of[indices]
             kept_separators = closing[closing >= 0].unique()
         slots, order = torch.cat([token_slots, kept_separators]).sort()
+        if self.text_separators:  # the prompt holds them: the model gets the tokens only
+            return slots, tokens.to(self.packed.dtype), kept_separators
         filled = torch.cat([tokens.to(self.packed.dtype), self.packed[kept_separators]])
         return slots, filled[order], kept_separators
 
 
 @dataclass
 class EncodedImages:
-    """The visual tokens of every image in a call, as the model computed them.
+    """The visual tokens of every image (and video) in a call, as the model computed them.
+
+    Items come in the order the model fills them: every image in the order given, then
+    every video (``layouts[i].kind``); the per-item lists below follow that order.
 
     Attributes:
         features: per image, projector inputs ``[N_i, d_v]``.
@@ -150,6 +227,9 @@ class EncodedImages:
         layouts: per image, where its tokens sit among its placeholders (separators,
             crops); None (given) means every image is one crop of N placeholders on its
             grid, and is filled in so.
+        instruction: per image ``[T_i, d_l]``, the input embeddings of the text tokens of
+            the prompt that holds it, when asked for (``"instruction"``; the engine fills
+            it in, not the adapter).
     """
 
     features: list[Tensor]
@@ -160,6 +240,7 @@ class EncodedImages:
     encoder_output: Any
     layouts: list[ImageLayout] | None = None
     cls_features: list[Tensor] | None = None
+    instruction: list[Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.layouts is None:  # every image one crop of N placeholders on its grid
@@ -178,7 +259,8 @@ class KeptImage:
             kept nothing), or None.
         slots: ``[K + S']`` the kept slots of its run, ascending.
         run: ``[K + S', d_l]`` what fills them: the kept tokens (merged or pooled ones
-            where the method builds tokens) and the kept separators.
+            where the method builds tokens) and the kept separators (``[K, d_l]``, the
+            tokens only, where the separators are text: ``layout.text_separators``).
         separators: ``[S']`` the kept separators' slots.
         layout: the image's layout.
         grid: its ``(height, width)`` for the record.
@@ -210,9 +292,17 @@ class _Unit:
     indices: Tensor  # [n_u] into the image's N tokens
     grid: tuple[int, int]
     share: int
+    kind: str  # "image" or "video"
+    index: int  # among the call's items of that kind
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} {self.index}"
 
     def where(self) -> str:
-        return f"image {self.image}" + ("" if self.crop is None else f", crop {self.crop}")
+        if self.crop is None:
+            return self.name
+        return f"{self.name}, {'frame' if self.kind == 'video' else 'crop'} {self.crop}"
 
 
 def take_layout_options(
@@ -244,7 +334,7 @@ class Selector:
         budget: ``keep=`` / ``ratio=``.
         options: the method's options as given, checked and normalised.
         layout: the family's layout options with defaults filled (``crop_budget``,
-            ``separators``; empty for single-crop families).
+            ``separators``, ``video_budget``; empty for a family with none).
     """
 
     method: MethodSpec
@@ -293,7 +383,8 @@ class Selector:
     def select(self, encoded: EncodedImages, projector: nn.Module) -> Kept:
         """Choose the kept tokens of every image of a call.
 
-        Each image's budget is shared over its units (``layout["crop_budget"]``); units
+        Each item's budget is shared over its units (``layout["crop_budget"]`` for an
+        image's crops, ``layout["video_budget"]`` for a video's frames); units
         of equal size, budget and grid go through the method in one batched call.
 
         Raises:
@@ -311,6 +402,7 @@ class Selector:
         scores: list[Tensor | None] = [None] * len(layouts)
         details: dict[str, Any] = {}
         for (_, grid, k), members in groups.items():
+            text, text_mask = _padded(encoded.instruction, members, encoded.projected)
             token_set = TokenSet(
                 features=_gather(encoded.features, members),
                 projected=_gather(encoded.projected, members),
@@ -321,6 +413,8 @@ class Selector:
                 cls_features=None
                 if encoded.cls_features is None
                 else torch.stack([encoded.cls_features[u.image] for u in members]),
+                instruction=text,
+                instruction_mask=text_mask,
             )
             try:
                 result = self.method(token_set, k, **self.options)
@@ -357,19 +451,23 @@ class Selector:
 
     def _units(self, encoded: EncodedImages, layouts: list[ImageLayout]) -> list[_Unit]:
         """Every image's units with their budget shares (units that keep nothing left out)."""
-        crop_budget = self.layout.get("crop_budget", "split")
+        policy = {
+            "image": self.layout.get("crop_budget", "split"),
+            "video": "split" if self.layout.get("video_budget", "frame") == "frame" else "global",
+        }
         units = []
-        for i, layout in enumerate(layouts):
-            for name, t in (("features", encoded.features[i]), ("tokens", encoded.projected[i])):
+        for i, (layout, (kind, index)) in enumerate(zip(layouts, item_keys(layouts), strict=True)):
+            name = f"{kind} {index}"
+            for what, t in (("features", encoded.features[i]), ("tokens", encoded.projected[i])):
                 if not bool(torch.isfinite(t).all()):
-                    raise NonFiniteFeaturesError(f"image {i}'s visual {name} contain NaN or inf")
-            k = self.budget.tokens_for(encoded.features[i].shape[0], i)
-            parts = layout.units(crop_budget)
+                    raise NonFiniteFeaturesError(f"{name}'s visual {what} contain NaN or inf")
+            k = self.budget.tokens_for(encoded.features[i].shape[0], name)
+            parts = layout.units(policy[layout.kind])
             shares = split_evenly(k, [idx.numel() for idx, _ in parts])
             for (idx, grid), share in zip(parts, shares, strict=True):
                 if share:
                     crop = int(layout.crop[idx[0]]) if len(parts) > 1 else None
-                    units.append(_Unit(i, crop, idx, grid, share))
+                    units.append(_Unit(i, crop, idx, grid, share, kind, index))
         return units
 
     def _check_scores(self, scores: Tensor, members: list[_Unit], details: dict) -> None:
@@ -386,6 +484,41 @@ class Selector:
                 f"({given or 'default options'}): there is nothing to rank by. A step "
                 "outside the features' float resolution does this; try other option values"
             )
+
+
+def item_keys(layouts: list[ImageLayout]) -> list[tuple[str, int]]:
+    """``(kind, index)`` of each item: its kind and its index among the items of that kind
+    (the order the caller gave them in), e.g. ``("image", 0), ("video", 0)``."""
+    seen: dict[str, int] = defaultdict(int)
+    keys = []
+    for layout in layouts:
+        keys.append((layout.kind, seen[layout.kind]))
+        seen[layout.kind] += 1
+    return keys
+
+
+def item_names(layouts: list[ImageLayout]) -> list[str]:
+    """``"image 0"``, ..., ``"video 0"``, ...: what messages call each item."""
+    return [f"{kind} {index}" for kind, index in item_keys(layouts)]
+
+
+def _padded(
+    per_image: list[Tensor] | None, members: list[_Unit], projected: list[Tensor]
+) -> tuple[Tensor | None, Tensor | None]:
+    """``[len(members), T, d]`` each member's image's rows of a ragged per-image quantity,
+    padded with zeros to the longest, on the device of its tokens, and the ``[len(members),
+    T]`` mask of the real rows; (None, None) when there is none."""
+    if per_image is None:
+        return None, None
+    device = projected[members[0].image].device
+    rows = [per_image[u.image].to(device) for u in members]
+    longest = max(r.shape[0] for r in rows)
+    padded = rows[0].new_zeros(len(rows), longest, rows[0].shape[-1])
+    mask = torch.zeros(len(rows), longest, dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        padded[i, : r.shape[0]] = r
+        mask[i, : r.shape[0]] = True
+    return padded, mask
 
 
 def _gather(per_image: list[Tensor] | None, members: list[_Unit]) -> Tensor | None:
@@ -421,8 +554,13 @@ def selection_record(
         method=method,
         budget=str(budget),
         images=[
-            _image_record(i, place, image)
-            for i, (place, image) in enumerate(zip(located, kept.images, strict=True))
+            _image_record(index, place, image)
+            for (_, index), place, image in zip(
+                item_keys([image.layout for image in kept.images]),
+                located,
+                kept.images,
+                strict=True,
+            )
         ],
         encode_seconds=encode_seconds,
         select_seconds=select_seconds,
@@ -447,4 +585,5 @@ def _image_record(image: int, place: Tensor, kept: KeptImage) -> ImageSelection:
         cells=layout.cell[indices].to(device),
         patch_grids=tuple(layout.patch_grids),
         boxes=None if layout.boxes is None else tuple(layout.boxes),
+        kind=layout.kind,
     )

@@ -13,8 +13,11 @@ from torch import Tensor
 class ImageSelection:
     """One image's share of a call.
 
+    A video is recorded as one item too (``kind == "video"``): its crops are its frames.
+
     Attributes:
-        image: the image's index among the call's images (the order they were given).
+        image: the item's index among the call's items of its kind (the order they were
+            given); ``Selection.images`` lists every image, then every video.
         prompt: the batch row whose prompt holds the image.
         num_tokens: N, the image's visual tokens before pruning.
         indices: ``[K]`` kept token indices into the image's N tokens, ascending; with the
@@ -25,7 +28,8 @@ class ImageSelection:
         separators: ``[S']`` where the kept separator tokens (LLaVA-NeXT's row newlines)
             stood in the original prompt; empty for families without separators.
         crops: ``[K]`` the crop each kept token comes from (0 for single-crop models; for
-            AnyRes, 0 is the base image and 1.. the sub-crops in raster order).
+            AnyRes, 0 is the base image and 1.. the sub-crops in raster order; for a
+            video, the frame).
         cells: ``[K, 2]`` (row, column) of each kept token's patch in its crop's grid.
         patch_grids: per crop, ``(height, width)`` of its patch grid.
         boxes: per crop, ``(top, left, bottom, right)`` in the original image's pixels, or
@@ -45,6 +49,7 @@ class ImageSelection:
     cells: Tensor | None = None
     patch_grids: tuple[tuple[int, int], ...] = ()
     boxes: tuple[tuple[float, float, float, float], ...] | None = None
+    kind: str = "image"
 
     @property
     def kept(self) -> int:
@@ -74,6 +79,11 @@ class Selection:
     encode_seconds: float
     select_seconds: float
     details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def videos(self) -> list[ImageSelection]:
+        """The items of ``images`` that are videos (their crops are frames)."""
+        return [item for item in self.images if item.kind == "video"]
 
     @property
     def indices(self) -> list[Tensor]:

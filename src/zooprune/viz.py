@@ -121,25 +121,9 @@ def plot_selection(
         grid_h, grid_w = sel.grid
         kept = np.zeros(grid_h * grid_w, dtype=bool)
         kept[sel.indices.cpu().numpy()] = True
-        shade = np.where(kept.reshape(grid_h, grid_w), 1.0, 0.25)
-        shade = np.kron(shade, np.ones((-(-height // grid_h), -(-width // grid_w))))[
-            :height, :width
-        ]
         ax = axes[0, column]
-        ax.imshow(image * shade[..., None])
-        cell_h, cell_w = height / grid_h, width / grid_w
-        for index in np.flatnonzero(kept):
-            r, c = divmod(int(index), grid_w)
-            ax.add_patch(
-                Rectangle(
-                    (c * cell_w - 0.5, r * cell_h - 0.5),
-                    cell_w,
-                    cell_h,
-                    fill=False,
-                    edgecolor="#00e5ff",
-                    linewidth=0.8,
-                )
-            )
+        cells = np.stack(divmod(np.flatnonzero(kept), grid_w), axis=-1)
+        _show_kept_cells(ax, image, (grid_h, grid_w), cells)
         ax.set_title(f"{name}: {sel.kept}/{sel.num_tokens} kept", fontsize=9)
         ax.axis("off")
         if rows == 2:
@@ -171,11 +155,18 @@ def regions_figure(image: Any, selection: Any, title: str | None = None) -> Any:
     - Several crops, boxes unknown (Idefics3 / SmolVLM, InternVL): one panel per crop, its
       patch grid with the kept cells filled.
 
+    - A video (``selection.kind == "video"``): one panel per frame, its kept cells
+      outlined over that frame's picture (``image``: one picture per frame of the record,
+      e.g. every second frame for Qwen2-VL, whose frames are pairs) or filled on its grid.
+
     Args:
-        image: the original image, ``[H, W, 3]`` floats in [0, 1] or a PIL image.
+        image: the original image, ``[H, W, 3]`` floats in [0, 1] or a PIL image; for a
+            video, a list of such pictures (one per frame) or None.
     """
     import numpy as np
 
+    if selection.kind == "video":
+        return _frame_panels(image, selection, title)
     picture = np.asarray(image)
     # Integer pixels (PIL, uint8 arrays) are 0-255; floats are taken as [0, 1].
     scale = 255.0 if np.issubdtype(picture.dtype, np.integer) else 1.0
@@ -248,6 +239,69 @@ def _crop_panels(
         ax.set_title(f"crop {crop}: {len(mine)} kept", fontsize=8)
     fig.suptitle(f"{title + chr(10) if title else ''}{caption} (crop boxes unknown)", fontsize=9)
     return fig
+
+
+def _frame_panels(frames: Any, selection: Any, title: str | None) -> Any:
+    """A video's kept tokens, frame by frame, over the frames' pictures when given."""
+    import numpy as np
+
+    grids = list(selection.patch_grids)
+    crops = selection.crops.cpu().numpy()
+    cells = selection.cells.cpu().numpy()
+    if frames is not None and len(frames) != len(grids):
+        raise ValueError(
+            f"the video's record has {len(grids)} frames, {len(frames)} pictures given"
+        )
+    columns = min(len(grids), 8)
+    rows = -(-len(grids) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
+    for frame, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if frame >= len(grids):
+            continue
+        grid_h, grid_w = grids[frame]
+        mine = cells[crops == frame]
+        if frames is None:
+            kept = np.zeros((grid_h, grid_w))
+            kept[mine[:, 0], mine[:, 1]] = 1.0
+            ax.imshow(kept, cmap="Blues", vmin=0, vmax=1.2)
+        else:
+            picture = np.asarray(frames[frame])
+            scale = 255.0 if np.issubdtype(picture.dtype, np.integer) else 1.0
+            _show_kept_cells(ax, picture.astype(np.float64) / scale, grids[frame], mine)
+        ax.set_title(f"frame {frame}: {len(mine)} kept", fontsize=8)
+    caption = f"{selection.kept}/{selection.num_tokens} kept over {len(grids)} frames"
+    fig.suptitle(f"{title + chr(10) if title else ''}{caption}", fontsize=9)
+    return fig
+
+
+def _show_kept_cells(ax: Any, picture: Any, grid: tuple[int, int], cells: Any) -> None:
+    """``picture`` with the cells of ``grid`` not in ``cells`` dimmed and each kept cell
+    outlined; pixel row y belongs to cell row ``y * rows // height`` (so shading and
+    outlines agree when the side is not a multiple of the grid)."""
+    import numpy as np
+
+    height, width = picture.shape[:2]
+    rows, cols = grid
+    lit = np.zeros(grid, dtype=bool)
+    if len(cells):
+        lit[cells[:, 0], cells[:, 1]] = True
+    cell_of_row = np.arange(height) * rows // height
+    cell_of_col = np.arange(width) * cols // width
+    shade = np.where(lit[cell_of_row[:, None], cell_of_col[None, :]], 1.0, 0.3)
+    ax.imshow(picture * shade[..., None])
+    step_h, step_w = height / rows, width / cols
+    for r, c in cells:
+        ax.add_patch(
+            Rectangle(
+                (c * step_w - 0.5, r * step_h - 0.5),
+                step_w,
+                step_h,
+                fill=False,
+                edgecolor="#00e5ff",
+                linewidth=0.6,
+            )
+        )
 
 
 def plot_accuracy(summary: dict[str, Any], path: str | Path, ylabel: str = "accuracy %") -> Path:

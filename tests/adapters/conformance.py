@@ -41,8 +41,14 @@ CROP_CASES = (
     ("divprune", {"crop_budget": "global"}),
     ("grid", {"crop_budget": "split"}),
     ("random", {"crop_budget": "global"}),
+    ("cdpruner", {"crop_budget": "split"}),
+    ("dart", {"crop_budget": "global"}),
 )
-CROP_BATCH_CASES = (("zoo", {"crop_budget": "split"}), ("pool", {"crop_budget": "global"}))
+CROP_BATCH_CASES = (
+    ("zoo", {"crop_budget": "split"}),
+    ("pool", {"crop_budget": "global"}),
+    ("cdpruner", {"crop_budget": "split"}),
+)
 
 
 class FamilyTester:
@@ -69,9 +75,16 @@ class FamilyTester:
         ("divprune", {}),
         ("random", {}),
         ("grid", {}),
+        ("cdpruner", {}),
+        ("dart", {}),
     )
     #: (method, options) whose batch is checked against its prompts alone
-    batch_cases: tuple[tuple[str, dict[str, Any]], ...] = (("zoo", {}), ("pool", {}))
+    batch_cases: tuple[tuple[str, dict[str, Any]], ...] = (
+        ("zoo", {}),
+        ("pool", {}),
+        ("cdpruner", {}),
+        ("dart", {}),
+    )
     #: (method, options) whose cached generate is checked against the uncached loop
     loop_cases: tuple[tuple[str, dict[str, Any]], ...] = (("zoo", {}),)
     #: options for the sensitivity methods that keep them quick (fewer jvp directions)
@@ -125,7 +138,7 @@ class FamilyTester:
         """
         ids = batch["input_ids"]
         mask = batch["attention_mask"].clone()
-        mask[ids == self.image_token] = 0
+        mask[placeholders(ids, self)] = 0
         mask[0, kept] = 1
         return model(**batch | {"attention_mask": mask, "position_ids": positions}).logits
 
@@ -142,6 +155,13 @@ def random_pictures(seed: int, shapes: list[tuple[int, int]]) -> list[Any]:
     return [Image.fromarray(rng.integers(0, 256, (*s, 3), dtype=np.uint8)) for s in shapes]
 
 
+def placeholders(ids: torch.Tensor, tester: FamilyTester) -> torch.Tensor:
+    """Where the image (and video) placeholders of ``ids`` are."""
+    found = ids == tester.image_token
+    video = getattr(tester, "video_token", None)
+    return found if video is None else found | (ids == video)
+
+
 def untouched(model: nn.Module) -> bool:
     return not {"forward", "generate", "_zooprune_handle"} & set(model.__dict__)
 
@@ -153,6 +173,47 @@ def image_inputs(batch: dict) -> dict:
 def kept_positions(selection: zooprune.ImageSelection) -> torch.Tensor:
     """Where the kept placeholders (tokens and separators) of an image stood."""
     return torch.cat([selection.positions, selection.separators]).sort().values
+
+
+def without_video_processor(processor_class: type) -> type:
+    """``processor_class`` accepting no video processor (the real ones need torchvision)."""
+
+    class NoVideo(processor_class):
+        def check_argument_for_proper_class(self, name: str, arg: Any) -> Any:
+            if name == "video_processor" and arg is None:
+                return None
+            return super().check_argument_for_proper_class(name, arg)
+
+    NoVideo.__name__ = NoVideo.__qualname__ = f"{processor_class.__name__}NoVideo"
+    return NoVideo
+
+
+def greedy(
+    model: nn.Module, tester: FamilyTester, batch: dict, steps: int = 5, **options: Any
+) -> Any:
+    """``model.generate``: ``steps`` greedy tokens, the tester's banned tokens suppressed."""
+    return model.generate(
+        **batch,
+        max_new_tokens=steps,
+        do_sample=False,
+        suppress_tokens=list(tester.banned),
+        **options,
+    )
+
+
+def uncached_greedy(
+    model: nn.Module, tester: FamilyTester, batch: dict, steps: int
+) -> torch.Tensor:
+    """What :func:`greedy` must give, by hand: ``steps`` forwards without a cache, each on
+    the whole grown sequence with the batch's image inputs, banned tokens never chosen."""
+    ids = batch["input_ids"]
+    for _ in range(steps):
+        logits = model(
+            input_ids=ids, **image_inputs(batch), **tester.step_inputs(ids), use_cache=False
+        ).logits
+        logits[..., list(tester.banned)] = float("-inf")
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
 
 
 class Recorder(BaseStreamer):
@@ -202,19 +263,13 @@ class AdapterConformance:
         )
 
     def greedy(self, model: nn.Module, batch: dict, steps: int = 5, **options: Any) -> Any:
-        return model.generate(
-            **batch,
-            max_new_tokens=steps,
-            do_sample=False,
-            suppress_tokens=list(self.tester.banned),
-            **options,
-        )
+        return greedy(model, self.tester, batch, steps, **options)
 
     # -- the invariants -----------------------------------------------------------------
 
     @pytest.mark.parametrize("method", sorted(METHODS))
     def test_keep_all_tokens_is_a_noop(self, vlm, proc, pictures, method):
-        provided = adapter_for(vlm).provides(vlm)
+        provided = adapter_for(vlm).available(vlm)
         if not METHODS[method].needs <= provided:
             # What the family cannot serve is refused, naming what it can.
             with pytest.raises(PruneError, match="methods that apply: ") as error:
@@ -267,14 +322,7 @@ class AdapterConformance:
         options = t.options_for(method) | options
         with zooprune.prune(vlm, method, keep=t.keep, positions=positions, **options):
             generated = self.greedy(vlm, batch, steps=6)
-            ids = batch["input_ids"]
-            for _ in range(6):
-                logits = vlm(
-                    input_ids=ids, **image_inputs(batch), **t.step_inputs(ids), use_cache=False
-                ).logits
-                logits[..., list(t.banned)] = float("-inf")
-                ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        assert torch.equal(generated, ids)
+            assert torch.equal(generated, uncached_greedy(vlm, t, batch, steps=6))
 
     def test_batch_equals_each_prompt_alone(self, vlm, proc, pictures, batch_case):
         # Left padding, prompts of different lengths, images of different sizes and a
@@ -484,7 +532,11 @@ class AdapterConformance:
             if mode not in adapter.position_modes:
                 with pytest.raises(PruneError, match="positions must be"):
                     zooprune.prune(vlm, "zoo", keep=4, positions=mode)
-        for name, bad in (("crop_budget", "per-row"), ("separators", "none")):
+        for name, bad in (
+            ("crop_budget", "per-row"),
+            ("separators", "none"),
+            ("video_budget", "per-second"),
+        ):
             message = f"{name} must be one of" if name in adapter.options else f"no option '{name}'"
             with pytest.raises(PruneError, match=message):
                 zooprune.prune(vlm, "zoo", keep=4, **{name: bad})
@@ -519,3 +571,142 @@ class UnsplitConformance:
         place = torch.arange(batch["input_ids"].shape[1])[None]
         reference = t.masked_reference(vlm, batch, kept, place)
         torch.testing.assert_close(pruned[0], reference[0, keep], rtol=0, atol=1e-5)
+
+
+class JvpEstimatorConformance:
+    """For families whose projector is more than a GELU MLP (a norm in front): ``auto``
+    runs ``jvp``, ``zo`` agrees with it on the same directions, and the estimators that
+    assume a GELU MLP (``exact``, ``lowrank``) are refused, naming the ones that apply."""
+
+    def test_estimators_jvp_and_zo_run_and_the_mlp_only_ones_are_refused(self, vlm, proc, pictures):
+        batch = self.batch(proc, pictures, 0)
+        with zooprune.prune(vlm, "zoo", keep=5, num_directions=8) as handle:
+            vlm(**batch)
+        assert handle.selection.details["estimator"] == "jvp"  # auto: a norm before the MLP
+        jvp = handle.selection.scores[0]
+        assert bool((jvp > 0).all())
+        with zooprune.prune(vlm, "zoo", keep=5, num_directions=8, estimator="zo") as handle:
+            vlm(**batch)
+        # The same bank of directions: central differences agree with the derivatives.
+        torch.testing.assert_close(handle.selection.scores[0], jvp, rtol=1e-2, atol=1e-4)
+        for estimator in ("exact", "lowrank"):
+            with zooprune.prune(vlm, "zoo", keep=5, estimator=estimator):
+                with pytest.raises(PruneError, match="use 'jvp' or 'zo'"):
+                    vlm(**batch)
+
+
+class VideoConformance:
+    """For families that prune videos: a video is one item of N = all its frames' tokens,
+    its budget shared per frame (``video_budget="frame"``) or over the whole video, its
+    kept tokens keeping their places; images and videos share calls and prompts.
+
+    The tester adds ``video_token``, ``video_text`` (what stands for one video in a
+    prompt), ``videos`` (specs of two videos, of different lengths where the family
+    allows, in the tester's own format), ``frames_of(spec)``, ``tokens_per_frame(spec)``
+    and ``video_inputs(proc, images_per_prompt, videos_per_prompt, prompts)``.
+    """
+
+    tester: FamilyTester
+
+    def video_batch(self, proc: Any, pictures: list, rows: list[tuple[int, list[int]]]) -> dict:
+        """One prompt per row ``(picture index or -1, [video indices])``: the picture's
+        image first (if any), then the videos."""
+        t = self.tester
+        prompts, images, videos = [], [], []
+        for picture, chosen in rows:
+            image = f"{t.image_text} " if picture >= 0 else ""
+            clips = " and ".join(t.video_text for _ in chosen)
+            prompts.append(f"<s> user {image}{clips} describe")
+            images.append([pictures[picture]] if picture >= 0 else [])
+            videos.append([t.videos[v] for v in chosen])
+        return t.video_inputs(proc, images, videos, prompts)
+
+    def reference(self, vlm, batch, kept: torch.Tensor) -> torch.Tensor:
+        """Prompt 0's real kept tokens' logits from the unpruned model with its dropped
+        placeholders masked out; ``kept``: where its kept placeholders stand."""
+        t = self.tester
+        ids, real = batch["input_ids"], batch["attention_mask"][0].bool()
+        keep = ~placeholders(ids[0], t) & real
+        keep[kept] = True
+        place = (batch["attention_mask"][:1].cumsum(-1) - 1).clamp(min=0)
+        return t.masked_reference(vlm, batch, kept, place)[0, keep]
+
+    def test_keeping_every_video_token_is_a_noop(self, vlm, proc, pictures):
+        batch = self.video_batch(proc, pictures, [(-1, [0])])
+        logits = vlm(**batch).logits
+        with zooprune.prune(vlm, "zoo", ratio=1.0, **self.tester.fast) as handle:
+            torch.testing.assert_close(vlm(**batch).logits, logits, rtol=0, atol=1e-5)
+        (video,) = handle.selection.images
+        assert video.kind == "video" and video.kept == video.num_tokens
+        assert handle.selection.videos == [video]
+
+    @pytest.mark.parametrize("video_budget", ["frame", "global"])
+    @pytest.mark.parametrize("method", ["zoo", "divprune", "grid"])
+    def test_pruned_video_equals_masked_unpruned(self, vlm, proc, pictures, method, video_budget):
+        t = self.tester
+        spec = t.videos[0]
+        frames, per_frame = t.frames_of(spec), t.tokens_per_frame(spec)
+        keep = 2 * frames + 1  # not a multiple of the frames: the remainder goes first
+        batch = self.video_batch(proc, pictures, [(-1, [0])])
+        options = t.options_for(method) | {"video_budget": video_budget}
+        with zooprune.prune(vlm, method, keep=keep, positions="original", **options) as handle:
+            pruned = vlm(**batch).logits
+        (video,) = handle.selection.images
+        assert (video.kind, video.image, video.num_tokens) == ("video", 0, frames * per_frame)
+        assert video.kept == keep and video.patch_grids == (video.patch_grids[0],) * frames
+        counts = torch.bincount(video.crops, minlength=frames).tolist()
+        if video_budget == "frame":
+            assert counts == [3] + [2] * (frames - 1)
+        assert torch.equal(video.indices // per_frame, video.crops)  # frame-major order
+        in_frame = video.indices % per_frame
+        width = video.patch_grids[0][1]
+        assert torch.equal(video.cells, torch.stack([in_frame // width, in_frame % width], -1))
+        reference = self.reference(vlm, batch, kept_positions(video))
+        assert pruned.shape[1] == reference.shape[0] < batch["input_ids"].shape[1]
+        torch.testing.assert_close(pruned[0], reference, rtol=0, atol=1e-5)
+
+    def test_images_and_videos_share_a_call_and_a_prompt(self, vlm, proc, pictures):
+        t = self.tester
+        rows = [(0, [1]), (-1, [0])]
+        batch = self.video_batch(proc, pictures, rows)
+        with zooprune.prune(vlm, "zoo", keep=t.keep, positions="original", **t.fast) as handle:
+            pruned = vlm(**batch).logits
+        items = handle.selection.images
+        assert [(s.kind, s.image, s.prompt) for s in items] == [
+            ("image", 0, 0),
+            ("video", 0, 0),
+            ("video", 1, 1),
+        ]
+        assert [s.kept for s in items] == [t.keep] * 3
+        kept = torch.cat([kept_positions(s) for s in items[:2]])
+        reference = self.reference(vlm, batch, kept)
+        torch.testing.assert_close(pruned[0, -reference.shape[0] :], reference, rtol=0, atol=1e-5)
+        # Prompt 1, a video alone beside an image: the masked reference reads prompt 0, so
+        # it runs on the same prompts in swapped rows (each keeps its padding and places).
+        swapped = self.video_batch(proc, pictures, rows[::-1])
+        assert torch.equal(swapped["input_ids"][0], batch["input_ids"][1])
+        reference = self.reference(vlm, swapped, kept_positions(items[2]))
+        torch.testing.assert_close(pruned[1, -reference.shape[0] :], reference, rtol=0, atol=1e-5)
+
+    def test_generate_with_video_and_cache_equals_no_cache_loop(self, vlm, proc, pictures):
+        t = self.tester
+        batch = self.video_batch(proc, pictures, [(2, [1])])
+        with zooprune.prune(vlm, "zoo", keep=t.keep, positions="original", **t.fast):
+            generated = greedy(vlm, t, batch, steps=5)
+            assert torch.equal(generated, uncached_greedy(vlm, t, batch, steps=5))
+
+    def test_video_batch_equals_each_prompt_alone(self, vlm, proc, pictures):
+        t = self.tester
+        rows = [(-1, [0]), (1, [1])]
+        batch = self.video_batch(proc, pictures, rows)
+        assert bool((batch["attention_mask"][:, 0] == 0).any())
+        scored = {"output_scores": True, "return_dict_in_generate": True}
+        with zooprune.prune(vlm, "divprune", keep=t.keep, video_budget="global") as handle:
+            together = greedy(vlm, t, batch, steps=3, **scored)
+            assert [s.prompt for s in handle.selection.images] == [1, 0, 1]
+            for row, spec in enumerate(rows):
+                alone = greedy(vlm, t, self.video_batch(proc, pictures, [spec]), steps=3, **scored)
+                assert torch.equal(together.sequences[row, -3:], alone.sequences[0, -3:])
+                torch.testing.assert_close(
+                    together.scores[0][row], alone.scores[0][0], rtol=0, atol=1e-4
+                )

@@ -34,8 +34,10 @@ class LlavaTester(FamilyTester):
         ("random", {}),
         ("grid", {}),
         ("visionzip", {"contextual": 0}),
+        ("cdpruner", {}),
+        ("dart", {}),
     )
-    batch_cases = (("zoo", {}), ("pool", {}), ("visionzip", {}))
+    batch_cases = (("zoo", {}), ("pool", {}), ("visionzip", {}), ("cdpruner", {}), ("dart", {}))
 
     def build(self, path: Path) -> Path:
         return save_tiny_llava(path)
@@ -110,7 +112,8 @@ class TestLlava(AdapterConformance):
             vision_feature_select_strategy="full",
         )
         siglip = LlavaForConditionalGeneration(config)
-        with pytest.raises(PruneError, match="needs cls_attention.*methods that apply: divprune"):
+        usable = "methods that apply: cdpruner, dart, divprune"
+        with pytest.raises(PruneError, match=f"needs cls_attention.*{usable}"):
             zooprune.prune(siglip, "visionzip", keep=4)
         with pytest.raises(PruneError, match="cls_token must be True or False"):
             zooprune.prune(siglip, "visionzip", keep=4, cls_token="yes")

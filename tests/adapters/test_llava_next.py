@@ -30,7 +30,12 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 )
 
 import zooprune
-from tests.adapters.conformance import AdapterConformance, FamilyTester, random_pictures
+from tests.adapters.conformance import (
+    AdapterConformance,
+    FamilyTester,
+    VideoConformance,
+    random_pictures,
+)
 from zooprune import PruneError
 from zooprune.budget import split_evenly
 from zooprune.tiny import SPECIAL, WORDS, word_level_llava_processor
@@ -39,6 +44,8 @@ CROP, PATCH = 24, 6  # 4 x 4 patches per crop
 SIDE = CROP // PATCH
 PINPOINTS = [[24, 48], [48, 24], [48, 48]]
 IMAGE = SPECIAL.index("<image>")
+VIDEO = IMAGE + 1  # "<video>", right after the special tokens
+POOLED = -(-SIDE // 2)  # a video frame's side after OneVision's pooling
 
 
 def tokenizer():
@@ -100,7 +107,7 @@ def build(family, path, text_width=32, text_heads=4):
             vision_config=vision(SiglipVisionConfig),
             text_config=text_config(Qwen2Config, vocab, text_width, text_heads),
             image_token_id=IMAGE,
-            video_token_id=SPECIAL.index("<image>") + 1,
+            video_token_id=VIDEO,
             image_grid_pinpoints=PINPOINTS,
             vision_feature_layer=-1,
             vision_feature_select_strategy="full",
@@ -302,14 +309,53 @@ class TestLlavaNext(AnyResSpecifics):
         assert handle.selection.scores[0].dtype == torch.float32
 
 
-class TestOnevision(AnyResSpecifics):
-    tester = AnyResTester("onevision")
+class OnevisionTester(AnyResTester):
+    """OneVision with videos: ``videos`` are (frames, seed) of random frames; a call's
+    videos share one tensor, so they have the same number of frames."""
 
-    def test_images_with_videos_are_refused(self, vlm, proc, pictures):
-        batch = self.tester.inputs(proc, [pictures[:1]], self.tester.prompts[:1])
-        with zooprune.prune(vlm, "zoo", keep=4):
-            with pytest.raises(PruneError, match="both images and videos"):
-                vlm(**batch, pixel_values_videos=torch.zeros(1, 1, 3, CROP, CROP))
+    video_token = VIDEO
+    video_text = "<video>"
+    banned = (IMAGE, VIDEO)
+    videos = [(3, 0), (3, 1)]
+
+    def frames_of(self, spec):
+        return spec[0]
+
+    def tokens_per_frame(self, spec):
+        return POOLED * POOLED
+
+    def step_inputs(self, input_ids):
+        return {}
+
+    def video_inputs(self, proc, images, videos, prompts):
+        """The processor's batch for the images; each video's placeholders written out as
+        the processor would (its video processor needs torchvision): ``<unk>`` words the
+        processor lets through, turned into ``<video>`` ids."""
+        run = "<unk>" * (3 * POOLED * POOLED + 1)
+        texts = [prompt.replace("<video>", run) for prompt in prompts]
+        flat = [image for group in images for image in group]
+        counts = [len(group) for group in images]
+        if not flat:
+            batch = dict(proc(text=texts, return_tensors="pt", padding=True))
+        elif 0 in counts:  # prompts without images: the images go flat, counted per prompt
+            batch = dict(proc(images=flat, text=texts, return_tensors="pt", padding=True))
+            batch["batch_num_images"] = torch.tensor(counts)
+        else:
+            batch = dict(self.inputs(proc, images, texts))
+        ids = batch["input_ids"]
+        batch["input_ids"] = ids.masked_fill(ids == SPECIAL.index("<unk>"), VIDEO)
+        clips = [clip for group in videos for clip in group]
+        if clips:
+            frames = [
+                torch.randn(f, 3, CROP, CROP, generator=torch.Generator().manual_seed(seed))
+                for f, seed in clips
+            ]
+            batch["pixel_values_videos"] = torch.stack(frames)
+        return batch
+
+
+class TestOnevision(AnyResSpecifics, VideoConformance):
+    tester = OnevisionTester("onevision")
 
 
 class TestOnevisionShrunk(AnyResSpecifics):

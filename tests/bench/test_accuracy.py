@@ -63,17 +63,21 @@ def test_summarize_relative_and_comparisons():
         {"method": "unpruned", "ratio": None, "correct": [1, 1, 1, 1, 1, 1, 0, 0]},
         {"method": "zoo", "ratio": 0.5, "correct": [1, 1, 1, 0, 1, 0, 0, 0]},
         {"method": "divprune", "ratio": 0.5, "correct": [1, 0, 0, 0, 1, 0, 0, 0]},
+        {"method": "dart", "ratio": 0.5, "correct": [0, 0, 0, 0, 1, 1, 1, 1]},
     ]
     summary = summarize(rows, families, reps=200)
-    base, zoo, div = summary["conditions"]
+    base, zoo, div, _ = summary["conditions"]
     assert base["overall"]["accuracy"] == pytest.approx(0.75)
     assert zoo["families"]["a"]["accuracy"] == 0.75
     assert zoo["families"]["a"]["relative"] == pytest.approx(0.75)
     assert zoo["families"]["b"]["relative"] == pytest.approx(0.25 / 0.5)
     assert zoo["overall"]["relative"] == pytest.approx(0.5 / 0.75)
-    (comparison,) = summary["comparisons"]
-    assert comparison["b"] == "divprune"
-    assert comparison["difference"] == pytest.approx(0.25)
+    # zoo against each other method, then divprune against those not yet compared.
+    pairs = [(c["a"], c["b"]) for c in summary["comparisons"]]
+    assert pairs == [("zoo", "divprune"), ("zoo", "dart"), ("divprune", "dart")]
+    differences = [c["difference"] for c in summary["comparisons"]]
+    # family a / b: zoo 0.75 / 0.25, divprune 0.25 / 0.25, dart 0 / 1 (mean over families)
+    assert differences == pytest.approx([0.25, 0.0, -0.25])
     with pytest.raises(ValueError, match="unpruned"):
         summarize(rows[1:], families)
 

@@ -122,7 +122,10 @@ def test_a_refused_call_fails_the_run_with_its_message(task):
     [
         ({}, "name the lmms-eval wrapper to prune"),
         ({"base": "no_such_wrapper"}, "base='no_such_wrapper'"),
-        ({"base": "llava_hf", "method": "nope"}, "unknown method 'nope'; known methods: divprune"),
+        (
+            {"base": "llava_hf", "method": "nope"},
+            "unknown method 'nope'; known methods: cdpruner, dart, divprune",
+        ),
         ({"base": "llava_hf", "keep": 4, "ratio": 0.5}, "exactly one of keep"),
         ({"base": "llava_hf", "keep": 4, "step": float("inf")}, "step must be finite"),
         ({"base": "llava_hf", "keep": 4, "crop_budget": "rows"}, "crop_budget must be one of"),

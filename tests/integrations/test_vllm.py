@@ -146,6 +146,7 @@ def test_a_batch_of_requests_and_the_same_image_twice(served):
         ("random", {"seed": 3}),
         ("grid", {}),
         ("pool", {}),
+        ("dart", {}),
     ],
 )
 def test_every_method_that_needs_only_features_runs(engines, method, options):
@@ -209,7 +210,7 @@ def test_settings_vllm_cannot_serve_fail_at_engine_start(tmp_path):
 
     path = save_llava(tmp_path / "llava")
     overrides = {"architectures": [zv.ARCHITECTURES["LlavaForConditionalGeneration"]]}
-    with pytest.raises(Exception, match="needs cls_attention.*methods that apply: divprune"):
+    with pytest.raises(Exception, match="needs cls_attention.*methods that apply: dart, divprune"):
         LLM(
             model=str(path),
             enforce_eager=True,

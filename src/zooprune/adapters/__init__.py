@@ -6,11 +6,15 @@ from torch import nn
 
 from zooprune.adapters.base import Adapter
 from zooprune.adapters.gemma3 import Gemma3Adapter
+from zooprune.adapters.gemma4 import Gemma4Adapter
 from zooprune.adapters.idefics3 import Idefics3Adapter
 from zooprune.adapters.internvl import InternVLAdapter
 from zooprune.adapters.llava import LlavaAdapter
 from zooprune.adapters.llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
+from zooprune.adapters.mistral3 import Mistral3Adapter
 from zooprune.adapters.qwen2_vl import Qwen2VLAdapter
+from zooprune.adapters.qwen3_5 import Qwen3_5Adapter
+from zooprune.adapters.qwen3_vl import Qwen3VLAdapter
 from zooprune.errors import UnsupportedModelError
 
 ADAPTERS: dict[str, Adapter] = {
@@ -20,9 +24,13 @@ ADAPTERS: dict[str, Adapter] = {
         LlavaNextAdapter(),
         LlavaOnevisionAdapter(),
         Gemma3Adapter(),
+        Gemma4Adapter(),
         Idefics3Adapter(),
         InternVLAdapter(),
+        Mistral3Adapter(),
         Qwen2VLAdapter(),
+        Qwen3_5Adapter(),
+        Qwen3VLAdapter(),
     ]
 }
 
@@ -54,7 +62,9 @@ def support_matrix() -> str:
     for adapter in ADAPTERS.values():
         cells = []
         for name in names:
-            conditions = [adapter.extras.get(need, "") for need in sorted(METHODS[name].needs)]
+            # What the engine derives from the prompt needs no condition of the family.
+            own = METHODS[name].needs - adapter.prompt_extras
+            conditions = [adapter.extras.get(need, "") for need in sorted(own)]
             if not all(conditions):
                 cells.append("–")
             elif conditions:

@@ -15,11 +15,19 @@ import torch
 from torch import Tensor, nn
 
 from zooprune.errors import PlaceholderMismatchError
-from zooprune.pipeline import CROP_BUDGETS, SEPARATOR_POLICIES, EncodedImages, ImageLayout
+from zooprune.pipeline import (
+    CROP_BUDGETS,
+    SEPARATOR_POLICIES,
+    VIDEO_BUDGETS,
+    EncodedImages,
+    ImageLayout,
+    KeptImage,
+)
 
 __all__ = [
     "CROP_BUDGETS",
     "SEPARATOR_POLICIES",
+    "VIDEO_BUDGETS",
     "Adapter",
     "EncodedImages",
     "ImageLayout",
@@ -42,9 +50,14 @@ class Adapter(ABC):
     tokens_per_image: str = ""
     #: for each extra a method may need, when this family's models provide it ("" = never)
     extras: dict[str, str] = {}
+    #: extras the Hugging Face engine derives from a call's prompt itself, for every
+    #: family whose prompt is token ids (``"instruction"``: the input embeddings of the
+    #: text tokens of the prompt that holds an image); a family that cannot sets fewer
+    prompt_extras: frozenset[str] = frozenset({"instruction"})
     #: layout options ``prune()`` accepts for this family, with their allowed values
-    #: (the first is the default): ``crop_budget`` (:data:`CROP_BUDGETS`) and
-    #: ``separators`` (:data:`SEPARATOR_POLICIES`), see :class:`ImageLayout`
+    #: (the first is the default): ``crop_budget`` (:data:`CROP_BUDGETS`),
+    #: ``separators`` (:data:`SEPARATOR_POLICIES`), see :class:`ImageLayout`, and for
+    #: families that prune videos ``video_budget`` (:data:`VIDEO_BUDGETS`)
     options: dict[str, tuple[str, ...]] = {}
     #: True when the grouping of encoded crops into images is spelled out only in the
     #: prompt's text tokens (Idefics3): ``encode`` then also gets ``input_ids=[B, L]``
@@ -107,9 +120,26 @@ class Adapter(ABC):
         """What this model can give methods beyond features (e.g. ``"cls_attention"``)."""
         return frozenset()
 
+    def available(self, model: nn.Module) -> frozenset[str]:
+        """Every extra the Hugging Face engine can give methods for ``model``: what the
+        adapter :meth:`provides`, the :attr:`prompt_extras`, and ``"lm_stage"`` where the
+        family declares it in :attr:`extras` and the language model can run it."""
+        from zooprune.lm_stage import capability  # it imports the engine, which imports us
+
+        return self.provides(model) | self.prompt_extras | capability(model, self)
+
     @abstractmethod
     def image_token_id(self, model: nn.Module) -> int:
         """The placeholder token id standing for one visual token in the prompt."""
+
+    def video_token_id(self, model: nn.Module) -> int | None:
+        """The placeholder of one video token, for families that prune videos (their
+        ``encode`` then returns video layouts, after the images); None otherwise."""
+        return None
+
+    def placeholder_id(self, model: nn.Module, kind: str) -> int | None:
+        """The placeholder token of an item of ``kind`` (``"image"`` / ``"video"``)."""
+        return self.image_token_id(model) if kind == "image" else self.video_token_id(model)
 
     @abstractmethod
     def projector(self, model: nn.Module) -> nn.Module:
@@ -129,8 +159,43 @@ class Adapter(ABC):
         """The model's encoder-output object carrying only the kept run per image.
 
         ``kept_tokens[i]`` is ``[S'_i, d_l]``: the kept visual tokens of image i with its
-        kept separators between them, in prompt order.
+        kept separators between them, in prompt order (the tokens only where its layout's
+        separators are prompt text, ``ImageLayout.text_separators``).
         """
+
+    def encoder_outputs(self, encoded: EncodedImages, kept: list[KeptImage]) -> dict[str, Any]:
+        """The model's ``mm_encoder_outputs``: per kind of item present (``"image"``,
+        ``"video"``), what :meth:`kind_encoder_output` makes of that kind's kept items."""
+        kinds = dict.fromkeys(item.layout.kind for item in kept)
+        return {
+            kind: self.kind_encoder_output(
+                encoded, kind, [item for item in kept if item.layout.kind == kind]
+            )
+            for kind in kinds
+        }
+
+    def kind_encoder_output(self, encoded: EncodedImages, kind: str, kept: list[KeptImage]) -> Any:
+        """The encoder output of one kind's items, ``kept`` in the order they were given.
+
+        The default serves images: :meth:`encoder_output` of their kept runs. Families
+        that prune videos override it for ``kind == "video"``, and those whose encoder
+        output holds more rows per placeholder than the tokens (Qwen3-VL's DeepStack
+        features) to keep the same rows (``kept[i].slots``) of those too.
+
+        Raises:
+            RuntimeError: for a kind the adapter has no encoder output for (its ``encode``
+                returned video layouts it cannot hand back): never filed as images.
+        """
+        if kind != "image":
+            raise RuntimeError(
+                f"{type(self).__name__} encoded {kind}s but has no encoder output for them: "
+                "its kind_encoder_output must handle that kind"
+            )
+        return self.encoder_output(encoded, [item.run for item in kept])
+
+    #: the pixel inputs whose presence makes a call one to prune (the videos' too, for
+    #: families that prune videos); a call without them runs unpruned
+    pixel_input_names: tuple[str, ...] = ("pixel_values",)
 
     #: keyword arguments of forward/generate that belong to the vision side
     image_input_names: tuple[str, ...] = ("pixel_values",)
@@ -180,7 +245,9 @@ def square_grid(num_tokens: int) -> tuple[int, int]:
     return (side, side) if side * side == num_tokens else (1, num_tokens)
 
 
-def locate_images(input_ids: Tensor, image_token_id: int, counts: list[int]) -> list[Tensor]:
+def locate_images(
+    input_ids: Tensor, image_token_id: int, counts: list[int], kind: str = "image"
+) -> list[Tensor]:
     """Where each image's placeholder tokens are in the batch.
 
     The model fills placeholders with image features in row-major order, so image i owns
@@ -190,6 +257,7 @@ def locate_images(input_ids: Tensor, image_token_id: int, counts: list[int]) -> 
         input_ids: ``[B, L]``.
         counts: placeholders per image (its visual tokens and separators, ``S_i``), in the
             order the images were given.
+        kind: ``"image"``, or ``"video"`` to locate videos among their own placeholders.
 
     Returns:
         per image, ``[2, S_i]`` (row, column) of its placeholders in the batch.
@@ -197,17 +265,17 @@ def locate_images(input_ids: Tensor, image_token_id: int, counts: list[int]) -> 
     rows, cols = (input_ids == image_token_id).nonzero(as_tuple=True)
     if rows.numel() != sum(counts):
         raise PlaceholderMismatchError(
-            f"the prompts hold {rows.numel()} image tokens but the {len(counts)} image(s) give "
-            f"{sum(counts)} placeholders ({' + '.join(map(str, counts))}); build the prompt "
-            "with the model's processor from the same images"
+            f"the prompts hold {rows.numel()} {kind} tokens but the {len(counts)} {kind}(s) "
+            f"give {sum(counts) or 'no'} placeholders ({' + '.join(map(str, counts)) or '0'}); "
+            f"build the prompt with the model's processor from the same {kind}s"
         )
     located, start = [], 0
     for image, count in enumerate(counts):
         r, c = rows[start : start + count], cols[start : start + count]
         if count and bool((r != r[0]).any()):
             raise PlaceholderMismatchError(
-                f"image {image}'s {count} placeholder tokens are split across prompts "
-                f"{sorted(set(r.tolist()))}; each prompt needs all tokens of its images"
+                f"{kind} {image}'s {count} placeholder tokens are split across prompts "
+                f"{sorted(set(r.tolist()))}; each prompt needs all tokens of its {kind}s"
             )
         located.append(torch.stack([r, c]))
         start += count

@@ -49,6 +49,8 @@ class LlavaAdapter(Adapter):
         "cls_attention": "CLIP tower, `default` feature strategy, one feature layer",
         # visionzip's cls_token=True: the feature layer's CLS state, one per image
         "cls_token": "CLIP tower, `default` feature strategy, one feature layer",
+        # fastv's stage inside the language model (zooprune.lm_stage), not the tower's
+        "lm_stage": "a full-attention decoder language model (e.g. Llama), DynamicCache",
     }
     image_input_names = (
         "pixel_values",
@@ -72,7 +74,8 @@ class LlavaAdapter(Adapter):
             and config.vision_feature_select_strategy == "default"
             and single_layer
         ):
-            return frozenset(name for name, condition in self.extras.items() if condition)
+            tower = ("cls_attention", "cls_token")  # lm_stage is the engine's (available())
+            return frozenset(name for name in tower if self.extras.get(name))
         return frozenset()
 
     def image_token_id(self, model: nn.Module) -> int:

@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 from transformers import LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 from transformers.image_processing_utils import select_best_resolution
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import (
     get_anyres_image_grid_shape,
     image_size_to_num_patches,
@@ -60,8 +61,12 @@ from transformers.models.llava_next.modeling_llava_next import (
 from zooprune.adapters.base import (
     CROP_BUDGETS,
     SEPARATOR_POLICIES,
+    VIDEO_BUDGETS,
     EncodedImages,
     ImageLayout,
+    KeptImage,
+    run_capturing,
+    square_grid,
 )
 from zooprune.adapters.llava import LlavaAdapter
 from zooprune.errors import PruneError
@@ -278,15 +283,29 @@ class LlavaNextAdapter(LlavaAdapter):
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
-    """LLaVA-OneVision: the NeXT layout with ``anyres_max`` shrinking; SigLIP tower, no CLS."""
+    """LLaVA-OneVision: the NeXT layout with ``anyres_max`` shrinking; SigLIP tower, no CLS.
+
+    Videos: the model encodes each frame as one crop, projects its tokens and pools the
+    projected grid bilinearly to half its side (``apply_pooling``: 27 x 27 -> 14 x 14 in
+    the released models), then appends one ``image_newline`` after the last frame. A video
+    is one item: N = frames x pooled tokens, each frame a crop of the record (``kind ==
+    "video"``) on the pooled grid; the closing newline is a separator (kept under both
+    policies, since a video always keeps a token). ``video_budget="frame"`` (default)
+    shares K evenly over the frames, ``"global"`` over all the video's tokens. As for
+    shrunk images, the tokens' "projector inputs" for sensitivity are the same bilinear
+    pool of the frames' projector inputs: an approximation, since the model pools after
+    its (non-linear) projector.
+    """
 
     name = "llava-onevision"
     model_classes = (LlavaOnevisionForConditionalGeneration,)
-    requirement = "with a SigLIP (or CLIP) vision tower (AnyRes crops, row newlines)"
+    requirement = "with a SigLIP (or CLIP) vision tower (AnyRes crops, row newlines; videos)"
     tokens_per_image = (
         "as LLaVA-NeXT, the sub-crop grid shrunk where `anyres_max_m` says; a multi-image "
-        "prompt's image: its base crop"
+        "prompt's image: its base crop; a video: frames x the pooled grid, its newline excluded"
     )
+    options = {**LlavaNextAdapter.options, "video_budget": VIDEO_BUDGETS}
+    pixel_input_names = ("pixel_values", "pixel_values_videos")
     # OneVision's SigLIP tower has no CLS token whose attention VisionZip could rank by.
     extras = {"cls_attention": "", "cls_token": ""}
     image_input_names = (
@@ -300,16 +319,72 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def provides(self, model: nn.Module) -> frozenset[str]:
         return frozenset()
 
+    def video_token_id(self, model: nn.Module) -> int:
+        return model.config.video_token_id
+
+    def encode(
+        self, model: nn.Module, image_inputs: dict[str, Any], needs: frozenset[str]
+    ) -> EncodedImages:
+        """The images as LLaVA-NeXT encodes them, then the videos (:meth:`_encode_videos`)."""
+        parts = []
+        if image_inputs.get("pixel_values") is not None:
+            parts.append(super().encode(model, image_inputs, needs))
+        if image_inputs.get("pixel_values_videos") is not None:
+            parts.append(self._encode_videos(model, image_inputs))
+        outputs = [part.encoder_output for part in parts]
+        return EncodedImages(
+            features=[f for part in parts for f in part.features],
+            projected=[p for part in parts for p in part.projected],
+            grids=[g for part in parts for g in part.grids],
+            cls_attention=None,
+            keys=None,
+            encoder_output=outputs,
+            layouts=[layout for part in parts for layout in part.layouts],
+        )
+
+    def _encode_videos(self, model: nn.Module, inputs: dict[str, Any]) -> EncodedImages:
+        """Every video of the call: ``pixel_values_videos [V, F, 3, H, W]``."""
+        layer, strategy = self._feature_choice(model, inputs)
+        videos = inputs["pixel_values_videos"]
+        output, captured = run_capturing(
+            lambda: model.model.get_video_features(
+                videos,
+                vision_feature_layer=layer,
+                vision_feature_select_strategy=strategy,
+                return_dict=True,
+            ),
+            self.projector(model),
+        )
+        count, frames = videos.shape[:2]
+        # The model's own pooling, on the projector inputs: the candidates' features.
+        pooled = model.model.apply_pooling(captured["features"])  # [V*F, T', d_v]
+        per_frame = pooled.shape[1]
+        grid = square_grid(per_frame)
+        runs = list(output.pooler_output)  # per video [F*T' + 1, d_l]
+        layouts = [ImageLayout.frames(run, grid, frames, closing=True) for run in runs]
+        return EncodedImages(
+            features=list(pooled.reshape(count, frames * per_frame, -1)),
+            projected=[run[: frames * per_frame] for run in runs],
+            grids=[grid] * count,
+            cls_attention=None,
+            keys=None,
+            encoder_output=output,
+            layouts=layouts,
+        )
+
+    def kind_encoder_output(self, encoded: EncodedImages, kind: str, kept: list[KeptImage]) -> Any:
+        if kind != "video":
+            return super().kind_encoder_output(encoded, kind, kept)
+        # The model flattens its [V, S, d] video output into one run in prompt order: one
+        # [1, S', d] row holding every video's kept run fills it the same way.
+        runs = torch.cat([item.run for item in kept])
+        return BaseModelOutputWithPooling(pooler_output=runs[None])
+
     def _aspect_ratio(self, model: nn.Module, image_inputs: dict[str, Any]) -> str:
         ratio = image_inputs.get("vision_aspect_ratio")
         return model.config.vision_aspect_ratio if ratio is None else ratio
 
     def _image_features_kwargs(self, model: nn.Module, image_inputs: dict[str, Any]) -> dict:
-        if image_inputs.get("pixel_values_videos") is not None:
-            raise PruneError(
-                "pruning a call with both images and videos is not supported; videos pass "
-                "through unpruned only in calls without pixel_values"
-            )
         return {
             "vision_aspect_ratio": self._aspect_ratio(model, image_inputs),
             "batch_num_images": image_inputs.get("batch_num_images"),

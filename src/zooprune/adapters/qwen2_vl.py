@@ -51,10 +51,19 @@ Budget semantics:
   w/merge)``. The processor's resize is unknown to the model, so ``boxes`` is None (as
   for LLaVA-1.5: draw over the image as processed, ``h*patch x w*patch`` pixels).
 
+Videos: the processor cuts a video into temporal patches of ``temporal_patch_size``
+frames (2 in the released models) and gives it ``video_grid_thw = (t, h, w)``; the tower
+encodes it as ``t`` merged ``(h/merge) x (w/merge)`` grids, one per temporal patch, in one
+run of ``t*h*w / merge^2`` ``<|video_pad|>`` placeholders (``mm_token_type_ids`` 2). A
+video is one item whose N is all its grids' tokens, and each grid is one *frame* of the
+record (``kind == "video"``, ``crops`` = the frame). ``video_budget="frame"`` (default)
+shares the video's K evenly over its frames; ``"global"`` lets all its tokens compete.
+The kept tokens keep their original 3-D positions (the temporal row included), so time
+is not renumbered. Images and videos may share a call and a prompt.
+
 Sequence surgery: ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` and the
-positions shrink together. Videos are not pruned: a call with only videos passes through
-unpruned; a call with images and videos is refused. The tower has no CLS token:
-``visionzip`` is refused, naming the methods that apply.
+positions shrink together. The tower has no CLS token: ``visionzip`` is refused, naming
+the methods that apply.
 """
 
 from __future__ import annotations
@@ -67,11 +76,11 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForCondition
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.vision_utils import get_vision_window_index
 
-from zooprune.adapters.base import Adapter, EncodedImages, ImageLayout
+from zooprune.adapters.base import VIDEO_BUDGETS, Adapter, EncodedImages, ImageLayout, KeptImage
 from zooprune.errors import PlaceholderMismatchError, PruneError
 
-#: ``mm_token_type_ids`` value of image placeholders (text 0, video 2), as the processor sets
-_IMAGE_TYPE = 1
+#: ``mm_token_type_ids`` of image and video placeholders (text 0), as the processor sets
+_IMAGE_TYPE, _VIDEO_TYPE = 1, 2
 
 
 class MergerProjector(nn.Module):
@@ -99,14 +108,21 @@ class Qwen2VLAdapter(Adapter):
 
     name = "qwen2-vl"
     model_classes = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
-    requirement = "(patch merger of `spatial_merge_size`^2 patches, M-RoPE; videos pass unpruned)"
+    requirement = "(patch merger of `spatial_merge_size`^2 patches, M-RoPE; images and videos)"
     # No "|" here: the README's table would split the cell at it.
     tokens_per_image = (
         "t x h x w / `spatial_merge_size`^2 for `image_grid_thw` (t, h, w): the merged "
-        "(h/2) x (w/2) grid of an image; the vision start / end markers excluded"
+        "(h/2) x (w/2) grid of an image; the vision start / end markers excluded; a video: "
+        "its t grids (frames)"
     )
+    options = {"video_budget": VIDEO_BUDGETS}
     # The tower has no CLS token whose attention VisionZip could rank by.
-    extras = {"cls_attention": ""}
+    extras = {
+        "cls_attention": "",
+        # fastv's stage inside the language model (zooprune.lm_stage)
+        "lm_stage": "images (a call with videos is refused), DynamicCache",
+    }
+    pixel_input_names = ("pixel_values", "pixel_values_videos")
     image_input_names = (
         "pixel_values",
         "image_grid_thw",
@@ -119,37 +135,56 @@ class Qwen2VLAdapter(Adapter):
         "M-RoPE: kept tokens keep their 3-D (temporal, height, width) positions; "
         "a compact renumbering of them is not defined"
     )
+    #: the family's merger as a token-wise module on grouped vectors, built as
+    #: ``merger_projector(merger, merge^2)``
+    merger_projector: type[nn.Module] = MergerProjector
 
     def image_token_id(self, model: nn.Module) -> int:
         return model.config.image_token_id
 
+    def video_token_id(self, model: nn.Module) -> int:
+        return model.config.video_token_id
+
     def projector(self, model: nn.Module) -> nn.Module:
-        visual = model.model.visual
-        return MergerProjector(visual.merger, visual.spatial_merge_size**2)
+        unit = model.model.visual.spatial_merge_size**2
+        return self.merger_projector(self.merger(model), unit)
 
     def encode(
         self, model: nn.Module, image_inputs: dict[str, Any], needs: frozenset[str]
     ) -> EncodedImages:
-        """Encode every image once, capturing the merger's input.
+        """Encode every image, then every video, once, capturing the merger's input.
 
         Args:
             image_inputs: ``pixel_values [sum_i t_i h_i w_i, 3 * t_p * p * p]`` (the
-                processor's patch rows) and ``image_grid_thw [I, 3]``.
+                processor's patch rows) with ``image_grid_thw [I, 3]``, and / or
+                ``pixel_values_videos`` with ``video_grid_thw [V, 3]``.
 
         Returns:
-            per image: features ``[N_i, u*C]`` (grouped tower states, raster order),
-            projected ``[N_i, d_l]`` (the model's own tokens), grid ``(h_i/m, w_i/m)``.
+            per item: features ``[N_i, u*C]`` (grouped tower states, raster order per
+            frame), projected ``[N_i, d_l]`` (the model's own tokens), grid ``(h_i/m,
+            w_i/m)`` (one frame's, for a video); the images' outputs first.
         """
-        if image_inputs.get("pixel_values_videos") is not None:
-            raise PruneError(
-                f"pruning a call with both images and videos is not supported for "
-                f"{type(model).__name__}; videos pass through unpruned only in calls "
-                "without pixel_values"
-            )
-        grid_thw = image_inputs.get("image_grid_thw")
+        parts = [
+            self._encode_kind(model, image_inputs, kind)
+            for kind in ("image", "video")
+            if image_inputs.get(_PIXELS[kind]) is not None
+        ]
+        return EncodedImages(
+            features=[f for part in parts for f in part["features"]],
+            projected=[p for part in parts for p in part["projected"]],
+            grids=[g for part in parts for g in part["grids"]],
+            cls_attention=None,
+            keys=None,
+            encoder_output={part["kind"]: part["output"] for part in parts},
+            layouts=[layout for part in parts for layout in part["layouts"]],
+        )
+
+    def _encode_kind(self, model: nn.Module, inputs: dict[str, Any], kind: str) -> dict:
+        """One modality's items: the model's own features for them and the merger's input."""
+        grid_thw = inputs.get(_GRIDS[kind])
         if grid_thw is None:
-            raise PruneError(f"{type(model).__name__} needs image_grid_thw with pixel_values")
-        if bool((grid_thw[:, 0] != 1).any()):
+            raise PruneError(f"{type(model).__name__} needs {_GRIDS[kind]} with {_PIXELS[kind]}")
+        if kind == "image" and bool((grid_thw[:, 0] != 1).any()):
             raise PruneError(
                 f"image_grid_thw {grid_thw.tolist()}: an image must have one temporal patch "
                 "(t = 1), as the processor makes them"
@@ -162,11 +197,12 @@ class Qwen2VLAdapter(Adapter):
         def on_merger(module: nn.Module, args: tuple, output: Tensor) -> None:
             captured["states"], captured["merged"] = args[0], output
 
-        hook = visual.merger.register_forward_hook(on_merger)
+        encode = (
+            model.model.get_image_features if kind == "image" else model.model.get_video_features
+        )
+        hook = self.merger(model).register_forward_hook(on_merger)
         try:
-            output = model.model.get_image_features(
-                pixel_values=image_inputs["pixel_values"], image_grid_thw=grid_thw, return_dict=True
-            )
+            output = encode(inputs[_PIXELS[kind]], grid_thw, return_dict=True)
         finally:
             hook.remove()
         states, merged = captured["states"], captured["merged"]  # [u*T, C], [T, d_l]
@@ -189,19 +225,34 @@ class Qwen2VLAdapter(Adapter):
             )
         counts = [t.shape[0] for t in projected]
         grids = [(int(h) // merge, int(w) // merge) for _, h, w in grid_thw.tolist()]
-        return EncodedImages(
-            features=list(features.split(counts)),
-            projected=projected,
-            grids=grids,
-            cls_attention=None,
-            keys=None,
-            encoder_output=output,
-            layouts=[ImageLayout.single(p, g) for p, g in zip(projected, grids, strict=True)],
-        )
+        frames = [int(t) for t in grid_thw[:, 0].tolist()]
+        if kind == "image":
+            layouts = [ImageLayout.single(p, g) for p, g in zip(projected, grids, strict=True)]
+        else:
+            layouts = [
+                ImageLayout.frames(p, g, t)
+                for p, g, t in zip(projected, grids, frames, strict=True)
+            ]
+        return {
+            "kind": kind,
+            "features": list(features.split(counts)),
+            "projected": projected,
+            "grids": grids,
+            "layouts": layouts,
+            "output": output,
+        }
+
+    def merger(self, model: nn.Module) -> nn.Module:
+        """The module whose input is the grouped tower states and output the tokens."""
+        return model.model.visual.merger
 
     def encoder_output(self, encoded: EncodedImages, kept_tokens: list[Tensor]) -> Any:
-        # The model concatenates the per-image tuple and fills placeholders in order.
+        # The model concatenates the per-item tuple and fills placeholders in order.
         return BaseModelOutputWithPooling(pooler_output=tuple(kept_tokens))
+
+    def kind_encoder_output(self, encoded: EncodedImages, kind: str, kept: list[KeptImage]) -> Any:
+        # Videos as images: one kept run per video, filling its placeholders in order.
+        return self.encoder_output(encoded, [item.run for item in kept])
 
     def unpruned_positions(
         self, model: nn.Module, inputs: dict[str, Any], attention_mask: Tensor
@@ -210,8 +261,9 @@ class Qwen2VLAdapter(Adapter):
 
         Raises:
             PruneError: without ``mm_token_type_ids`` (Qwen2.5-VL would silently fall
-                back to 1-D positions, Qwen2-VL refuses), or when they disagree with the
-                image placeholders.
+                back to 1-D positions, Qwen2-VL refuses).
+            PlaceholderMismatchError: when they disagree with the image or the video
+                placeholders.
         """
         input_ids = inputs["input_ids"]
         types = inputs.get("mm_token_type_ids")
@@ -221,17 +273,18 @@ class Qwen2VLAdapter(Adapter):
                 "to place the image tokens' 3-D positions"
             )
         real = attention_mask.bool()
-        is_image = input_ids == self.image_token_id(model)
-        if not torch.equal((types == _IMAGE_TYPE) & real, is_image & real):
-            raise PlaceholderMismatchError(
-                "mm_token_type_ids does not mark exactly the image placeholders as images; "
-                "build the inputs with the model's processor"
-            )
+        for kind, value in (("image", _IMAGE_TYPE), ("video", _VIDEO_TYPE)):
+            is_kind = input_ids == self.placeholder_id(model, kind)
+            if not torch.equal((types == value) & real, is_kind & real):
+                raise PlaceholderMismatchError(
+                    f"mm_token_type_ids does not mark exactly the {kind} placeholders as "
+                    f"{kind}s; build the inputs with the model's processor"
+                )
+        grids = {name: inputs.get(name) for name in ("image_grid_thw", "video_grid_thw")}
+        if inputs.get("second_per_grid_ts") is not None:  # Qwen2.5-VL's video timing
+            grids["second_per_grid_ts"] = inputs["second_per_grid_ts"]
         positions, _ = model.model.get_rope_index(
-            input_ids,
-            mm_token_type_ids=types,
-            image_grid_thw=inputs["image_grid_thw"],
-            attention_mask=attention_mask,
+            input_ids, mm_token_type_ids=types, attention_mask=attention_mask, **grids
         )
         return positions
 
@@ -267,6 +320,10 @@ class Qwen2VLAdapter(Adapter):
             inner.rope_deltas = saved["rope_deltas"]
         else:
             inner.__dict__.pop("rope_deltas", None)
+
+
+_PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
+_GRIDS = {"image": "image_grid_thw", "video": "video_grid_thw"}
 
 
 def _raster_order(visual: nn.Module, grid_thw: Tensor) -> Tensor | None:

@@ -146,6 +146,11 @@ def bootstrap_interval(
     return float(low), float(high)
 
 
+#: the methods every other one is compared with, question by question (ZOO-Prune, and the
+#: strongest baseline it was published against)
+REFERENCES = ("zoo", "divprune")
+
+
 def paired_difference(
     a: dict[str, np.ndarray], b: dict[str, np.ndarray], reps: int = 2000, seed: int = 0
 ) -> dict[str, float]:
@@ -364,7 +369,8 @@ def summarize(
     Returns:
         ``{"conditions": [...], "comparisons": [...]}``; every condition has ``overall`` and
         ``families``, each ``{"accuracy", "low", "high", "relative", "n"}``. Comparisons are
-        paired differences of ``zoo`` against every other method at each ratio.
+        paired differences of each reference method (:data:`REFERENCES`: ``zoo``, then
+        ``divprune``) against every other method at each ratio, each pair once.
     """
     if rows[0]["method"] != UNPRUNED:
         raise ValueError("the first condition must be the unpruned one")
@@ -405,11 +411,14 @@ def summarize(
             }
         )
     comparisons = []
-    for (method, ratio), split in by_key.items():
-        if method in (UNPRUNED, "zoo") or ("zoo", ratio) not in by_key:
-            continue
-        diff = paired_difference(by_key[("zoo", ratio)], split, reps, seed)
-        comparisons.append({"a": "zoo", "b": method, "ratio": ratio, **diff})
+    for reference in REFERENCES:
+        for (method, ratio), split in by_key.items():
+            # Each pair once: a method the earlier references were measured against is done.
+            done = REFERENCES[: REFERENCES.index(reference) + 1]
+            if method == UNPRUNED or method in done or (reference, ratio) not in by_key:
+                continue
+            diff = paired_difference(by_key[(reference, ratio)], split, reps, seed)
+            comparisons.append({"a": reference, "b": method, "ratio": ratio, **diff})
     return {"conditions": conditions, "comparisons": comparisons}
 
 

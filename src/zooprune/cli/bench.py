@@ -35,7 +35,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         default="hf",
         help="hf: generate() with a pruning handle; vllm: the vLLM plugin (needs vLLM)",
     )
-    bench.add_argument("--methods", type=method_names, default=None, help="default: every one")
+    bench.add_argument(
+        "--methods",
+        type=method_names,
+        default=None,
+        help="default: every one the model can run (those skipped are named)",
+    )
     bench.add_argument(
         "--ratios",
         type=fractions,
@@ -73,16 +78,18 @@ def _bench(args: argparse.Namespace) -> int:
         return fail("--data needs --model (the test bed answers its own questions)")
     if args.data is not None and args.families:
         return fail("--families chooses test-bed questions; --data brings its own")
-    methods = args.methods or sorted(METHODS)
+    methods = args.methods or sorted(METHODS)  # the hf engine narrows it to the model's
     if args.engine == "vllm":
         from zooprune.integrations.vllm import served_methods
 
-        # by default what vLLM serves: visionzip needs the CLS attention its towers hide
+        # by default what vLLM serves: visionzip needs the CLS attention its towers hide,
+        # cdpruner the prompt's text embeddings, which the plugin does not compute
         methods = args.methods or served_methods()
         refused = sorted(set(methods) - set(served_methods()))
         if refused:
             return fail(
-                f"vLLM cannot serve {', '.join(refused)} (its towers give no CLS attention); "
+                f"vLLM cannot serve {', '.join(refused)} (it gives methods neither the CLS "
+                "attention nor the prompt's text embeddings); "
                 f"it serves {', '.join(served_methods())}"
             )
     ratios = args.ratios or DEFAULT_RATIOS
@@ -114,6 +121,16 @@ def _bench(args: argparse.Namespace) -> int:
         processor = answerer.processor
     else:
         model, processor, name = _load_for_bench(args)
+        methods, refused = runnable_methods(model, methods)
+        if args.methods and refused:  # asked for by name: say why not
+            return fail(next(iter(refused.values())))
+        if not methods:
+            return fail(f"no method can run on this model: {next(iter(refused.values()))}")
+        if refused:
+            console.print(
+                f"[dim]skipped {', '.join(refused)}: this model cannot run them "
+                "(--methods NAME says why)[/dim]"
+            )
     out = Path(args.out)
     total = (1 + len(methods) * len(ratios)) * -(-len(items) // args.batch_size)
     columns = (
@@ -157,6 +174,24 @@ def _bench(args: argparse.Namespace) -> int:
         f"{out / 'accuracy.csv'}, {plot}[/dim]"
     )
     return 0
+
+
+def runnable_methods(model: object, names: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The methods of ``names`` that ``zooprune.prune`` accepts on ``model`` with their
+    default options, and why it refuses each other one (e.g. ``visionzip`` without the
+    tower's CLS attention, ``fastv`` outside the models with an in-LM stage). Each is
+    tried: attached and removed at once, the model left as it was."""
+    import zooprune
+
+    runnable, refused = [], {}
+    for name in names:
+        try:
+            zooprune.prune(model, name, ratio=0.5).remove()
+        except zooprune.PruneError as error:
+            refused[name] = str(error)
+        else:
+            runnable.append(name)
+    return runnable, refused
 
 
 def _folder_for_bench(args: argparse.Namespace) -> tuple[Path, str]:
@@ -207,10 +242,25 @@ def _print_accuracy(summary: dict) -> None:
                 row.append(cell(stats) + relative)
             table.add_row(method, *row)
         console.print(table)
-    for comp in summary["comparisons"]:
-        if comp["b"] == "divprune":
-            console.print(
-                f"zoo - divprune at {100 * comp['ratio']:.1f}%: "
-                f"{100 * comp['difference']:+.1f} points "
-                f"[{100 * comp['low']:+.1f}, {100 * comp['high']:+.1f}] (paired 95% CI)"
-            )
+    comparisons = summary["comparisons"]
+    if comparisons:
+        table = Table(title="paired differences on the same questions: points [95% CI]")
+        table.add_column("difference", style="bold")
+        ratios = sorted({c["ratio"] for c in comparisons}, reverse=True)
+        for ratio in ratios:
+            table.add_column(f"{100 * ratio:.1f}%", justify="right")
+        for pair in dict.fromkeys((c["a"], c["b"]) for c in comparisons):
+            cells = []
+            for ratio in ratios:
+                comp = next(
+                    (c for c in comparisons if (c["a"], c["b"]) == pair and c["ratio"] == ratio),
+                    None,
+                )
+                cells.append(
+                    ""
+                    if comp is None
+                    else f"{100 * comp['difference']:+.1f} "
+                    f"[{100 * comp['low']:+.1f}, {100 * comp['high']:+.1f}]"
+                )
+            table.add_row(f"{pair[0]} - {pair[1]}", *cells)
+        console.print(table)

@@ -83,6 +83,14 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _speed(args: argparse.Namespace) -> int:
+    from zooprune.select import METHODS
+
+    if "lm_stage" in METHODS[args.method].needs:
+        return fail(
+            f"--method {args.method} chooses tokens inside the language model; zooprune speed "
+            "times methods that choose before it (its phases and FLOP counts assume a shorter "
+            "prompt), and has no timing path for an in-LM method yet"
+        )
     if args.engine == "vllm":
         return _speed_vllm(args)
     if args.option:

@@ -3,6 +3,7 @@
 Nothing here knows about Hugging Face; adapters hand these functions plain tensors.
 """
 
+from zooprune.select import fastv as _fastv  # noqa: F401  (registers the in-LM method)
 from zooprune.select import methods as _methods  # noqa: F401  (registers the methods)
 from zooprune.select.registry import METHODS, MethodResult, MethodSpec, TokenSet, get_method
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from zooprune.errors import PruneError
+from zooprune.select.cdpruner import conditional_kernel, greedy_dpp_map, instruction_relevance
+from zooprune.select.dart import PIVOT_NORMS, dart_select
 from zooprune.select.greedy import maxmin_select
 from zooprune.select.mlp import as_mlp, exact_sensitivity, low_rank_projector
 from zooprune.select.registry import (
@@ -63,6 +66,24 @@ def check_visionzip_options(options: dict[str, Any], keep: int | None) -> dict[s
     return options | {
         "contextual": contextual,
         "cls_token": check_bool("cls_token", options["cls_token"]),
+    }
+
+
+def check_cdpruner_options(options: dict[str, Any], keep: int | None) -> dict[str, Any]:
+    theta = options["theta"]
+    if theta is not None:
+        # exp(alpha r) with alpha = theta / (2 (1 - theta)): finite for theta in (0, 1) only
+        inside = isinstance(theta, numbers.Real) and not isinstance(theta, bool)
+        if not inside or not 0 < float(theta) < 1:
+            raise PruneError(f"theta must be None or a number in (0, 1), got {theta!r}")
+        theta = float(theta)
+    return options | {"theta": theta}
+
+
+def check_dart_options(options: dict[str, Any], keep: int | None) -> dict[str, Any]:
+    return options | {
+        "pivots": check_int("pivots", options["pivots"], low=1),
+        "pivot_norm": check_choice("pivot_norm", options["pivot_norm"], PIVOT_NORMS),
     }
 
 
@@ -219,6 +240,39 @@ def visionzip(
         scores=tokens.cls_attention.float(),
         details={"dominant": k - count, "contextual": count, "cls_token": cls_token},
     )
+
+
+@register_method(
+    "cdpruner",
+    "CDPruner: greedy MAP of a DPP whose kernel is conditioned on the instruction",
+    needs=("instruction",),
+    validate=check_cdpruner_options,
+)
+def cdpruner(tokens: TokenSet, k: int, *, theta: float | None = None) -> MethodResult:
+    """CDPruner. The kernel is the cosine similarity of the projected tokens, each row and
+    column scaled by the token's relevance to the instruction (mean cosine similarity to
+    the instruction's token embeddings, min-max normalised per image; ``theta`` in (0, 1)
+    scales by ``exp(theta / (2 (1 - theta)) r)`` instead), and the kept set is the
+    kernel's greedy MAP (fast incremental Cholesky). Scores: the relevance.
+    """
+    if tokens.instruction is None or tokens.instruction_mask is None:
+        raise ValueError("cdpruner needs the instruction's token embeddings")
+    relevance = instruction_relevance(tokens.projected, tokens.instruction, tokens.instruction_mask)
+    picks = greedy_dpp_map(conditional_kernel(tokens.projected, relevance, theta), k)
+    return MethodResult(_sorted(picks), scores=relevance)
+
+
+@register_method(
+    "dart",
+    "DART: pivots by norm, then the tokens least duplicating each pivot (cosine)",
+    validate=check_dart_options,
+)
+def dart(tokens: TokenSet, k: int, *, pivots: int = 8, pivot_norm: str = "l2") -> MethodResult:
+    """DART before the language model, on the projected tokens: the ``min(pivots, k)``
+    tokens of largest norm, then each pivot in turn (largest first) claims an even share of
+    the rest: the unclaimed tokens of lowest cosine similarity to it.
+    """
+    return MethodResult(_sorted(dart_select(tokens.projected, k, pivots=pivots, norm=pivot_norm)))
 
 
 @register_method("random", "uniformly random tokens (seeded)", validate=check_seed_option)

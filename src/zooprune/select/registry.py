@@ -37,6 +37,11 @@ class TokenSet:
         keys: ``[B, N, d_k]`` that layer's keys, averaged over heads; likewise.
         cls_features: ``[B, d_v]`` the CLS token's projector input (the feature layer's
             CLS state); present only for methods that need it.
+        instruction: ``[B, T, d_l]`` the input embeddings of the text tokens of the
+            prompt that holds each image (``"instruction"``: every attended token that is
+            not an image or video placeholder), padded to the longest; present only for
+            methods that need it.
+        instruction_mask: ``[B, T]`` True where ``instruction`` holds a real token.
     """
 
     features: Tensor
@@ -46,6 +51,8 @@ class TokenSet:
     cls_attention: Tensor | None = None
     keys: Tensor | None = None
     cls_features: Tensor | None = None
+    instruction: Tensor | None = None
+    instruction_mask: Tensor | None = None
 
 
 @dataclass

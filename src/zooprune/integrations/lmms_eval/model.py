@@ -33,14 +33,18 @@ from lmms_eval.models import get_model
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
 import zooprune
-from zooprune.pipeline import CROP_BUDGETS, SEPARATOR_POLICIES, Selector
+from zooprune.pipeline import CROP_BUDGETS, SEPARATOR_POLICIES, VIDEO_BUDGETS, Selector
 from zooprune.record import Selection
 from zooprune.select import get_method
 
 #: the model_args that are zooprune's, whatever the method
 GENERAL_ARGS = ("base", "method", "keep", "ratio", "positions")
 #: the layout options a family may accept (prune() refuses those it does not)
-LAYOUT_ARGS = {"crop_budget": CROP_BUDGETS, "separators": SEPARATOR_POLICIES}
+LAYOUT_ARGS = {
+    "crop_budget": CROP_BUDGETS,
+    "separators": SEPARATOR_POLICIES,
+    "video_budget": VIDEO_BUDGETS,
+}
 
 
 class EvaluationAborted(SystemExit):

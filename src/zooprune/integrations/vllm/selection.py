@@ -46,8 +46,10 @@ def selector_from(
     settings: dict[str, Any], layout: dict[str, tuple[str, ...]] | None = None
 ) -> Selector:
     """The :class:`~zooprune.pipeline.Selector` the settings describe, every value checked,
-    and the method one that a vLLM model can serve: its towers fuse q/k/v, so they give
-    neither the CLS attention nor the CLS state."""
+    and the method one that a vLLM model can serve: one that needs nothing beyond the
+    features, tokens and projector. Its towers fuse q/k/v, so they give neither the CLS
+    attention nor the CLS state (``visionzip``); the prompt's text embeddings
+    (``cdpruner``) and a stage inside the language model (``fastv``) are not offered."""
     if not isinstance(settings, dict):
         raise PruneError(f"the zooprune settings must be a dict, got {settings!r}")
     options = {k: v for k, v in settings.items() if k not in GENERAL}
