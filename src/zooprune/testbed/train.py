@@ -20,7 +20,14 @@ Two phases, both counted in optimiser steps so a run is reproducible:
    that buried the differences between them, and accuracy stayed at the
    answer priors. A group whose learning rate is 0 gets no gradients at all;
    with a positive ``lr_vision`` the dense heads stay on as an auxiliary loss
-   so the features keep what the questions ask about.
+   so the features keep what the questions ask about. Opt-in, for a recipe
+   whose projector does learn: ``projector_from_step`` / ``vision_from_step``
+   unfreeze a group late (with a ramp), and ``projector_center`` keeps the
+   projector's first layer centred on the mean patch state, which is what
+   stops the collapse (each update of the first layer's weights otherwise
+   multiplies the patch states' large common component). Every evaluation
+   logs ``visual_token_stats`` (the share of the tokens' second moment in
+   their common mean) and ``projector_drift``.
 
 ``evaluate`` asks one question per prompt (greedy, all or a kept subset of the
 visual tokens) and reports per-family accuracy; the benchmark reuses it.
@@ -61,18 +68,21 @@ from zooprune.testbed.model import (
     testbed_processor,
     vision_features,
 )
-from zooprune.testbed.scenes import FAMILIES, Sample, Scene, SceneConfig
+from zooprune.testbed.scenes import FAMILIES, Sample, Scene, SceneConfig, SceneObject
 
 __all__ = [
     "AuxHeads",
     "KeepFn",
     "TrainConfig",
     "evaluate",
+    "ink_mask",
     "oracle_keep",
     "patch_labels",
+    "projector_drift",
     "random_keep",
     "train",
     "training_example",
+    "visual_token_stats",
 ]
 
 # A keep function gets the sample and its projected visual tokens [N, D] and
@@ -80,6 +90,9 @@ __all__ = [
 KeepFn = Callable[[Sample, torch.Tensor], Sequence[int] | torch.Tensor]
 
 _CKPT = "checkpoint.pt"
+# With ``projector_center`` and a learning tower, joint steps between re-measurements of
+# the tower's mean patch state.
+_RECENTER_EVERY = 50
 # Salt for the per-image question RNG, distinct from the generator's split seeds.
 _QA_SALT = 0x7EB_0A
 
@@ -112,6 +125,28 @@ class TrainConfig:
     # 0 freezes the projector / the tower and dense heads (see the module docstring).
     lr_projector: float = 0.0
     lr_vision: float = 0.0
+    # Joint step from which the projector / the tower and dense heads learn (with a
+    # positive learning rate): before it they are frozen, from it their learning rate
+    # ramps up linearly over ``late_warmup`` steps, then follows the common schedule.
+    # 0 (the default) lets them learn from the first joint step, unramped.
+    projector_from_step: int = 0
+    vision_from_step: int = 0
+    late_warmup: int = 50
+    # False keeps the projector's two bias vectors frozen while its weights learn: a
+    # bias is added to every visual token alike, the shared vector of the collapse.
+    projector_bias: bool = True
+    # True keeps the projector's first layer centred while it learns: after every step
+    # its bias absorbs ``-dW @ mean`` (``mean`` = the tower's mean patch state, measured
+    # as for the standardisation when joint training starts), so the layer keeps
+    # computing ``W (h - mean) + c``. Without it, each weight update multiplies the large
+    # common component of the patch states, which the standardisation had cancelled, and
+    # adds a vector shared by every visual token: the collapse. (With ``projector_bias``
+    # the bias still learns from its own gradient on top of that.)
+    projector_center: bool = False
+    # A ``save_pretrained`` test-bed folder (e.g. the bundled weights) to start joint
+    # training from: phase 1 and the standardisation are skipped (the loaded projector
+    # already holds it) and the dense heads start fresh. None (the default): from scratch.
+    init_from: str | None = None
     warmup: int = 60
     min_lr_frac: float = 0.05
     weight_decay: float = 0.01
@@ -136,6 +171,14 @@ class TrainConfig:
     max_turns: int = 6
     # Patches with fewer object pixels than this (but > 0) are unlabelled.
     min_object_pixels: int = 8
+    # Which patches the digit head learns a digit on: "object" (the default that made
+    # the bundled checkpoint: every patch of a digit-carrying object) or "ink" (only
+    # patches with at least ``min_ink_pixels`` pixels of the digit's ink; the object's
+    # other patches are unlabelled). See ``patch_labels``.
+    digit_labels: str = "object"
+    min_ink_pixels: int = 3
+    # Weight of the digit head's loss among the dense losses (the others weigh 1).
+    digit_weight: float = 0.5
     background_weight: float = 0.2
     eval_every: int = 250
     eval_n_per_family: int = 30
@@ -153,12 +196,38 @@ class TrainConfig:
 # ------------------------------------------------------------------ labels ---
 
 
-def patch_labels(scene: Scene, min_object_pixels: int = 8) -> dict[str, np.ndarray]:
+def ink_mask(obj: SceneObject, image_size: int) -> np.ndarray:
+    """Bool ``[image_size, image_size]``: the pixels of ``obj``'s digit (all False without one).
+
+    The same cells ``render_scene`` inks: font cell ``(row, col)`` of
+    ``scenes.DIGIT_FONT`` covers ``scale x scale`` pixels from the glyph layout's corner.
+    """
+    out = np.zeros((image_size, image_size), dtype=bool)
+    layout = obj.glyph_layout()
+    if layout is None:
+        return out
+    gx0, gy0, scale = layout
+    bitmap = np.array([[c == "1" for c in row] for row in scenes.DIGIT_FONT[obj.digit]])
+    ink = np.kron(bitmap, np.ones((scale, scale), dtype=bool))
+    out[gy0 : gy0 + ink.shape[0], gx0 : gx0 + ink.shape[1]] = ink
+    return out
+
+
+def patch_labels(
+    scene: Scene,
+    min_object_pixels: int = 8,
+    digit_labels: str = "object",
+    min_ink_pixels: int = 3,
+) -> dict[str, np.ndarray]:
     """Dense per-patch targets for ``scene``, each of length ``N = grid**2``.
 
     ``color``/``shape``: 0 = background, ``1 + index`` in the config's lists,
     -100 for slivers (1 .. ``min_object_pixels - 1`` object pixels);
-    ``digit``: ``1 + digit`` or 0 (no digit) on object patches, -100 elsewhere;
+    ``digit``: with ``digit_labels="object"``, ``1 + digit`` or 0 (no digit) on
+    object patches, -100 elsewhere; with ``"ink"``, ``1 + digit`` only on the
+    patches holding at least ``min_ink_pixels`` pixels of that digit's ink, 0 on
+    the patches of digitless objects, -100 elsewhere (a digit-carrying object's
+    patches without enough ink included);
     ``center``: float 1.0 on the patch holding each object's centre;
     ``obj_xy``: float ``[N, 2]``, the centre of the patch's object in [-1, 1]
     (NaN off objects and on slivers);
@@ -186,6 +255,15 @@ def patch_labels(scene: Scene, min_object_pixels: int = 8) -> dict[str, np.ndarr
         center[row * g + col] = 1.0
     sliver = (best > 0) & (best < min_object_pixels)
     color[sliver] = shape[sliver] = digit[sliver] = -100
+    if digit_labels == "ink":
+        digit[digit > 0] = -100
+        for obj in scene.objects:
+            if obj.digit is None:
+                continue
+            ink = ink_mask(obj, cfg.image_size).reshape(g, p, g, p).sum(axis=(1, 3)).reshape(-1)
+            digit[ink >= min_ink_pixels] = obj.digit + 1
+    elif digit_labels != "object":
+        raise ValueError(f"digit_labels must be 'object' or 'ink', not {digit_labels!r}")
     obj_xy[sliver] = np.nan
     return {
         "color": color,
@@ -223,7 +301,11 @@ class AuxHeads(nn.Module):
 
 
 def _aux_loss(
-    out: dict[str, torch.Tensor], lab: dict[str, torch.Tensor], bg_weight: float, grid: int
+    out: dict[str, torch.Tensor],
+    lab: dict[str, torch.Tensor],
+    bg_weight: float,
+    grid: int,
+    digit_weight: float = 0.5,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Sum of the dense losses; also per-head object-patch accuracies."""
     w_color = torch.ones(out["color"].shape[-1])
@@ -253,7 +335,7 @@ def _aux_loss(
         if on_obj.any()
         else out["obj_xy"].sum() * 0.0
     )
-    loss = l_color + l_shape + 0.5 * l_digit + l_center + l_xy + l_obj_xy
+    loss = l_color + l_shape + digit_weight * l_digit + l_center + l_xy + l_obj_xy
     with torch.no_grad():
         obj = lab["shape"] > 0
         stats = {
@@ -302,7 +384,10 @@ def training_example(
                 turns.append((s.question, s.answer))
     order = rng.permutation(len(turns))[: config.max_turns]
     turns = [turns[i] for i in order]
-    return first.scene, turns, patch_labels(first.scene, config.min_object_pixels)
+    labels = patch_labels(
+        first.scene, config.min_object_pixels, config.digit_labels, config.min_ink_pixels
+    )
+    return first.scene, turns, labels
 
 
 def _example_index(config: TrainConfig, phase: int, step: int, j: int, batch: int) -> int:
@@ -429,6 +514,53 @@ def evaluate(
     }
 
 
+@torch.no_grad()
+def visual_token_stats(
+    model: LlavaForConditionalGeneration,
+    scene_config: SceneConfig = scenes.DEFAULT_CONFIG,
+    n_images: int = 32,
+) -> dict[str, float]:
+    """How much of the projected visual tokens is one vector they all share.
+
+    On the first ``n_images`` validation scenes, all ``N`` tokens each: with the
+    tokens ``x_i`` and their mean ``m``, ``mean_share = |m|^2 / mean_i |x_i|^2``,
+    the share of the tokens' second moment in their common mean (the rest is
+    their spread around it). It approaches 1 in the collapse a projector trained
+    too early shows (every token ~ the same vector). ``mean_cos`` is the mean
+    cosine of a token to ``m``.
+    """
+    was_training = model.training
+    model.eval()
+    images = np.stack(
+        [
+            scenes.make_sample("validation", i, "shape", scene_config).scene.image
+            for i in range(n_images)
+        ]
+    )
+    pixels = pixel_values_from_images(images)
+    tokens = torch.cat(
+        [vision_features(model, pixels[i : i + 16])[1] for i in range(0, n_images, 16)]
+    )
+    tokens = tokens.reshape(-1, tokens.shape[-1]).float()
+    model.train(was_training)
+    mean = tokens.mean(0)
+    return {
+        "mean_share": float(mean.pow(2).sum() / tokens.pow(2).sum(-1).mean()),
+        "mean_cos": float(F.cosine_similarity(tokens, mean.expand_as(tokens), dim=-1).mean()),
+    }
+
+
+def projector_drift(
+    model: LlavaForConditionalGeneration, reference: dict[str, torch.Tensor]
+) -> float:
+    """``||W - W0|| / ||W0||`` over the projector's two weight matrices (``reference`` = W0)."""
+    now = model.model.multi_modal_projector.state_dict()
+    keys = [k for k in reference if k.endswith("weight")]
+    diff = sum(float((now[k] - reference[k]).pow(2).sum()) for k in keys)
+    base = sum(float(reference[k].pow(2).sum()) for k in keys)
+    return math.sqrt(diff / base)
+
+
 # ---------------------------------------------------------------- training ---
 
 
@@ -443,6 +575,17 @@ def _standardize_projector(model: LlavaForConditionalGeneration, config: TrainCo
     language model past the answer priors; freezing the projector after it did). The
     projector stays the standard Linear-GELU-Linear, so the saved model is a stock LLaVA.
     """
+    mean, spread = _feature_stats(model, config)
+    first = model.model.multi_modal_projector.linear_1
+    first.weight.div_(spread)
+    first.bias.sub_(first.weight @ mean)
+
+
+@torch.no_grad()
+def _feature_stats(
+    model: LlavaForConditionalGeneration, config: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean patch state of the tower and the RMS spread around it (a fixed image batch)."""
     images = [
         scenes.make_sample(
             "train",
@@ -457,9 +600,7 @@ def _standardize_projector(model: LlavaForConditionalGeneration, config: TrainCo
     hidden = hidden.reshape(-1, hidden.shape[-1]).float()
     mean = hidden.mean(0)
     spread = (hidden - mean).pow(2).sum(-1).mean().sqrt() / hidden.shape[-1] ** 0.5
-    first = model.model.multi_modal_projector.linear_1
-    first.weight.div_(spread)
-    first.bias.sub_(first.weight @ mean)
+    return mean, spread
 
 
 def _lr_factor(step: int, total: int, warmup: int, min_frac: float) -> float:
@@ -470,7 +611,11 @@ def _lr_factor(step: int, total: int, warmup: int, min_frac: float) -> float:
 
 
 def _make_optimizer(
-    phase: int, model: LlavaForConditionalGeneration, heads: AuxHeads, config: TrainConfig
+    phase: int,
+    model: LlavaForConditionalGeneration,
+    heads: AuxHeads,
+    config: TrainConfig,
+    step: int = 0,
 ) -> torch.optim.AdamW:
     m = model.model
     if phase == 1:
@@ -481,19 +626,52 @@ def _make_optimizer(
         lm = [*m.language_model.parameters(), *model.lm_head.parameters()]
         groups = [
             {"params": lm, "lr": config.lr_lm},
-            {"params": list(m.multi_modal_projector.parameters()), "lr": config.lr_projector},
+            {
+                "params": [
+                    p
+                    for name, p in m.multi_modal_projector.named_parameters()
+                    if config.projector_bias or not name.endswith("bias")
+                ],
+                "lr": config.lr_projector,
+                "from_step": config.projector_from_step,
+            },
             {
                 "params": [*m.vision_tower.parameters(), *heads.parameters()],
                 "lr": config.lr_vision,
+                "from_step": config.vision_from_step,
             },
         ]
     for g in groups:
         g["base_lr"] = g["lr"]
+        g.setdefault("from_step", 0)
         # A frozen group gets no gradients, so no backward pass runs through it.
         for p in g["params"]:
-            p.requires_grad_(g["lr"] > 0)
+            p.requires_grad_(g["lr"] > 0 and step >= g["from_step"])
+    if phase == 2 and not config.projector_bias:
+        for name, p in m.multi_modal_projector.named_parameters():
+            if name.endswith("bias"):
+                p.requires_grad_(False)
     groups = [g for g in groups if g["lr"] > 0]
     return torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=config.weight_decay, eps=1e-8)
+
+
+def _group_lr(group: dict[str, Any], step: int, factor: float, late_warmup: int) -> float:
+    """Learning rate of ``group`` at ``step``; unfreezes a late group when its step comes.
+
+    A group with ``from_step > 0`` is frozen (no gradients, so AdamW skips it, weight
+    decay included) before that step, and ramps up linearly over ``late_warmup``
+    steps from it.
+    """
+    start = group["from_step"]
+    if start <= 0:
+        return group["base_lr"] * factor
+    if step < start:
+        return 0.0
+    if not group["params"][0].requires_grad:
+        for p in group["params"]:
+            p.requires_grad_(True)
+    ramp = min(1.0, (step - start + 1) / max(1, late_warmup))
+    return group["base_lr"] * factor * ramp
 
 
 def _rng_state() -> dict[str, Any]:
@@ -557,7 +735,9 @@ def _step(
             hidden = out.hidden_states[model.config.vision_feature_layer][:, 1:]
         else:
             hidden, proj = vision_features(model, batch["pixel_values"])
-        aux, stats = _aux_loss(heads(hidden), labels, config.background_weight, grid)
+        aux, stats = _aux_loss(
+            heads(hidden), labels, config.background_weight, grid, config.digit_weight
+        )
         if phase == 1:
             return aux, stats
         query = batch["targets"] >= 0
@@ -608,7 +788,26 @@ def train(
     phase, step, elapsed, curve = 1, 0, 0.0, []
     # Running mean of per-patch shape accuracy in phase 1 (ends the phase).
     shape_ema, vision_steps_done = 0.0, None
+    # The projector as joint training starts: what ``projector_drift`` compares with.
+    projector_ref: dict[str, torch.Tensor] | None = None
+
+    # The tower's mean patch state when ``projector_center`` is on (phase 2 only).
+    feature_mean: torch.Tensor | None = None
+
+    def projector_now() -> dict[str, torch.Tensor]:
+        return {
+            k: v.detach().clone() for k, v in model.model.multi_modal_projector.state_dict().items()
+        }
+
     opt = _make_optimizer(1, model, heads, config)
+    if config.init_from is not None:
+        # Joint training continues a saved model: its projector already holds the
+        # standardisation, so phase 1 and ``_standardize_projector`` are skipped.
+        loaded = LlavaForConditionalGeneration.from_pretrained(config.init_from)
+        model.load_state_dict(loaded.state_dict())
+        phase, vision_steps_done = 2, 0
+        projector_ref = projector_now()
+        opt = _make_optimizer(2, model, heads, config)
     ckpt = out / _CKPT
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
@@ -616,10 +815,13 @@ def train(
         heads.load_state_dict(state["heads"])
         phase, step, elapsed, curve = (state[k] for k in ("phase", "step", "elapsed", "curve"))
         shape_ema, vision_steps_done = state["shape_ema"], state["vision_steps_done"]
-        opt = _make_optimizer(phase, model, heads, config)
+        projector_ref = state.get("projector_ref")
+        opt = _make_optimizer(phase, model, heads, config, step)
         opt.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
         emit({"event": "resumed", "phase": phase, "step": step})
+    if phase == 2 and config.projector_center:
+        feature_mean = _feature_stats(model, config)[0]
     (out / "train_config.json").write_text(json.dumps(config.to_json(), indent=1))
     model.train()
     heads.train()
@@ -639,6 +841,7 @@ def train(
             "curve": curve,
             "shape_ema": shape_ema,
             "vision_steps_done": vision_steps_done,
+            "projector_ref": projector_ref,
             "rng": _rng_state(),
             "config": config.to_json(),
         }
@@ -654,6 +857,11 @@ def train(
             scene_config=config.scene,
             bf16=config.bf16,
         )
+        # Watch for the collapse of the visual tokens onto a shared vector (see the
+        # module docstring) and for how far the projector moved.
+        res["visual"] = visual_token_stats(model, config.scene)
+        if projector_ref is not None:
+            res["projector_drift"] = projector_drift(model, projector_ref)
         curve.append({"minutes": round(minutes(), 2), "phase": phase, "step": step, **res})
         _write_curve(out, curve)
         emit({"event": "eval", **curve[-1]})
@@ -670,7 +878,7 @@ def train(
                 run_eval()
             f = _lr_factor(step, total, warmup, config.min_lr_frac)
             for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * f
+                g["lr"] = _group_lr(g, step, f, config.late_warmup)
             ts = time.monotonic()
             batch = _batch(config, phase, step, vocab, n_image)
             td = time.monotonic() - ts
@@ -681,7 +889,21 @@ def train(
             # tower must not shrink the language model's steps.
             for group in opt.param_groups:
                 torch.nn.utils.clip_grad_norm_(group["params"], config.grad_clip)
+            first = model.model.multi_modal_projector.linear_1
+            recenter = feature_mean is not None and first.weight.grad is not None
+            if recenter:
+                w_before = first.weight.detach().clone()
             opt.step()
+            if recenter:
+                with torch.no_grad():
+                    first.bias.sub_((first.weight - w_before) @ feature_mean)
+            tower_learns = next(model.model.vision_tower.parameters()).grad is not None
+            if feature_mean is not None and tower_learns and (step + 1) % _RECENTER_EVERY == 0:
+                # The tower moved the mean patch state: fold the shift into the bias too.
+                new_mean = _feature_stats(model, config)[0]
+                with torch.no_grad():
+                    first.bias.sub_(first.weight @ (new_mean - feature_mean))
+                feature_mean = new_mean
             step += 1
             done += 1
             if phase == 1:
@@ -722,6 +944,9 @@ def train(
             )
             phase, step = 2, 0
             _standardize_projector(model, config)
+            projector_ref = projector_now()
+            if config.projector_center:
+                feature_mean = _feature_stats(model, config)[0]
             opt = _make_optimizer(2, model, heads, config)
             checkpoint()
         else:
@@ -736,7 +961,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     """CLI for probes: ``python -m zooprune.testbed.train OUT [--key value ...]``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out_dir")
-    kind = {"int": int, "float": float, "bool": lambda s: s.lower() in ("1", "true")}
+    kind = {
+        "int": int,
+        "float": float,
+        "str": str,
+        "bool": lambda s: s.lower() in ("1", "true"),
+    }
     for f in dataclasses.fields(TrainConfig):
         base = str(f.type).removesuffix(" | None")
         if base in kind:

@@ -10,7 +10,8 @@ vLLM's own route for pruned M-RoPE positions (``recompute_mrope_positions``) run
 video pruning (EVS) is switched on, and never on its CPU runner; this one needs neither.
 
 Text keeps its unpruned positions too: after an image the text continues one past the
-image's unpruned block, as in the Hugging Face adapter. Videos pass through unpruned.
+image's unpruned block, as in the Hugging Face adapter. On vLLM, videos pass through
+unpruned (the Hugging Face adapter prunes them; this variant does not yet).
 The projector the methods score is the patch merger (its norm on each of the
 ``merge^2`` patch states, then its MLP), rebuilt from the checkpoint's full weights.
 """
