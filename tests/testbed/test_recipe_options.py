@@ -11,6 +11,8 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
+from tests.testbed.test_model import TINY_SCENE
+from tests.testbed.test_model import TINY_TRAIN as TINY_RUN
 from zooprune.testbed import scenes
 from zooprune.testbed.model import save_testbed
 from zooprune.testbed.train import (
@@ -27,31 +29,8 @@ from zooprune.testbed.train import (
     visual_token_stats,
 )
 
-TINY_SCENE = scenes.SceneConfig(image_size=48, patch_size=6, min_size=8, max_size=12, max_objects=3)
-TINY_TRAIN = TrainConfig(
-    scene=TINY_SCENE,
-    families=("color", "shape", "count", "exists", "spatial", "location"),
-    model=dict(
-        vision_hidden=32,
-        vision_layers=2,
-        vision_heads=2,
-        vision_ffn=64,
-        text_hidden=32,
-        text_layers=2,
-        text_heads=2,
-        text_ffn=64,
-        max_positions=256,
-    ),
-    vision_steps=2,
-    vision_batch=2,
-    joint_steps=3,
-    batch=2,
-    warmup=1,
-    eval_every=100,
-    eval_n_per_family=1,
-    log_every=1,
-    checkpoint_every=100,
-)
+# test_model's tiny run, shorter: three joint steps, no checkpoint in between.
+TINY_TRAIN = dataclasses.replace(TINY_RUN, joint_steps=3, warmup=1, checkpoint_every=100)
 # No noise and no clutter: the ink is the only black or white in the image.
 CLEAN = dataclasses.replace(scenes.DEFAULT_CONFIG, noise_sigma=0.0, min_clutter=0, max_clutter=0)
 
