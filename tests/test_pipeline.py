@@ -260,3 +260,14 @@ def test_a_video_layout_must_fill_its_placeholders():
     closed = ImageLayout.frames(torch.zeros(13, D_L), (2, 2), 3, closing=True)
     assert closed.separator_slots.tolist() == [12]
     assert bool((closed.separator_of == 12).all())
+
+
+def test_joined_parts_keep_their_order_and_refuse_extras():
+    images, videos = encoded([(2, 2)]), video_call(images=0)
+    both = EncodedImages.joined([images, videos], {"image": 1, "video": 2})
+    assert [layout.kind for layout in both.layouts] == ["image", "video"]
+    assert both.features[0] is images.features[0] and both.features[1] is videos.features[0]
+    assert both.grids == [(2, 2), (2, 2)] and both.encoder_output == {"image": 1, "video": 2}
+    images.keys = [torch.zeros(4, 3)]
+    with pytest.raises(ValueError, match="extras"):
+        EncodedImages.joined([images, videos], None)

@@ -242,6 +242,25 @@ class EncodedImages:
     cls_features: list[Tensor] | None = None
     instruction: list[Tensor] | None = None
 
+    @classmethod
+    def joined(cls, parts: list[EncodedImages], encoder_output: Any) -> EncodedImages:
+        """One call's items from its parts (e.g. its images, then its videos), in order.
+
+        For families whose parts carry no extras (CLS attention, keys, CLS features);
+        ``encoder_output`` is the model's own output for the whole call.
+        """
+        if any(p.cls_attention or p.keys or p.cls_features for p in parts):
+            raise ValueError("joining encoded parts drops no extras: these parts carry some")
+        return cls(
+            features=[f for part in parts for f in part.features],
+            projected=[p for part in parts for p in part.projected],
+            grids=[g for part in parts for g in part.grids],
+            cls_attention=None,
+            keys=None,
+            encoder_output=encoder_output,
+            layouts=[layout for part in parts for layout in part.layouts],
+        )
+
     def __post_init__(self) -> None:
         if self.layouts is None:  # every image one crop of N placeholders on its grid
             self.layouts = [

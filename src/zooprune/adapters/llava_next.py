@@ -331,16 +331,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             parts.append(super().encode(model, image_inputs, needs))
         if image_inputs.get("pixel_values_videos") is not None:
             parts.append(self._encode_videos(model, image_inputs))
-        outputs = [part.encoder_output for part in parts]
-        return EncodedImages(
-            features=[f for part in parts for f in part.features],
-            projected=[p for part in parts for p in part.projected],
-            grids=[g for part in parts for g in part.grids],
-            cls_attention=None,
-            keys=None,
-            encoder_output=outputs,
-            layouts=[layout for part in parts for layout in part.layouts],
-        )
+        return EncodedImages.joined(parts, [part.encoder_output for part in parts])
 
     def _encode_videos(self, model: nn.Module, inputs: dict[str, Any]) -> EncodedImages:
         """Every video of the call: ``pixel_values_videos [V, F, 3, H, W]``."""

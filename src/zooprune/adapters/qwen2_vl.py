@@ -164,22 +164,13 @@ class Qwen2VLAdapter(Adapter):
             frame), projected ``[N_i, d_l]`` (the model's own tokens), grid ``(h_i/m,
             w_i/m)`` (one frame's, for a video); the images' outputs first.
         """
-        parts = [
-            self._encode_kind(model, image_inputs, kind)
-            for kind in ("image", "video")
-            if image_inputs.get(_PIXELS[kind]) is not None
-        ]
-        return EncodedImages(
-            features=[f for part in parts for f in part["features"]],
-            projected=[p for part in parts for p in part["projected"]],
-            grids=[g for part in parts for g in part["grids"]],
-            cls_attention=None,
-            keys=None,
-            encoder_output={part["kind"]: part["output"] for part in parts},
-            layouts=[layout for part in parts for layout in part["layouts"]],
+        kinds = [k for k in ("image", "video") if image_inputs.get(_PIXELS[k]) is not None]
+        parts = [self._encode_kind(model, image_inputs, kind) for kind in kinds]
+        return EncodedImages.joined(
+            parts, {kind: part.encoder_output for kind, part in zip(kinds, parts, strict=True)}
         )
 
-    def _encode_kind(self, model: nn.Module, inputs: dict[str, Any], kind: str) -> dict:
+    def _encode_kind(self, model: nn.Module, inputs: dict[str, Any], kind: str) -> EncodedImages:
         """One modality's items: the model's own features for them and the merger's input."""
         grid_thw = inputs.get(_GRIDS[kind])
         if grid_thw is None:
@@ -233,14 +224,15 @@ class Qwen2VLAdapter(Adapter):
                 ImageLayout.frames(p, g, t)
                 for p, g, t in zip(projected, grids, frames, strict=True)
             ]
-        return {
-            "kind": kind,
-            "features": list(features.split(counts)),
-            "projected": projected,
-            "grids": grids,
-            "layouts": layouts,
-            "output": output,
-        }
+        return EncodedImages(
+            features=list(features.split(counts)),
+            projected=projected,
+            grids=grids,
+            cls_attention=None,
+            keys=None,
+            encoder_output=output,
+            layouts=layouts,
+        )
 
     def merger(self, model: nn.Module) -> nn.Module:
         """The module whose input is the grouped tower states and output the tokens."""
