@@ -9,7 +9,7 @@ from PIL import Image
 
 from zooprune import METHODS
 from zooprune.cli import main
-from zooprune.cli.common import BENCH_FAMILIES, FAMILIES, fraction, fractions
+from zooprune.cli.common import FAMILIES, fraction, fractions, method_specs
 
 
 def refused(argv, capsys) -> str:
@@ -146,6 +146,24 @@ def test_fraction_arguments():
         fraction("1.5")
 
 
+def test_method_variant_arguments():
+    assert method_specs("zoo,zoo[estimator=zo,num_directions=16,step=1e-4],divprune") == [
+        "zoo",
+        ("zoo", {"estimator": "zo", "num_directions": 16, "step": 1e-4}),
+        "divprune",
+    ]
+    for text, message in [
+        ("zoo[estimator=zo", "unbalanced"),
+        ("zoo]", "unbalanced"),
+        ("zoo[[a=1]]", "unbalanced"),
+        ("zoo[]", "NAME\\[OPTION=VALUE"),
+        ("zoo[estimator]", "NAME=VALUE"),
+        ("nope[step=1]", "unknown method 'nope'"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            method_specs(text)
+
+
 def test_shared_options_are_declared_once_and_alike():
     from zooprune.cli import build_parser
 
@@ -225,6 +243,7 @@ def test_testbed_train_command_runs_and_resumes(tmp_path, capsys, monkeypatch):
     assert main(["testbed", "train", "--out", str(out), "--threads", "1"]) == 0
     text = capsys.readouterr().out
     assert "validation" in text and "curve.png" in text
+    assert "share of their mean" in text and "projector moved" in text
     assert (out / "model" / "config.json").is_file() and (out / "curve.png").is_file()
     # A second call resumes at the end and only saves again.
     assert main(["testbed", "train", "--out", str(out), "--threads", "1"]) == 0
@@ -250,10 +269,9 @@ def test_bench_quick_on_the_bundled_test_bed(tmp_path, capsys):
     out_dir = tmp_path / "bench"
     assert main(["bench", "--quick", "--out", str(out_dir)]) == 0
     text = capsys.readouterr().out
-    assert f"overall (n={12 * len(BENCH_FAMILIES)})" in text
-    for family in BENCH_FAMILIES:
+    assert f"overall (n={12 * len(FAMILIES)})" in text
+    for family in FAMILIES:
         assert f"{family} (n=12)" in text
-    assert "glyph (n=" not in text  # below its floor, so not in the default
     assert "paired differences on the same questions" in text
     for pair in ("zoo - divprune", "zoo - fastv", "divprune - cdpruner", "divprune - dart"):
         assert pair in text
@@ -275,6 +293,28 @@ def test_bench_families_option(tmp_path, capsys):
     assert "unknown families ['colour']" in refused(
         [*args, "--families", "colour", "--out", str(tmp_path / "c")], capsys
     )
+
+
+def test_bench_method_variants(tmp_path, capsys):
+    import json
+
+    args = ["bench", "--ratios", "1/9", "--n-per-family", "2", "--families", "color"]
+    variants = "zoo,zoo[estimator=zo,num_directions=8]"
+    assert main([*args, "--methods", variants, "--out", str(tmp_path / "b")]) == 0
+    text = capsys.readouterr().out
+    assert "zoo[estimator=zo,num_directions=8]" in text
+    assert "zoo - zoo[estimator=zo,num_directions=8]" in text
+    summary = json.loads((tmp_path / "b" / "accuracy.json").read_text())
+    assert [c["method"] for c in summary["conditions"]] == [
+        "unpruned",
+        "zoo",
+        "zoo[estimator=zo,num_directions=8]",
+    ]
+    # A variant the method cannot take is refused by name, before anything runs.
+    bad = [*args, "--methods", "zoo[num_directions=0]", "--out", str(tmp_path / "c")]
+    assert main(bad) == 2
+    message = capsys.readouterr().out
+    assert "num_directions" in message and not (tmp_path / "c").exists()
 
 
 def test_serve_builds_the_vllm_command_and_refuses_bad_settings_before_it(tmp_path, capsys):

@@ -160,6 +160,34 @@ def test_run_accuracy_scores_what_generate_says_and_resumes(
     assert len(calls) == 4
 
 
+def test_run_accuracy_benches_method_variants_side_by_side(model, processor, items, tmp_path):
+
+    variant = ("zoo", {"estimator": "zo", "num_directions": 4, "step": 1.0})
+    summary = run_accuracy(
+        model, processor, items, tmp_path, ["zoo", variant], [0.25], batch_size=4, reps=50
+    )
+    labels = [c["method"] for c in summary["conditions"]]
+    assert labels == ["unpruned", "zoo", "zoo[estimator=zo,num_directions=4,step=1.0]"]
+    # The variant is compared with plain zoo, question by question.
+    assert [(c["a"], c["b"]) for c in summary["comparisons"]] == [(labels[1], labels[2])]
+    # Each condition hands its own options (and the bench seed) to the engine.
+    asked = []
+    answer = accuracy.hf_answerer(model, processor, None, 1)
+
+    def recording(batch, method, ratio, options):
+        asked.append((method, options))
+        return answer(batch, method, ratio, options)
+
+    run_accuracy(
+        model, processor, items, tmp_path / "again", ["zoo", variant], [0.25], answerer=recording
+    )
+    assert asked == [
+        (None, {}),
+        ("zoo", {"seed": 0}),
+        ("zoo", {"seed": 0, "estimator": "zo", "num_directions": 4, "step": 1.0}),
+    ]
+
+
 def test_run_accuracy_rejects_bad_requests(model, processor, items, tmp_path):
     import zooprune
 
@@ -167,6 +195,12 @@ def test_run_accuracy_rejects_bad_requests(model, processor, items, tmp_path):
         run_accuracy(model, processor, items, tmp_path, ["nope"], [0.5])
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
         run_accuracy(model, processor, items, tmp_path, ["zoo"], [1.5])
+    # A bad variant fails before the unpruned pass runs (nothing written).
+    with pytest.raises(zooprune.PruneError, match="num_directions"):
+        run_accuracy(model, processor, items, tmp_path / "v", [("zoo", {"num_directions": 0})])
+    with pytest.raises(zooprune.PruneError, match="no option 'nope'"):
+        run_accuracy(model, processor, items, tmp_path / "v", [("zoo", {"nope": 1})])
+    assert not (tmp_path / "v" / "results.jsonl").exists()
 
 
 def test_plot_accuracy_writes_a_png(tmp_path):

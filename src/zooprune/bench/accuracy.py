@@ -36,6 +36,7 @@ __all__ = [
     "condition_stats",
     "is_correct",
     "jsonl_items",
+    "method_label",
     "normalize",
     "paired_difference",
     "run_accuracy",
@@ -228,6 +229,19 @@ def hf_answerer(
     return answer
 
 
+#: a method to bench: a registered name, or ``(name, options)`` for a variant such as
+#: ``("zoo", {"estimator": "zo", "num_directions": 16})``
+MethodSpec = str | tuple[str, dict[str, Any]]
+
+
+def method_label(name: str, options: dict[str, Any] | None = None) -> str:
+    """How a method run with ``options`` is named in results and tables:
+    ``zoo[estimator=zo,num_directions=16]``, or just ``zoo`` with no options."""
+    if not options:
+        return name
+    return f"{name}[{','.join(f'{key}={value}' for key, value in options.items())}]"
+
+
 def _condition_key(method: str, ratio: float | None) -> str:
     return UNPRUNED if ratio is None else f"{method}@{ratio:.6f}"
 
@@ -259,7 +273,7 @@ def run_accuracy(
     processor: Any,
     items: Sequence[Item],
     out_dir: str | Path,
-    methods: Sequence[str],
+    methods: Sequence[MethodSpec],
     ratios: Sequence[float] = DEFAULT_RATIOS,
     *,
     model_name: str = "model",
@@ -276,18 +290,28 @@ def run_accuracy(
 
     ``model`` answers through ``generate`` (:func:`hf_answerer`) unless ``answerer`` is
     given: another engine, named by ``engine`` (results are kept apart per engine), serving
-    ``model``, then its folder (whose weight files fingerprint the results).
+    ``model``, then its folder (whose weight files fingerprint the results). A method is a
+    registered name or ``(name, options)``: a variant, named by :func:`method_label` (e.g.
+    ``zoo[estimator=zo]``), so that variants of one method are benched side by side.
 
     Writes ``results.jsonl`` (one line per finished condition, with every prediction),
     then ``accuracy.json`` and ``accuracy.csv`` from :func:`summarize`. A condition already
     in ``results.jsonl`` with the same fingerprint (model name, questions, settings) is not
     run again. ``on_progress(condition, done, total)`` is called after every batch.
     """
-    for method in methods:
-        if method not in zooprune.METHODS:
+    variants: dict[str, tuple[str, dict[str, Any]]] = {}
+    for spec in methods:
+        name, options = (spec, {}) if isinstance(spec, str) else (spec[0], dict(spec[1]))
+        if name not in zooprune.METHODS:
             raise zooprune.UnknownMethodError(
-                f"unknown method {method!r}; known: {', '.join(sorted(zooprune.METHODS))}"
+                f"unknown method {name!r}; known: {', '.join(sorted(zooprune.METHODS))}"
             )
+        # Checked before the first condition runs: a bad option would otherwise surface
+        # only after the unpruned pass.
+        variants[method_label(name, options)] = (
+            name,
+            zooprune.METHODS[name].resolve_options(options),
+        )
     for ratio in ratios:
         if not 0 < ratio < 1:
             raise ValueError(f"budget ratios must lie in (0, 1), got {ratio}")
@@ -305,7 +329,7 @@ def run_accuracy(
             row = json.loads(line)
             if row.get("fingerprint") == fingerprint:
                 done[row["key"]] = row
-    conditions = [(UNPRUNED, None)] + [(m, r) for m in methods for r in ratios]
+    conditions = [(UNPRUNED, None)] + [(m, r) for m in variants for r in ratios]
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     for method, ratio in conditions:
         key = _condition_key(method, ratio)
@@ -317,13 +341,11 @@ def run_accuracy(
         predictions: list[str] = []
         kept: list[int] = []
         start = time.perf_counter()
-        options = (
-            {"seed": seed}
-            if ratio is not None and "seed" in zooprune.METHODS[method].options
-            else {}
-        )
+        name, options = variants.get(method, (method, {}))
+        if ratio is not None and "seed" in zooprune.METHODS[name].options:
+            options = {"seed": seed, **options}
         for number, batch in enumerate(batches, 1):
-            said, counted = answer(batch, None if ratio is None else method, ratio, options)
+            said, counted = answer(batch, None if ratio is None else name, ratio, options)
             predictions += said
             kept += counted
             if on_progress:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from zooprune.cli.common import (
-    BENCH_FAMILIES,
+    FAMILIES,
     add_dtype,
     add_out,
     add_threads,
@@ -17,7 +18,7 @@ from zooprune.cli.common import (
     families,
     fractions,
     load_model,
-    method_names,
+    method_specs,
     set_threads,
     vllm_missing,
 )
@@ -37,9 +38,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     bench.add_argument(
         "--methods",
-        type=method_names,
+        type=method_specs,
         default=None,
-        help="default: every one the model can run (those skipped are named)",
+        help="default: every one the model can run (those skipped are named); "
+        "NAME[OPTION=VALUE,...] benches a variant, e.g. 'zoo[estimator=zo,num_directions=16]'",
     )
     bench.add_argument(
         "--ratios",
@@ -52,7 +54,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--families",
         type=families,
         default=None,
-        help="test-bed families (default: all but glyph, which the bundled model reads poorly)",
+        help="test-bed families (default: all seven)",
     )
     bench.add_argument("--quick", action="store_true", help="12 questions per family")
     bench.add_argument("--limit", type=int, default=0, help="first N questions of --data")
@@ -85,7 +87,8 @@ def _bench(args: argparse.Namespace) -> int:
         # by default what vLLM serves: visionzip needs the CLS attention its towers hide,
         # cdpruner the prompt's text embeddings, which the plugin does not compute
         methods = args.methods or served_methods()
-        refused = sorted(set(methods) - set(served_methods()))
+        names = {spec if isinstance(spec, str) else spec[0] for spec in methods}
+        refused = sorted(names - set(served_methods()))
         if refused:
             return fail(
                 f"vLLM cannot serve {', '.join(refused)} (it gives methods neither the CLS "
@@ -99,7 +102,7 @@ def _bench(args: argparse.Namespace) -> int:
         items = (
             jsonl_items(args.data)
             if args.data
-            else testbed_items(n, "test", args.families or list(BENCH_FAMILIES))
+            else testbed_items(n, "test", args.families or list(FAMILIES))
         )
     except (OSError, ValueError) as error:
         return fail(str(error))
@@ -128,7 +131,7 @@ def _bench(args: argparse.Namespace) -> int:
             return fail(f"no method can run on this model: {next(iter(refused.values()))}")
         if refused:
             console.print(
-                f"[dim]skipped {', '.join(refused)}: this model cannot run them "
+                f"[dim]skipped {escape(', '.join(refused))}: this model cannot run them "
                 "(--methods NAME says why)[/dim]"
             )
     out = Path(args.out)
@@ -145,7 +148,7 @@ def _bench(args: argparse.Namespace) -> int:
 
         def report(condition: str, done: int, batches: int) -> None:
             finished[condition] = done
-            progress.update(task, completed=sum(finished.values()), description=condition)
+            progress.update(task, completed=sum(finished.values()), description=escape(condition))
 
         summary = run_accuracy(
             model,
@@ -176,21 +179,23 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def runnable_methods(model: object, names: list[str]) -> tuple[list[str], dict[str, str]]:
-    """The methods of ``names`` that ``zooprune.prune`` accepts on ``model`` with their
-    default options, and why it refuses each other one (e.g. ``visionzip`` without the
-    tower's CLS attention, ``fastv`` outside the models with an in-LM stage). Each is
-    tried: attached and removed at once, the model left as it was."""
+def runnable_methods(model: object, specs: list) -> tuple[list, dict[str, str]]:
+    """The methods of ``specs`` (names, or ``(name, options)``) that ``zooprune.prune``
+    accepts on ``model``, and why it refuses each other one, by label (e.g. ``visionzip``
+    without the tower's CLS attention, ``fastv`` outside the models with an in-LM stage, an
+    unknown option). Each is tried: attached and removed at once, the model left as it was."""
     import zooprune
+    from zooprune.bench.accuracy import method_label
 
     runnable, refused = [], {}
-    for name in names:
+    for spec in specs:
+        name, options = (spec, {}) if isinstance(spec, str) else spec
         try:
-            zooprune.prune(model, name, ratio=0.5).remove()
+            zooprune.prune(model, name, ratio=0.5, **options).remove()
         except zooprune.PruneError as error:
-            refused[name] = str(error)
+            refused[method_label(name, options)] = str(error)
         else:
-            runnable.append(name)
+            runnable.append(spec)
     return runnable, refused
 
 
@@ -240,7 +245,7 @@ def _print_accuracy(summary: dict) -> None:
                 stats = condition_stats(match, family)
                 relative = "" if stats["relative"] is None else f" ({100 * stats['relative']:.0f}%)"
                 row.append(cell(stats) + relative)
-            table.add_row(method, *row)
+            table.add_row(escape(method), *row)  # a variant's [options] are not markup
         console.print(table)
     comparisons = summary["comparisons"]
     if comparisons:
@@ -262,5 +267,5 @@ def _print_accuracy(summary: dict) -> None:
                     else f"{100 * comp['difference']:+.1f} "
                     f"[{100 * comp['low']:+.1f}, {100 * comp['high']:+.1f}]"
                 )
-            table.add_row(f"{pair[0]} - {pair[1]}", *cells)
+            table.add_row(escape(f"{pair[0]} - {pair[1]}"), *cells)
         console.print(table)

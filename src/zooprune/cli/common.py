@@ -14,11 +14,6 @@ from rich.console import Console
 # Kept in step with zooprune.testbed.scenes.FAMILIES (a test checks), so that
 # `zooprune --help` does not import numpy and the scene generator.
 FAMILIES = ("color", "shape", "count", "exists", "spatial", "location", "glyph")
-# What `zooprune bench` scores on the test bed by default: the families where the bundled
-# model reaches the 70% floor unpruned. Glyph reading stays at ~43% on the test split (the
-# README's table), so it is left out of the default and of its overall mean; pass
-# `--families` to include it.
-BENCH_FAMILIES = tuple(f for f in FAMILIES if f != "glyph")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Piped or logged, a table keeps its natural width: rich would squeeze it into 80
@@ -28,7 +23,10 @@ console = Console(width=None if sys.stdout.isatty() else 1000)
 
 def fail(message: str) -> int:
     """Print an error the user can act on; the exit status of a refused request."""
-    console.print(f"[red]{message}[/red]")
+    from rich.markup import escape
+
+    # escaped: messages quote user input, e.g. a method variant's brackets
+    console.print(f"[red]{escape(message)}[/red]")
     return 2
 
 
@@ -112,9 +110,34 @@ def method_name(text: str) -> str:
     return text
 
 
-def method_names(text: str) -> list[str]:
-    """``zoo,divprune`` -> registered method names."""
-    return [method_name(name) for name in names(text)]
+def method_specs(text: str) -> list[str | tuple[str, dict[str, object]]]:
+    """``zoo,zoo[estimator=zo,num_directions=16],divprune`` -> registered method names, and
+    ``(name, options)`` for a bracketed variant (values spelled as for ``--option``)."""
+    parts, depth, start = [], 0, 0
+    for at, char in enumerate(text + ","):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth < 0 or depth > 1:
+            raise argparse.ArgumentTypeError(f"unbalanced brackets in {text!r}")
+        if char == "," and depth == 0:
+            parts.append(text[start:at])
+            start = at + 1
+    if depth:
+        raise argparse.ArgumentTypeError(f"unbalanced brackets in {text!r}")
+    specs: list[str | tuple[str, dict[str, object]]] = []
+    for part in filter(None, parts):
+        name, bracket, rest = part.partition("[")
+        if not bracket:
+            specs.append(method_name(name))
+            continue
+        if not rest.endswith("]") or not rest[:-1]:
+            raise argparse.ArgumentTypeError(
+                f"a method variant is NAME[OPTION=VALUE,...], got {part!r}"
+            )
+        pairs = [item.split("=", 1) for item in rest[:-1].split(",")]
+        if any(len(pair) != 2 or not pair[0] for pair in pairs):
+            raise argparse.ArgumentTypeError(f"options in {part!r} take NAME=VALUE")
+        specs.append((method_name(name), dict(parse_option("=".join(p)) for p in pairs)))
+    return specs
 
 
 def parse_option(text: str) -> tuple[str, object]:

@@ -26,7 +26,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     task.add_argument("out", help="the task folder (pass it to lmms-eval's --include_path)")
     task.add_argument("--split", choices=["train", "validation", "test"], default="test")
     task.add_argument(
-        "--families", type=families, default=None, help="default: the six `zooprune bench` scores"
+        "--families",
+        type=families,
+        default=None,
+        help="default: all seven, as `zooprune bench` scores",
     )
     task.add_argument("--n-per-family", type=int, default=100)
     task.add_argument(
@@ -79,9 +82,13 @@ def _testbed_train(args: argparse.Namespace) -> int:
                 progress.update(task, completed=event["step"])
             elif kind == "eval":
                 families = " ".join(f"{f} {a:.2f}" for f, a in event["families"].items())
+                # the collapse shows in the share first, before accuracy notices
+                share = event["visual"]["mean_share"]
+                drift = event.get("projector_drift") or 0.0
                 progress.console.print(
                     f"[dim]{event['minutes']:.1f} min, joint step {event['step']}:[/dim] "
-                    f"validation {event['overall']:.3f} ({families})"
+                    f"validation {event['overall']:.3f} ({families}); visual tokens' share "
+                    f"of their mean {share:.3f}, projector moved {drift:.3f}"
                 )
 
         path = train(config, out, report)

@@ -9,25 +9,30 @@ Two phases, both counted in optimiser steps so a run is reproducible:
    bottleneck earlier probes hit; dense labels supervise every patch. The
    phase runs ``vision_steps`` steps, or, if ``vision_shape_target`` is set,
    ends once per-patch shape accuracy (a running mean over training batches)
-   reaches it. Stopping at a 0.95 shape target left the digit head weak.
+   reaches it. Stopping at a 0.95 shape target left the digit head weak; the
+   digit head learns only on the patches that carry the digit's ink
+   (``digit_labels="ink"``), and reading digits is what the long phase is for.
 2. **Joint training** on all visual tokens (no token subsets at any point, so
    no pruning method is favoured). Each image carries several question/answer
-   turns in one sequence (loss on the answer tokens only). By default only the
-   language model learns here: the tower and the projector (whose first layer
-   gets the standardisation of ``_standardize_projector``) are frozen, because
-   when they trained along with a language model that could not yet read the
-   image, the projector learned a large vector common to all visual tokens
-   that buried the differences between them, and accuracy stayed at the
-   answer priors. A group whose learning rate is 0 gets no gradients at all;
-   with a positive ``lr_vision`` the dense heads stay on as an auxiliary loss
-   so the features keep what the questions ask about. Opt-in, for a recipe
-   whose projector does learn: ``projector_from_step`` / ``vision_from_step``
-   unfreeze a group late (with a ramp), and ``projector_center`` keeps the
-   projector's first layer centred on the mean patch state, which is what
-   stops the collapse (each update of the first layer's weights otherwise
-   multiplies the patch states' large common component). Every evaluation
-   logs ``visual_token_stats`` (the share of the tokens' second moment in
-   their common mean) and ``projector_drift``.
+   turns in one sequence (loss on the answer tokens only). At its start a
+   standardisation of the tower's features is folded into the projector's first
+   layer (``_standardize_projector``). The language model learns from the first
+   step; the projector, frozen until then, learns from ``projector_from_step``
+   (ramped up over ``late_warmup`` steps, at the lower ``lr_projector``), once
+   the language model reads the image. Two things make that work. Trained from
+   the start alongside a language model that could not yet read the image, the
+   projector learned a large vector common to all visual tokens that buried the
+   differences between them, and accuracy stayed at the answer priors. And even
+   late, every update of its first layer's weights multiplies the patch states'
+   large common component (which the standardisation had cancelled through the
+   bias) and adds a vector shared by every token; ``projector_center`` folds
+   ``-dW @ mean`` into the bias after each step, so the layer stays centred on
+   the mean patch state and the collapse does not start. The tower stays frozen
+   (``lr_vision`` 0); a group whose learning rate is 0 gets no gradients at all,
+   and with a positive ``lr_vision`` the dense heads stay on as an auxiliary
+   loss so the features keep what the questions ask about. Every evaluation
+   logs ``visual_token_stats`` (the share of the tokens' second moment in their
+   common mean: the collapse shows there first) and ``projector_drift``.
 
 ``evaluate`` asks one question per prompt (greedy, all or a kept subset of the
 visual tokens) and reports per-family accuracy; the benchmark reuses it.
@@ -99,12 +104,13 @@ _QA_SALT = 0x7EB_0A
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """All knobs of a run; the defaults take ~45 min on 2 CPU cores.
+    """All knobs of a run; the defaults (the recipe of the bundled checkpoint) took 65 min
+    on 2 CPU cores.
 
-    Sizing (256 tokens, fp32, 2 cores of a 2.8 GHz Xeon): a vision step of 16
-    images takes ~0.6 s, a joint step of 8 multi-turn images ~0.55 s with the
-    tower and projector frozen. 1200 vision steps (~12 min) + 2500 joint steps
-    (~25 min) + 11 evaluations (~20 s each).
+    Sizing (256 tokens, fp32, 2 cores of an AMD EPYC): a vision step of 16 images takes
+    ~0.55 s, a joint step of 8 multi-turn images ~0.55 s with the tower frozen. 3000
+    vision steps (33 min, tests sharing the cores for part of it) + 3500 joint steps
+    (32 min, 15 evaluations of ~8 s included).
     """
 
     seed: int = 0
@@ -113,25 +119,26 @@ class TrainConfig:
     # Keyword arguments of ``testbed_config`` (sizes).
     model: dict[str, Any] = field(default_factory=dict)
     # Phase 1: vision tower + dense heads.
-    vision_steps: int = 1200
+    vision_steps: int = 3000
     vision_min_steps: int = 200
     vision_shape_target: float | None = None
     vision_batch: int = 16
     vision_lr: float = 1.5e-3
     # Phase 2: joint training on all visual tokens.
-    joint_steps: int = 2500
+    joint_steps: int = 3500
     batch: int = 8
     lr_lm: float = 1e-3
     # 0 freezes the projector / the tower and dense heads (see the module docstring).
-    lr_projector: float = 0.0
+    lr_projector: float = 1e-4
     lr_vision: float = 0.0
     # Joint step from which the projector / the tower and dense heads learn (with a
     # positive learning rate): before it they are frozen, from it their learning rate
     # ramps up linearly over ``late_warmup`` steps, then follows the common schedule.
-    # 0 (the default) lets them learn from the first joint step, unramped.
-    projector_from_step: int = 0
+    # 0 lets them learn from the first joint step, unramped. The recipe's projector
+    # waits until the language model reads the image (about 85% on validation by then).
+    projector_from_step: int = 1250
     vision_from_step: int = 0
-    late_warmup: int = 50
+    late_warmup: int = 100
     # False keeps the projector's two bias vectors frozen while its weights learn: a
     # bias is added to every visual token alike, the shared vector of the collapse.
     projector_bias: bool = True
@@ -142,7 +149,7 @@ class TrainConfig:
     # common component of the patch states, which the standardisation had cancelled, and
     # adds a vector shared by every visual token: the collapse. (With ``projector_bias``
     # the bias still learns from its own gradient on top of that.)
-    projector_center: bool = False
+    projector_center: bool = True
     # A ``save_pretrained`` test-bed folder (e.g. the bundled weights) to start joint
     # training from: phase 1 and the standardisation are skipped (the loaded projector
     # already holds it) and the dense heads start fresh. None (the default): from scratch.
@@ -154,7 +161,7 @@ class TrainConfig:
     aux_weight: float = 0.5
     # Family curriculum for joint training: start with the first two families of
     # ``curriculum_order`` and add the next one every ``curriculum_steps`` steps (0, the
-    # default that made the bundled checkpoint: all families from the start). Evaluation
+    # recipe's: all families from the start). Evaluation
     # always covers every family.
     curriculum_steps: int = 0
     curriculum_order: tuple[str, ...] = (
@@ -171,11 +178,11 @@ class TrainConfig:
     max_turns: int = 6
     # Patches with fewer object pixels than this (but > 0) are unlabelled.
     min_object_pixels: int = 8
-    # Which patches the digit head learns a digit on: "object" (the default that made
-    # the bundled checkpoint: every patch of a digit-carrying object) or "ink" (only
-    # patches with at least ``min_ink_pixels`` pixels of the digit's ink; the object's
-    # other patches are unlabelled). See ``patch_labels``.
-    digit_labels: str = "object"
+    # Which patches the digit head learns a digit on: "ink" (the recipe's: only patches
+    # with at least ``min_ink_pixels`` pixels of the digit's ink; the object's other
+    # patches are unlabelled) or "object" (every patch of a digit-carrying object, as the
+    # first bundled checkpoint was trained). See ``patch_labels``.
+    digit_labels: str = "ink"
     min_ink_pixels: int = 3
     # Weight of the digit head's loss among the dense losses (the others weigh 1).
     digit_weight: float = 0.5
@@ -704,12 +711,35 @@ def _write_curve(out_dir: Path, curve: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     mins = [c["minutes"] for c in curve]
+    # Below the accuracies, what the projector did: how far it moved from where joint
+    # training started, and whether the visual tokens collapsed onto their mean.
+    tracked = [c for c in curve if "visual" in c]
+    if tracked:
+        fig, (ax, low) = plt.subplots(
+            2, 1, figsize=(7, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.4]}
+        )
+        at = [c["minutes"] for c in tracked]
+        low.plot(
+            at,
+            [c["visual"]["mean_share"] for c in tracked],
+            "-o",
+            ms=3,
+            label="visual tokens: share of their mean",
+        )
+        drift = [c.get("projector_drift") for c in tracked]
+        if any(d is not None for d in drift):
+            low.plot(at, [d or 0.0 for d in drift], "-s", ms=3, label="projector: |W - W0| / |W0|")
+        low.set(xlabel="minutes", ylabel="fraction", ylim=(0, None))
+        low.grid(alpha=0.3)
+        low.legend(fontsize=8)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.set_xlabel("minutes")
     ax.plot(mins, [c["overall"] for c in curve], "k-o", lw=2, label="overall")
     for fam in curve[-1]["families"]:
         ax.plot(mins, [c["families"][fam] for c in curve], "-", marker=".", label=fam)
-    ax.set(xlabel="minutes", ylabel="held-out accuracy (all tokens)", ylim=(0, 1.02))
+    ax.set(ylabel="held-out accuracy (all tokens)", ylim=(0, 1.02))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()

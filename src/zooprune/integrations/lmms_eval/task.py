@@ -79,15 +79,15 @@ def write_testbed_task(
     """Write the task folder; returns the path of its ``test.jsonl``.
 
     Args:
-        families: test-bed families (default: the six ``zooprune bench`` scores).
+        families: test-bed families (default: all seven, as ``zooprune bench`` scores).
         max_new_tokens: the answer length generated (``zooprune bench`` on the test bed: 1).
     """
     from zooprune.bench.accuracy import testbed_items
-    from zooprune.cli.common import BENCH_FAMILIES
+    from zooprune.cli.common import FAMILIES
 
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    families = list(BENCH_FAMILIES if families is None else families)
+    families = list(FAMILIES if families is None else families)
     items = testbed_items(n_per_family, split, families)
     lines = []
     for number, item in enumerate(items):
