@@ -21,6 +21,11 @@ BASE = f"pretrained={bundled_path()},device=cpu,device_map=cpu"
 RATIOS = {"0.2222222222": 2 / 9, "0.0555555556": 1 / 18}
 
 
+# The task's default families: all seven test-bed families, as `zooprune bench` scores.
+N_PER_FAMILY = 4
+QUESTIONS = N_PER_FAMILY * 7
+
+
 @pytest.fixture(scope="module", autouse=True)
 def offline():
     saved = {key: os.environ.get(key) for key in OFFLINE}
@@ -36,7 +41,7 @@ def offline():
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     folder = tmp_path_factory.mktemp("task")
-    write_testbed_task(folder, n_per_family=4)
+    write_testbed_task(folder, n_per_family=N_PER_FAMILY)
     return folder
 
 
@@ -81,7 +86,7 @@ def test_lmms_eval_answers_every_question_as_zooprune_bench_does(task, tmp_path)
         batch_size=1,
         max_new_tokens=1,
     )
-    assert summary_rows["questions"] == 24
+    assert summary_rows["questions"] == QUESTIONS
     rows = {
         (row["method"], row["ratio"]): row
         for row in map(json.loads, (tmp_path / "bench" / "results.jsonl").read_text().splitlines())
@@ -93,12 +98,12 @@ def test_lmms_eval_answers_every_question_as_zooprune_bench_does(task, tmp_path)
         assert [a.strip() for a in answers] == [p.strip() for p in row["predictions"]], key
         assert [sample["accuracy"] for sample in samples] == [float(c) for c in row["correct"]]
         accuracy = results["results"][TASK]["accuracy,none"]
-        assert accuracy == pytest.approx(sum(row["correct"]) / 24)
+        assert accuracy == pytest.approx(sum(row["correct"]) / QUESTIONS)
         if key != "unpruned":
             # What was kept, recorded next to lmms-eval's own figures.
             throughput = results["throughput"]
             images = throughput["avg_zooprune_images"]
-            assert images == 24
+            assert images == QUESTIONS
             assert throughput["avg_zooprune_kept_tokens"] / images == row["kept_mean"]
             assert throughput["avg_zooprune_visual_tokens"] / images == 256
             assert throughput["avg_zooprune_select_seconds"] > 0
