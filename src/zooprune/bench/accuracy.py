@@ -37,6 +37,7 @@ __all__ = [
     "is_correct",
     "jsonl_items",
     "method_label",
+    "method_parts",
     "normalize",
     "paired_difference",
     "run_accuracy",
@@ -234,6 +235,11 @@ def hf_answerer(
 MethodSpec = str | tuple[str, dict[str, Any]]
 
 
+def method_parts(spec: MethodSpec) -> tuple[str, dict[str, Any]]:
+    """``spec`` as ``(name, options)``: a plain name has no options."""
+    return (spec, {}) if isinstance(spec, str) else (spec[0], dict(spec[1]))
+
+
 def method_label(name: str, options: dict[str, Any] | None = None) -> str:
     """How a method run with ``options`` is named in results and tables:
     ``zoo[estimator=zo,num_directions=16]``, or just ``zoo`` with no options."""
@@ -301,7 +307,7 @@ def run_accuracy(
     """
     variants: dict[str, tuple[str, dict[str, Any]]] = {}
     for spec in methods:
-        name, options = (spec, {}) if isinstance(spec, str) else (spec[0], dict(spec[1]))
+        name, options = method_parts(spec)
         if name not in zooprune.METHODS:
             raise zooprune.UnknownMethodError(
                 f"unknown method {name!r}; known: {', '.join(sorted(zooprune.METHODS))}"

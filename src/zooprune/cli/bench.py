@@ -87,7 +87,9 @@ def _bench(args: argparse.Namespace) -> int:
         # by default what vLLM serves: visionzip needs the CLS attention its towers hide,
         # cdpruner the prompt's text embeddings, which the plugin does not compute
         methods = args.methods or served_methods()
-        names = {spec if isinstance(spec, str) else spec[0] for spec in methods}
+        from zooprune.bench.accuracy import method_parts
+
+        names = {method_parts(spec)[0] for spec in methods}
         refused = sorted(names - set(served_methods()))
         if refused:
             return fail(
@@ -185,11 +187,11 @@ def runnable_methods(model: object, specs: list) -> tuple[list, dict[str, str]]:
     without the tower's CLS attention, ``fastv`` outside the models with an in-LM stage, an
     unknown option). Each is tried: attached and removed at once, the model left as it was."""
     import zooprune
-    from zooprune.bench.accuracy import method_label
+    from zooprune.bench.accuracy import method_label, method_parts
 
     runnable, refused = [], {}
     for spec in specs:
-        name, options = (spec, {}) if isinstance(spec, str) else spec
+        name, options = method_parts(spec)
         try:
             zooprune.prune(model, name, ratio=0.5, **options).remove()
         except zooprune.PruneError as error:
