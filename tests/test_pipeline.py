@@ -262,11 +262,32 @@ def test_a_video_layout_must_fill_its_placeholders():
     assert bool((closed.separator_of == 12).all())
 
 
+def test_frame_and_single_layouts_on_grids_that_are_not_square():
+    # 2 frames of 2 x 3 tokens: frame-major, each frame raster order, no separator.
+    video = ImageLayout.frames(torch.zeros(12, D_L), (2, 3), 2)
+    index = torch.arange(12)
+    assert torch.equal(video.token_slots, index)
+    assert torch.equal(video.crop, index // 6)
+    within = index % 6
+    assert torch.equal(video.cell, torch.stack([within // 3, within % 3], -1))
+    assert video.cell.dtype == torch.long and video.separator_of.dtype == torch.long
+    assert torch.equal(video.separator_of, torch.full((12,), -1))
+    assert video.separator_slots.numel() == 0 and video.slots == 12
+    assert video.crop_grids == video.patch_grids == [(2, 3), (2, 3)] and video.kind == "video"
+    image = ImageLayout.single(torch.zeros(6, D_L), (2, 3))
+    assert torch.equal(image.cell, torch.tensor([[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]))
+    assert torch.equal(image.crop, torch.zeros(6, dtype=torch.long))
+    assert torch.equal(image.separator_of, torch.full((6,), -1))
+    assert image.crop_grids == image.patch_grids == [(2, 3)] and image.kind == "image"
+    assert not image.text_separators and image.placeholders == 6
+
+
 def test_joined_parts_keep_their_order_and_refuse_extras():
     images, videos = encoded([(2, 2)]), video_call(images=0)
     both = EncodedImages.joined([images, videos], {"image": 1, "video": 2})
     assert [layout.kind for layout in both.layouts] == ["image", "video"]
     assert both.features[0] is images.features[0] and both.features[1] is videos.features[0]
+    assert both.projected[0] is images.projected[0] and both.projected[1] is videos.projected[0]
     assert both.grids == [(2, 2), (2, 2)] and both.encoder_output == {"image": 1, "video": 2}
     images.keys = [torch.zeros(4, 3)]
     with pytest.raises(ValueError, match="extras"):

@@ -313,6 +313,41 @@ class AdapterConformance:
         assert pruned.shape[1] == int(keep.sum()) < ids.shape[1]
         torch.testing.assert_close(pruned[0], reference[0, keep], rtol=0, atol=1e-5)
 
+    def test_ratio_counts_the_visual_tokens_not_the_slots(self, vlm, proc, pictures):
+        # N is each image's placeholders in the prompt less its separators (LLaVA-NeXT's
+        # newlines are placeholders too; Mistral 3's breaks are text): ratio=r keeps
+        # int(r * N) of them, as the authors round, whatever the separators add.
+        t = self.tester
+        batch = self.batch(proc, pictures, 0, 1)
+        ids = batch["input_ids"]
+
+        def separator_slots(image: zooprune.ImageSelection) -> int:
+            """The image's separators that are placeholders of the prompt."""
+            if image.separators is None:
+                return 0
+            return int((ids[image.prompt, image.separators] == t.image_token).sum())
+
+        with zooprune.prune(vlm, "grid", ratio=1.0) as handle:
+            vlm(**batch)
+        images = handle.selection.images
+        assert [image.prompt for image in images] == [0, 1]
+        separators = [separator_slots(image) for image in images]
+        counts = [int((ids[row] == t.image_token).sum()) - separators[row] for row in (0, 1)]
+        ratio = 0.3
+        with zooprune.prune(vlm, "zoo", ratio=ratio, **t.fast) as handle:
+            logits = vlm(**batch).logits
+        kept = [int(ratio * n) for n in counts]
+        images = handle.selection.images
+        assert [image.num_tokens for image in images] == counts
+        assert [image.kept for image in images] == kept
+        assert 0 < min(kept) and all(k < n for k, n in zip(kept, counts, strict=True))
+        # Each prompt loses its dropped tokens and separators; rows are padded to the longest.
+        lengths = [
+            ids.shape[1] - (counts[row] - kept[row]) - (separators[row] - separator_slots(image))
+            for row, image in enumerate(images)
+        ]
+        assert logits.shape[1] == max(lengths)
+
     def test_generate_with_cache_equals_no_cache_loop(
         self, vlm, proc, pictures, positions, loop_case
     ):

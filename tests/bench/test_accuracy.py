@@ -9,13 +9,18 @@ from zooprune.bench import accuracy
 from zooprune.bench.accuracy import (
     Item,
     bootstrap_interval,
+    condition_stats,
     is_correct,
     jsonl_items,
+    method_label,
+    method_parts,
     normalize,
     paired_difference,
+    prompt_for,
     run_accuracy,
     summarize,
 )
+from zooprune.testbed import scenes
 
 
 def test_normalize_and_match():
@@ -57,6 +62,76 @@ def test_paired_difference_sees_only_disagreements():
     assert 0 < diff["low"] < 0.1 < diff["high"]
 
 
+def exact_bootstrap(values_by_family: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The bootstrap distribution of the mean over families of each family's resampled mean,
+    computed exactly instead of sampled: a family of n questions whose values are drawn n
+    times with replacement has a sum distributed as the n-fold convolution of its values'
+    empirical distribution; the families are independent, so their sums convolve too.
+    Values are integers here (1/0 per question, or -1/0/+1 for a paired difference).
+
+    Returns the support of the overall mean and its probabilities.
+    """
+    support, probability = np.zeros(1), np.ones(1)
+    for values in values_by_family.values():
+        n = len(values)
+        low = int(values.min())
+        one = np.bincount(values.astype(int) - low) / n  # one draw, shifted to start at 0
+        draws = np.ones(1)
+        for _ in range(n):
+            draws = np.convolve(draws, one)
+        means = (np.arange(len(draws)) + low * n) / n  # the family's resampled mean
+        support = (support[:, None] + means[None, :]).ravel()
+        probability = (probability[:, None] * draws[None, :]).ravel()
+        order = np.argsort(support, kind="stable")
+        support, probability = support[order], probability[order]
+        support, inverse = np.unique(np.round(support, 12), return_inverse=True)
+        probability = np.bincount(inverse, weights=probability)
+    return support / len(values_by_family), probability
+
+
+def exact_percentile(support: np.ndarray, probability: np.ndarray, q: float) -> float:
+    return float(support[np.searchsorted(np.cumsum(probability), q / 100)])
+
+
+def seven_families(seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Two conditions answering seven families of 8 to 30 questions, about 60% right."""
+    rng = np.random.default_rng(seed)
+    a, b = {}, {}
+    for f, n in enumerate([8, 12, 30, 17, 22, 9, 25]):
+        b[f"family{f}"] = rng.random(n) < 0.6
+        a[f"family{f}"] = np.where(rng.random(n) < 0.25, ~b[f"family{f}"], b[f"family{f}"])
+    return a, b
+
+
+def test_paired_difference_over_families_matches_the_exact_bootstrap():
+    a, b = seven_families(3)
+    deltas = {f: a[f].astype(int) - b[f].astype(int) for f in a}
+    expected = np.mean([a[f].mean() - b[f].mean() for f in a])  # the macro mean difference
+    diff = paired_difference(a, b, reps=8000, seed=1)
+    assert diff["difference"] == pytest.approx(expected, abs=1e-12)
+    support, probability = exact_bootstrap(deltas)
+    assert float(support @ probability) == pytest.approx(expected, abs=1e-9)
+    spread = float(np.sqrt(((support - expected) ** 2) @ probability))
+    assert diff["low"] == pytest.approx(
+        exact_percentile(support, probability, 2.5), abs=0.1 * spread
+    )
+    assert diff["high"] == pytest.approx(
+        exact_percentile(support, probability, 97.5), abs=0.1 * spread
+    )
+    assert diff["low"] < diff["difference"] < diff["high"]
+
+
+def test_bootstrap_interval_over_families_matches_the_exact_bootstrap():
+    _, b = seven_families(4)
+    low, high = bootstrap_interval(b, reps=8000, seed=1)
+    support, probability = exact_bootstrap({f: v.astype(int) for f, v in b.items()})
+    mean = np.mean([v.mean() for v in b.values()])
+    spread = float(np.sqrt(((support - mean) ** 2) @ probability))
+    assert low == pytest.approx(exact_percentile(support, probability, 2.5), abs=0.1 * spread)
+    assert high == pytest.approx(exact_percentile(support, probability, 97.5), abs=0.1 * spread)
+    assert low < mean < high
+
+
 def test_summarize_relative_and_comparisons():
     families = ["a"] * 4 + ["b"] * 4
     rows = [
@@ -75,11 +150,68 @@ def test_summarize_relative_and_comparisons():
     # zoo against each other method, then divprune against those not yet compared.
     pairs = [(c["a"], c["b"]) for c in summary["comparisons"]]
     assert pairs == [("zoo", "divprune"), ("zoo", "dart"), ("divprune", "dart")]
+    assert [c["ratio"] for c in summary["comparisons"]] == [0.5] * 3
     differences = [c["difference"] for c in summary["comparisons"]]
     # family a / b: zoo 0.75 / 0.25, divprune 0.25 / 0.25, dart 0 / 1 (mean over families)
     assert differences == pytest.approx([0.25, 0.0, -0.25])
     with pytest.raises(ValueError, match="unpruned"):
         summarize(rows[1:], families)
+
+
+class ChatProcessor:
+    """A processor with a chat template: records what it was asked to render."""
+
+    chat_template = "{{ messages }}"
+    image_token = "<img>"
+
+    def __init__(self):
+        self.calls = []
+
+    def apply_chat_template(self, messages, **options):
+        self.calls.append((messages, options))
+        return "rendered"
+
+
+def test_prompt_for_fills_a_template_else_the_chat_template_else_the_image_token():
+    chat = ChatProcessor()
+    assert prompt_for(chat, "what ?", "A {image} B {question} C") == "A <img> B what ? C"
+    assert chat.calls == []
+    assert prompt_for(chat, "what ?") == "rendered"
+    content = [{"type": "image"}, {"type": "text", "text": "what ?"}]
+    assert chat.calls == [
+        ([{"role": "user", "content": content}], {"add_generation_prompt": True, "tokenize": False})
+    ]
+    plain = type("Plain", (), {"image_token": "<img>"})()
+    assert prompt_for(plain, "what ?") == "<img>\nwhat ?"
+    assert prompt_for(object(), "what ?") == "<image>\nwhat ?"
+    assert prompt_for(object(), "what ?", "{image}|{question}") == "<image>|what ?"
+
+
+def test_method_specs_labels_and_stats():
+    assert method_parts("zoo") == ("zoo", {})
+    options = {"estimator": "zo", "num_directions": 4}
+    name, parsed = method_parts(("zoo", options))
+    assert (name, parsed) == ("zoo", options) and parsed is not options
+    assert method_label("zoo") == "zoo" and method_label("zoo", {}) == "zoo"
+    assert method_label("zoo", options) == "zoo[estimator=zo,num_directions=4]"
+    condition = {"overall": {"accuracy": 0.5}, "families": {"color": {"accuracy": 1.0}}}
+    assert condition_stats(condition, "overall") == {"accuracy": 0.5}
+    assert condition_stats(condition, "color") == {"accuracy": 1.0}
+
+
+def test_testbed_items_are_the_scene_generators_questions():
+    items = accuracy.testbed_items(2, "test", ["color", "count"], start=3)
+    assert [it.family for it in items] == ["color", "color", "count", "count"]
+    for item, (family, index) in zip(
+        items, [("color", 3), ("color", 4), ("count", 3), ("count", 4)], strict=True
+    ):
+        sample = scenes.make_sample("test", index, family)
+        assert (item.question, item.answer) == (sample.question, sample.answer)
+        assert item.pil().tobytes() == sample.scene.to_pil().tobytes()
+    assert [it.family for it in accuracy.testbed_items(1)] == list(scenes.FAMILIES)
+    assert (
+        accuracy.testbed_items(1, "validation")[0].question != accuracy.testbed_items(1)[0].question
+    )
 
 
 def test_jsonl_items_resolve_paths_and_report_errors(tmp_path):
@@ -95,16 +227,20 @@ def test_jsonl_items_resolve_paths_and_report_errors(tmp_path):
     assert first.image == str(tmp_path / "a.png") and first.family == "f"
     assert second.answer == "2" and second.family == "all"
     assert first.pil().size == (8, 8)
+    assert first.question == "q ?" and second.question == "r ?"
+    good_line = json.dumps({"image": "a.png", "question": "q", "answer": "x"})
     for text, message in [
         ('{"image": "a.png", "question": "q"}', "missing answer"),
         ('{"image": "b.png", "question": "q", "answer": "x"}', "no image file"),
         ("not json", "not JSON"),
-        ("", "no questions"),
     ]:
         bad = tmp_path / "bad.jsonl"
-        bad.write_text(text)
-        with pytest.raises(ValueError, match=message):
+        bad.write_text(f"{good_line}\n\n{text}\n")  # the third line is the bad one
+        with pytest.raises(ValueError, match=f"bad.jsonl:3: {message}"):
             jsonl_items(bad)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="no questions"):
+        jsonl_items(tmp_path / "empty.jsonl")
 
 
 @pytest.fixture
@@ -215,3 +351,205 @@ def test_plot_accuracy_writes_a_png(tmp_path):
 
     path = plot_accuracy(summary, tmp_path / "acc.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+class ScriptedAnswerer:
+    """An engine that answers from a script: per condition, what it says and keeps. It
+    records every call (items, method, ratio, options) and the torch seed it saw."""
+
+    def __init__(self, said: dict, kept: dict):
+        self.said, self.kept, self.calls = said, kept, []
+
+    def __call__(self, items, method, ratio, options):
+        self.calls.append(([it.question for it in items], method, ratio, dict(options)))
+        key = method or "unpruned"
+        seed_draw = float(torch.rand(1))  # what torch.manual_seed(seed) made of the stream
+        self.calls[-1] += (seed_draw,)
+        questions = [it.question for it in items]
+        # Per image kept: the condition's base plus the question's number (0..4), so that
+        # the mean over all batches differs from any one batch's.
+        kept = [] if method is None else [self.kept[key] + int(q[1:]) for q in questions]
+        return [self.said[key][q] for q in questions], kept
+
+
+def scripted_items():
+    image = Image.new("RGB", (4, 4))
+    return [
+        Item(image, f"q{i}", "yes" if i % 2 else "no", "even" if i < 3 else "odd") for i in range(5)
+    ]
+
+
+def test_run_accuracy_records_every_condition_as_its_engine_answered(tmp_path):
+    items = scripted_items()
+    truth = {it.question: it.answer for it in items}
+    said = {
+        "unpruned": dict(truth),
+        "random": {**truth, "q0": "maybe", "q3": "maybe"},
+        "zoo": {**truth, "q4": "maybe"},
+    }
+    answer = ScriptedAnswerer(said, {"random": 3, "zoo": 4})
+    progress = []
+    out = tmp_path / "nested" / "run"
+    summary = run_accuracy(
+        tmp_path,
+        None,
+        items,
+        out,
+        ["random", ("zoo", {"num_directions": 4, "seed": 3})],
+        [0.5],
+        model_name="scripted",
+        batch_size=2,
+        seed=7,
+        reps=50,
+        engine="scripted",
+        answerer=answer,
+        on_progress=lambda *update: progress.append(update),
+    )
+    zoo = "zoo[num_directions=4,seed=3]"
+    # Three conditions of three batches (2 + 2 + 1 questions), progress after each batch.
+    assert progress == [
+        (f"{key}", n, 3)
+        for key in ("unpruned", "random@0.500000", f"{zoo}@0.500000")
+        for n in (1, 2, 3)
+    ]
+    methods = [(method, ratio) for _, method, ratio, _, _ in answer.calls]
+    assert methods == [(None, None)] * 3 + [("random", 0.5)] * 3 + [("zoo", 0.5)] * 3
+    # The bench's seed reaches the seeded methods and torch, condition by condition.
+    assert [options for _, method, _, options, _ in answer.calls if method == "random"] == [
+        {"seed": 7}
+    ] * 3
+    assert [options for _, method, _, options, _ in answer.calls if method == "zoo"] == [
+        {"seed": 3, "num_directions": 4}
+    ] * 3  # a variant's own seed wins
+    torch.manual_seed(7)
+    first_draw = float(torch.rand(1))
+    assert [call[4] for call in answer.calls[::3]] == [first_draw] * 3
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [row["key"] for row in rows] == ["unpruned", "random@0.500000", f"{zoo}@0.500000"]
+    assert [row["kept_mean"] for row in rows] == [None, 3.0 + 2, 4.0 + 2]  # q0..q4: mean 2
+    assert rows[1]["predictions"] == [said["random"][it.question] for it in items]
+    assert rows[1]["correct"] == [True, True, True, False, True][:0] + [
+        False,
+        True,
+        True,
+        False,
+        True,
+    ]
+    assert all(row["seconds"] >= 0 and row["seconds"] == round(row["seconds"], 2) for row in rows)
+    assert len({row["fingerprint"] for row in rows}) == 1
+    # accuracy.json holds the summary and what produced it.
+    saved = json.loads((out / "accuracy.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    assert (saved["model"], saved["questions"], saved["engine"], saved["seed"]) == (
+        "scripted",
+        5,
+        "scripted",
+        7,
+    )
+    assert saved["max_new_tokens"] == 1 and saved["prompt"] is None
+    assert saved["fingerprint"] == rows[0]["fingerprint"]
+    # random: even 1/3 right (q0 wrong of q0..q2), odd 1/2 (q3 wrong, q4 right).
+    random = summary["conditions"][1]
+    assert random["families"]["even"]["accuracy"] == pytest.approx(2 / 3)
+    assert random["overall"]["accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert random["kept_mean"] == 5.0 and random["seconds"] == rows[1]["seconds"]
+    assert summary["comparisons"] == []  # a variant is no reference: zoo itself did not run
+
+
+def test_accuracy_csv_lists_every_condition_and_family(tmp_path):
+    items = scripted_items()
+    truth = {it.question: it.answer for it in items}
+    answer = ScriptedAnswerer({"unpruned": truth, "grid": {**truth, "q1": "x"}}, {"grid": 2})
+    summary = run_accuracy(
+        tmp_path, None, items, tmp_path, ["grid"], [0.25], reps=20, answerer=answer
+    )
+    lines = (tmp_path / "accuracy.csv").read_text().splitlines()
+    assert lines[0] == "method,ratio,kept_mean,family,accuracy,low,high,relative,n"
+    grid = summary["conditions"][1]
+    even = grid["families"]["even"]
+    assert lines[1:4] == [
+        "unpruned,,,overall,1.0000,1.0000,1.0000,1.0000,5",
+        "unpruned,,,even,1.0000,1.0000,1.0000,1.0000,3",
+        "unpruned,,,odd,1.0000,1.0000,1.0000,1.0000,2",
+    ]
+    assert lines[5] == (
+        f"grid,0.2500,4.0,even,{even['accuracy']:.4f},{even['low']:.4f},{even['high']:.4f},"
+        f"{even['relative']:.4f},3"
+    )
+    assert len(lines) == 1 + 2 * 3
+
+
+def test_run_accuracy_refuses_budgets_outside_zero_one(tmp_path):
+    items = scripted_items()
+    for ratio in (0.0, 1.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="budget ratios must lie in"):
+            run_accuracy(
+                tmp_path, None, items, tmp_path, ["grid"], [ratio], answerer=lambda *a: None
+            )
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_the_fingerprint_follows_every_setting_the_answers_depend_on(model, tmp_path):
+    image = Image.new("RGB", (4, 4))
+    items = [Item(image, "q", "a", "f")]
+    base = accuracy._fingerprint(items, model, "m", {"seed": 0, "prompt": None})
+    assert base == accuracy._fingerprint(items, model, "m", {"prompt": None, "seed": 0})
+    assert len(base) == 16
+    changed = [
+        accuracy._fingerprint(items, model, "other", {"seed": 0, "prompt": None}),
+        accuracy._fingerprint(items, model, "m", {"seed": 1, "prompt": None}),
+        accuracy._fingerprint(
+            [Item(image, "r", "a", "f")], model, "m", {"seed": 0, "prompt": None}
+        ),
+        accuracy._fingerprint(
+            [Item(image, "q", "b", "f")], model, "m", {"seed": 0, "prompt": None}
+        ),
+        accuracy._fingerprint(
+            [Item(image, "q", "a", "g")], model, "m", {"seed": 0, "prompt": None}
+        ),
+        accuracy._fingerprint(
+            [Item(Image.new("RGB", (4, 4), "red"), "q", "a", "f")],
+            model,
+            "m",
+            {"seed": 0, "prompt": None},
+        ),
+    ]
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    changed.append(accuracy._fingerprint(items, model, "m", {"seed": 0, "prompt": None}))
+    assert len({base, *changed}) == 1 + len(changed)
+    # A folder another engine serves: its weight files, by name, size and time.
+    folder = tmp_path / "served"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x" * 10)
+    (folder / "notes.txt").write_text("ignored")
+    served = accuracy._fingerprint(items, folder, "m", {})
+    (folder / "notes.txt").write_text("still ignored")
+    assert accuracy._fingerprint(items, folder, "m", {}) == served
+    (folder / "model.safetensors").write_bytes(b"x" * 11)
+    assert accuracy._fingerprint(items, folder, "m", {}) != served
+    path_item = [Item(str(tmp_path / "a.png"), "q", "a", "f")]
+    assert accuracy._fingerprint(path_item, folder, "m", {}) != accuracy._fingerprint(
+        [Item(str(tmp_path / "b.png"), "q", "a", "f")], folder, "m", {}
+    )
+
+
+def test_results_of_another_engine_or_setting_are_not_reused(tmp_path):
+    items = scripted_items()
+    truth = {it.question: it.answer for it in items}
+    answer = ScriptedAnswerer({"unpruned": truth}, {})
+    run_accuracy(tmp_path, None, items, tmp_path, [], [0.5], answerer=answer, reps=10)
+    calls = len(answer.calls)
+    run_accuracy(tmp_path, None, items, tmp_path, [], [0.5], answerer=answer, reps=10)
+    assert len(answer.calls) == calls  # the same engine and settings: reused
+    for changed in (
+        {"engine": "other"},
+        {"max_new_tokens": 2},
+        {"prompt_template": "{image}{question}"},
+        {"seed": 1},
+    ):
+        before = len(answer.calls)
+        run_accuracy(
+            tmp_path, None, items, tmp_path, [], [0.5], answerer=answer, reps=10, **changed
+        )
+        assert len(answer.calls) > before, changed

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from zooprune.select.greedy import DUPLICATE_DISTANCE, FirstPick, Fusion
+from zooprune.select.greedy import FirstPick, Fusion
+
+#: The documented rule (README, "Definitions"): distances below 1e-6 count as exact
+#: duplicates, distance 0. Written here, not imported, so that a change to the kernel's
+#: threshold (or a path that skips it) shows up as a disagreement with this reference.
+TIE_DISTANCE = 1e-6
 
 
 def naive_maxmin_select(
@@ -15,6 +20,7 @@ def naive_maxmin_select(
     weights: Tensor | None = None,
     first: FirstPick = "max_weight",
     fusion: Fusion = "product",
+    margins: list[float] | None = None,
 ) -> list[int]:
     """Reference for one image: recompute every candidate's diversity from scratch.
 
@@ -24,6 +30,8 @@ def naive_maxmin_select(
     Args:
         features: ``[N, d]``.
         weights: optional ``[N]``.
+        margins: if given, receives for every pick after the first how far its score lies
+            above the best other candidate's (0 on an exact tie, inf when it is alone).
 
     Returns:
         the k picked indices in pick order.
@@ -37,7 +45,7 @@ def naive_maxmin_select(
         # operand order, and a mutual nearest pair must tie exactly.
         a, b = min(a, b), max(a, b)
         d = 1.0 - float(z[a] @ z[b])
-        return 0.0 if d < DUPLICATE_DISTANCE else d
+        return 0.0 if d < TIE_DISTANCE else d
 
     w = None if weights is None else [float(v) for v in weights]
     if first == "max_weight":
@@ -60,5 +68,9 @@ def naive_maxmin_select(
         else:
             top = max(div.values())
             score = {i: w[i] + (div[i] / top if top > 0 else 0.0) for i in rest}
-        picked.append(max(rest, key=lambda i: (score[i], -i)))
+        best = max(rest, key=lambda i: (score[i], -i))
+        if margins is not None:
+            others = [score[i] for i in rest if i != best]
+            margins.append(score[best] - max(others) if others else float("inf"))
+        picked.append(best)
     return picked

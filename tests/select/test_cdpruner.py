@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -121,6 +121,8 @@ def test_relevance_without_instruction_or_spread_is_uniform():
     assert torch.equal(relevance[0], torch.ones(6, dtype=torch.float64))
     assert torch.equal(relevance[1], torch.ones(6, dtype=torch.float64))
     assert not torch.equal(relevance[2], torch.ones(6, dtype=torch.float64))
+    # The instruction's embeddings may come in another dtype than the tokens.
+    torch.testing.assert_close(instruction_relevance(z, text.float(), mask), relevance)
 
 
 # -- the greedy MAP -----------------------------------------------------------------------
@@ -162,7 +164,6 @@ def problems(draw):
     return z, text, theta, draw(st.integers(1, n))
 
 
-@settings(max_examples=120, deadline=None)
 @given(problems())
 def test_greedy_map_matches_the_reference_on_random_problems(problem):
     z, text, theta, k = problem

@@ -11,10 +11,13 @@ from zooprune.select.mlp import (
     as_mlp,
     exact_sensitivity,
     gelu_derivative,
+    low_rank_factors,
     low_rank_projector,
 )
 from zooprune.select.registry import TokenSet
 from zooprune.select.sensitivity import direction_bank, jvp_sensitivity, zo_sensitivity
+from zooprune.testbed.model import load_testbed, vision_features
+from zooprune.testbed.scenes import make_scene
 
 D_V, HIDDEN, D_L = 7, 12, 9
 
@@ -92,6 +95,58 @@ def test_lowrank_at_full_rank_is_the_projector_and_at_low_rank_an_approximation(
     assert (low(x) - module(x)).abs().max() > 1e-3
 
 
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two score vectors (no ties in continuous scores)."""
+    ra, rb = (v.argsort().argsort().double() for v in (a, b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+@pytest.mark.parametrize("rank", [1, 3, 7])
+def test_lowrank_factors_are_the_top_singular_directions(rank):
+    # Eckart-Young: the best rank-r approximation keeps the r largest singular values, and
+    # its squared Frobenius error is the sum of the squares of the others.
+    module = mlp(seed=9, dtype=torch.float32)
+    a1, c1, a2, c2 = low_rank_factors(as_mlp(module), torch.device("cpu"), rank)
+    for (a, c), linear in (((a1, c1), module[0]), ((a2, c2), module[2])):
+        w = linear.weight.detach().double()
+        values = torch.linalg.svdvals(w)
+        approximation = (a @ c).double().T  # x @ A @ C == x @ W_r^T
+        kept = torch.linalg.svdvals(approximation)[:rank]
+        torch.testing.assert_close(kept, values[:rank], rtol=1e-4, atol=1e-6)
+        error = (w - approximation).pow(2).sum()
+        torch.testing.assert_close(error, values[rank:].pow(2).sum(), rtol=1e-3, atol=1e-5)
+
+
+def lowrank_against_exact(module: nn.Module, x: torch.Tensor, rank: int) -> list[float]:
+    """Per image, Spearman's correlation of ``lowrank`` at ``rank`` with ``exact``."""
+    exact = exact_sensitivity(module, as_mlp(module), x)
+    project = low_rank_projector(module, as_mlp(module), rank, x.device)
+    low = zo_sensitivity(project, x, num_directions=64, seed=0)
+    return [spearman(e, lo) for e, lo in zip(exact, low, strict=True)]
+
+
+def test_lowrank_ranks_tokens_as_exact_does_on_a_random_projector():
+    # LLaVA's shape, 64 -> 128 -> 128, at a quarter of the hidden width. Measured 0.90 and
+    # 0.85; keeping the smallest singular values instead gives 0.15 and 0.29.
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 128))
+    x = torch.randn(2, 200, 64)
+    assert min(lowrank_against_exact(module, x, rank=32)) > 0.75
+
+
+def test_lowrank_ranks_tokens_as_exact_does_on_the_test_bed():
+    # The bundled model's projector (192 -> 256 -> 256) on four scenes' tower features, at
+    # rank 64: measured 0.95 to 0.97; the smallest singular values instead: 0.21 to 0.38.
+    model, processor = load_testbed()
+    pictures = [make_scene(seed).to_pil() for seed in range(4)]
+    pixels = processor(images=pictures, text=["<image>"] * 4, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        features, _ = vision_features(model, pixels)
+    projector = model.model.multi_modal_projector
+    assert min(lowrank_against_exact(projector, features, rank=64)) > 0.9
+
+
 def test_gram_kernel_is_cached_and_rebuilt_when_weights_change():
     module = mlp(seed=4, dtype=torch.float32)
     x = torch.randn(1, 5, D_V)
@@ -162,3 +217,32 @@ def test_auto_picks_exact_for_mlps_and_jvp_otherwise():
 
     with pytest.raises(PruneError, match="needs a Linear -> GELU -> Linear projector"):
         sensitivity_scores(tokens, estimator="exact")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_lowrank_at_full_rank_is_any_float64_projector_evaluated_in_float32(approximate, bias):
+    torch.manual_seed(11)
+    module = nn.Sequential(
+        nn.Linear(D_V, HIDDEN, bias=bias),
+        nn.GELU(approximate=approximate),
+        nn.Linear(HIDDEN, D_L, bias=bias),
+    ).double()
+    x = torch.randn(1, 4, D_V, dtype=torch.float64)
+    full = low_rank_projector(module, as_mlp(module), rank=HIDDEN, device=x.device)
+    out = full(x.float())
+    assert out.dtype == torch.float32  # evaluates in float32, whatever the weights
+    torch.testing.assert_close(out.double(), module(x), rtol=1e-5, atol=1e-5)
+    one = low_rank_projector(module, as_mlp(module), rank=1, device=x.device)
+    assert one(x.float()).shape == (1, 4, D_L)
+    with pytest.raises(ValueError, match="rank must be positive"):
+        low_rank_projector(module, as_mlp(module), rank=0, device=x.device)
+
+
+def test_a_new_cache_has_built_nothing():
+    from zooprune.select.mlp import _PerWeightsCache
+
+    cache = _PerWeightsCache(lambda mlp, device: 1)
+    assert cache.builds == 0
+    module = mlp(dtype=torch.float32)
+    assert cache.get(module, as_mlp(module), torch.device("cpu")) == 1 and cache.builds == 1

@@ -7,6 +7,7 @@ from torch.autograd.functional import jacobian
 
 from zooprune.select.sensitivity import (
     direction_bank,
+    jvp_sensitivity,
     projector_in_dtype,
     zo_sensitivity,
 )
@@ -152,3 +153,50 @@ def test_projector_in_dtype_leaves_the_module_alone():
 def test_rejects_bad_settings(bad):
     with pytest.raises(ValueError):
         zo_sensitivity(projector(), torch.randn(1, 3, D_V, dtype=torch.float64), **bad)
+
+
+def test_one_direction_is_enough_and_jvp_defaults_are_the_documented_ones():
+    module = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 3)).double()
+    x = torch.randn(1, 5, 4, dtype=torch.float64)
+    one = jvp_sensitivity(module, x, num_directions=1)
+    bank = direction_bank(1, 4, seed=0).double()
+    expected = torch.stack([torch.func.jvp(module, (row,), (bank[0],))[1].norm() for row in x[0]])
+    torch.testing.assert_close(one[0], expected)
+    assert zo_sensitivity(module, x, num_directions=1, compute_dtype=torch.float64).shape == (1, 5)
+    torch.testing.assert_close(
+        jvp_sensitivity(module, x), jvp_sensitivity(module, x, num_directions=64, seed=0)
+    )
+
+
+def test_jvp_scores_padded_tokens_zero():
+    module = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 3))
+    x = torch.randn(2, 5, 4)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    scores = jvp_sensitivity(module, x, num_directions=4, mask=mask)
+    assert bool((scores[1, 3:] == 0).all()) and bool((scores[mask] > 0).all())
+    torch.testing.assert_close(scores[:, :3], jvp_sensitivity(module, x, num_directions=4)[:, :3])
+
+
+def test_the_bank_is_the_same_whatever_the_default_dtype():
+    bank = direction_bank(8, 5, seed=3)
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert torch.equal(direction_bank(8, 5, seed=3), bank)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert bank.dtype == torch.float32
+
+
+def test_projector_in_dtype_casts_floating_tensors_only():
+    module = nn.Linear(3, 2)
+    module.register_buffer("step", torch.tensor([4], dtype=torch.long))
+    seen = {}
+    original = nn.Linear.forward
+
+    def spy(self, x):
+        seen.update(weight=self.weight.dtype, step=self.step.dtype)
+        return original(self, x)
+
+    module.forward = spy.__get__(module)
+    projector_in_dtype(module, torch.float64)(torch.randn(1, 3, dtype=torch.float64))
+    assert seen == {"weight": torch.float64, "step": torch.long}

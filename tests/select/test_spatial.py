@@ -1,12 +1,11 @@
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from zooprune.select.spatial import grid_indices, nearest_centre, pool_to_centres, random_indices
 
 
-@settings(max_examples=200, deadline=None)
 @given(st.integers(1, 30), st.integers(1, 30), st.data())
 def test_grid_indices_are_k_distinct_sorted_cells(height, width, data):
     k = data.draw(st.integers(1, height * width))
@@ -66,3 +65,27 @@ def test_bad_k(k):
         grid_indices(6, 6, k)
     with pytest.raises(ValueError):
         random_indices(36, k, seed=0)
+
+
+def test_grid_rows_grow_until_no_row_is_wider_than_the_grid():
+    # 10 points on 2 x 9: sqrt(10 * 2 / 9) rounds to 1 row, which cannot hold 10 of 9
+    # columns, so two rows of 5 at the centres of 5 equal bins of the width.
+    assert grid_indices(2, 9, 10).tolist() == [0, 2, 4, 6, 8, 9, 11, 13, 15, 17]
+    assert grid_indices(5, 7, 1).tolist() == [2 * 7 + 3]  # one point: the centre cell
+    assert grid_indices(1, 1, 1).tolist() == [0]
+    assert grid_indices(3, 5, 15).tolist() == list(range(15))
+
+
+def test_every_cell_goes_to_its_nearest_centre_on_a_grid_that_is_not_square():
+    height, width = 3, 7
+    centres = grid_indices(height, width, 4)
+    got = nearest_centre(height, width, centres).tolist()
+    for cell in range(height * width):
+        y, x = divmod(cell, width)
+        dists = [(y - c // width) ** 2 + (x - c % width) ** 2 for c in centres.tolist()]
+        assert got[cell] == min(range(4), key=lambda i: (dists[i], i))
+
+
+def test_random_keeps_one_or_all():
+    assert random_indices(9, 1, seed=0).shape == (1,)
+    assert random_indices(9, 9, seed=0).tolist() == list(range(9))

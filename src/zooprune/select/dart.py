@@ -31,6 +31,17 @@ def pivot_shares(k: int, pivots: int) -> list[int]:
     return [rest // pivots + (1 if p < rest % pivots else 0) for p in range(pivots)]
 
 
+def similarity(unit: Tensor, pivot: Tensor) -> Tensor:
+    """Cosine similarity of unit rows ``[B, N, d]`` to one unit pivot per image ``[B, d]``.
+
+    An elementwise product summed over d, not a matrix product: BLAS may compute two rows
+    of a product by different kernels (edge tiles), so that two identical tokens get
+    similarities a rounding apart and the lower index no longer wins their tie. The sum
+    reduces every row in the same order, so identical tokens get identical similarities.
+    """
+    return (unit * pivot[:, None, :]).sum(dim=-1)
+
+
 def dart_select(tokens: Tensor, k: int, *, pivots: int = 8, norm: str = "l2") -> Tensor:
     """DART's kept tokens: ``[B, N, d] -> [B, k]`` picks, pivots first (by norm), then
     each pivot's claims in its order.
@@ -48,14 +59,15 @@ def dart_select(tokens: Tensor, k: int, *, pivots: int = 8, norm: str = "l2") ->
     pivot_index = torch.sort(size, dim=-1, descending=True, stable=True).indices[:, :count]
     unit = unit_rows(x)
     rows = torch.arange(batch, device=x.device)[:, None]
-    similarity = unit @ unit[rows, pivot_index].transpose(1, 2)  # [B, N, pivots]
     taken = torch.zeros(batch, n, dtype=torch.bool, device=x.device)
     taken[rows, pivot_index] = True
     picks = [pivot_index]
     for p, share in enumerate(pivot_shares(k, count)):
         if share == 0:
             continue
-        duplication = similarity[:, :, p].masked_fill(taken, torch.inf)
+        duplication = similarity(unit, unit[rows[:, 0], pivot_index[:, p]]).masked_fill(
+            taken, torch.inf
+        )
         claimed = torch.sort(duplication, dim=-1, stable=True).indices[:, :share]
         taken[rows, claimed] = True
         picks.append(claimed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -133,45 +134,37 @@ def _sorted(picks: torch.Tensor) -> torch.Tensor:
     return picks.sort(dim=-1).values
 
 
-def _register_sensitivity_method(
-    name: str, summary: str, choose: Callable[[TokenSet, int, torch.Tensor], torch.Tensor]
-) -> None:
-    """Register a method that scores by projector sensitivity, then ``choose``s k tokens."""
-
-    def method(
-        tokens: TokenSet,
-        k: int,
-        *,
-        estimator: str = "auto",
-        num_directions: int = 64,
-        step: float = 0.01,
-        seed: int = 0,
-        zo_dtype: str = "float32",
-        rank: int = 128,
-    ) -> MethodResult:
-        scores, ran = sensitivity_scores(
-            tokens,
-            estimator=estimator,
-            num_directions=num_directions,
-            step=step,
-            seed=seed,
-            zo_dtype=zo_dtype,
-            rank=rank,
-        )
-        return MethodResult(
-            _sorted(choose(tokens, k, scores)), scores=scores, details={"estimator": ran}
-        )
-
-    method.choose = choose  # type: ignore[attr-defined]  # lets benchmarks time it alone
-    register_method(name, summary, validate=check_sensitivity_options)(method)
+def score_then_choose(
+    choose: Callable[[TokenSet, int, torch.Tensor], torch.Tensor],
+    tokens: TokenSet,
+    k: int,
+    *,
+    estimator: str = "auto",
+    num_directions: int = 64,
+    step: float = 0.01,
+    seed: int = 0,
+    zo_dtype: str = "float32",
+    rank: int = 128,
+) -> MethodResult:
+    """A method that scores by projector sensitivity, then ``choose``s k tokens by them."""
+    scores, ran = sensitivity_scores(
+        tokens,
+        estimator=estimator,
+        num_directions=num_directions,
+        step=step,
+        seed=seed,
+        zo_dtype=zo_dtype,
+        rank=rank,
+    )
+    return MethodResult(
+        _sorted(choose(tokens, k, scores)), scores=scores, details={"estimator": ran}
+    )
 
 
-def _greedy(fusion: str) -> Callable[[TokenSet, int, torch.Tensor], torch.Tensor]:
-    def choose(tokens: TokenSet, k: int, scores: torch.Tensor) -> torch.Tensor:
-        weights = minmax_normalize(scores)
-        return maxmin_select(tokens.projected, k, weights=weights, fusion=fusion)
-
-    return choose
+def _maxmin(fusion: str, tokens: TokenSet, k: int, scores: torch.Tensor) -> torch.Tensor:
+    """ZOO-Prune's greedy: weights are the scores min-max normalised over the unit."""
+    weights = minmax_normalize(scores)
+    return maxmin_select(tokens.projected, k, weights=weights, fusion=fusion)
 
 
 def _top_k(tokens: TokenSet, k: int, scores: torch.Tensor) -> torch.Tensor:
@@ -179,15 +172,24 @@ def _top_k(tokens: TokenSet, k: int, scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
 
 
-_register_sensitivity_method(
-    "zoo", "ZOO-Prune: projector sensitivity x max-min diversity", _greedy("product")
-)
-_register_sensitivity_method(
-    "zoo-sum", "ablation: sensitivity + diversity (additive fusion)", _greedy("sum")
-)
-_register_sensitivity_method(
-    "sensitivity", "ablation: top-k by projector sensitivity alone", _top_k
-)
+# Module-level functions bound with partial, not closures: each method's whole path is
+# code that runs per call (what mutation testing can switch), none of it made at import.
+for _name, _summary, _choose in (
+    (
+        "zoo",
+        "ZOO-Prune: projector sensitivity x max-min diversity",
+        functools.partial(_maxmin, "product"),
+    ),
+    (
+        "zoo-sum",
+        "ablation: sensitivity + diversity (additive fusion)",
+        functools.partial(_maxmin, "sum"),
+    ),
+    ("sensitivity", "ablation: top-k by projector sensitivity alone", _top_k),
+):
+    _method = functools.partial(score_then_choose, _choose)
+    _method.choose = _choose  # type: ignore[attr-defined]  # the speed benchmark times it alone
+    register_method(_name, _summary, validate=check_sensitivity_options)(_method)
 
 
 @register_method("divprune", "DivPrune: max-min diversity of projected tokens (1 - cosine)")

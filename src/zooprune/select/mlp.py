@@ -37,7 +37,7 @@ class MLPWeights:
 
 def _gelu_kind(act: nn.Module) -> GeluKind | None:
     """Which GELU an activation module computes, read off its values (None if neither)."""
-    probe = torch.linspace(-6, 6, 241, dtype=torch.float32)
+    probe = torch.linspace(-6, 6, 241, dtype=torch.float32, device="cpu")
     try:
         with torch.no_grad():
             values = act(probe).float()

@@ -28,7 +28,7 @@ def direction_bank(
         ``[num_directions, dim]`` float32, each row of L2 norm 1.
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    bank = torch.randn(num_directions, dim, generator=generator, dtype=torch.float32)
+    bank = torch.randn(num_directions, dim, generator=generator, dtype=torch.float32, device="cpu")
     return (bank / bank.norm(dim=-1, keepdim=True)).to(device)
 
 

@@ -74,4 +74,4 @@ def random_indices(n: int, k: int, *, seed: int, device: torch.device | str = "c
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randperm(n, generator=generator)[:k].sort().values.to(device)
+    return torch.randperm(n, generator=generator, device="cpu")[:k].sort().values.to(device)

@@ -1,0 +1,128 @@
+"""Every method's options: the documented defaults, and what the checks hand the method
+(coerced values under the same names), through the one entry point that builds them."""
+
+import numpy as np
+import pytest
+
+from zooprune import METHODS, PruneError
+from zooprune.pipeline import Selector
+
+SENSITIVITY = {
+    "estimator": "auto",
+    "num_directions": 64,
+    "step": 0.01,
+    "seed": 0,
+    "zo_dtype": "float32",
+    "rank": 128,
+}
+#: the README's table of methods, option by option
+DOCUMENTED = {
+    "zoo": SENSITIVITY,
+    "zoo-sum": SENSITIVITY,
+    "sensitivity": SENSITIVITY,
+    "divprune": {},
+    "visionzip": {"contextual": None, "cls_token": False},
+    "random": {"seed": 0},
+    "grid": {},
+    "pool": {},
+    "cdpruner": {"theta": None},
+    "dart": {"pivots": 8, "pivot_norm": "l2"},
+    "fastv": {"layer": 2},
+}
+
+
+def test_the_defaults_are_the_documented_ones():
+    assert {name: spec.options for name, spec in METHODS.items()} == DOCUMENTED
+
+
+@pytest.mark.parametrize(
+    ("method", "given", "checked"),
+    [
+        (
+            "zoo",
+            {"num_directions": np.int64(8), "step": np.float32(0.5), "seed": np.int32(3)},
+            {"num_directions": 8, "step": 0.5, "seed": 3},
+        ),
+        (
+            "zoo-sum",
+            {"estimator": "zo", "zo_dtype": "float16"},
+            {"estimator": "zo", "zo_dtype": "float16"},
+        ),
+        ("sensitivity", {"rank": np.int16(16)}, {"rank": 16}),
+        (
+            "visionzip",
+            {"contextual": np.int64(2), "cls_token": True},
+            {"contextual": 2, "cls_token": True},
+        ),
+        ("visionzip", {"contextual": None}, {"contextual": None}),
+        ("random", {"seed": np.uint8(9)}, {"seed": 9}),
+        ("cdpruner", {"theta": np.float64(0.5)}, {"theta": 0.5}),
+        ("dart", {"pivots": np.int64(3), "pivot_norm": "l1"}, {"pivots": 3, "pivot_norm": "l1"}),
+        ("fastv", {"layer": np.int64(1)}, {"layer": 1}),
+    ],
+)
+def test_checked_options_keep_their_names_and_become_plain_values(method, given, checked):
+    options = Selector.build(method, keep=4, options=given).options
+    assert options == checked
+    assert all(type(options[k]) is type(v) for k, v in checked.items())
+
+
+@pytest.mark.parametrize(
+    ("method", "bad", "message"),
+    [
+        ("zoo", {"num_directions": 0}, "num_directions must be an int >= 1"),
+        ("zoo", {"rank": 0}, "rank must be an int >= 1"),
+        ("zoo", {"seed": -1}, "seed must be an int"),
+        ("zoo", {"zo_dtype": "float16"}, "applies to estimator='zo' only"),
+        ("visionzip", {"contextual": 4}, "contextual must be an int"),
+        ("visionzip", {"contextual": -1}, "contextual must be an int"),
+        ("visionzip", {"cls_token": 1}, "cls_token must be"),
+        ("random", {"seed": 1.5}, "seed must be an int"),
+        ("cdpruner", {"theta": 0}, r"theta must be None or a number in \(0, 1\)"),
+        ("cdpruner", {"theta": 1}, r"theta must be None or a number in \(0, 1\)"),
+        ("cdpruner", {"theta": True}, r"theta must be None or a number in \(0, 1\)"),
+        ("dart", {"pivots": 0}, "pivots must be an int >= 1"),
+        ("fastv", {"layer": 0}, "layer must be an int"),
+    ],
+)
+def test_out_of_range_options_are_refused(method, bad, message):
+    with pytest.raises(PruneError, match=message):
+        Selector.build(method, keep=4, options=bad)
+
+
+def test_visionzip_contextual_may_reach_keep_minus_one():
+    assert Selector.build("visionzip", keep=4, options={"contextual": 3}).options == {
+        "contextual": 3
+    }
+    assert Selector.build("visionzip", ratio=0.5, options={"contextual": 50}).options == {
+        "contextual": 50  # under ratio= the kept count is known per image only
+    }
+
+
+def test_a_registered_method_is_kept_with_everything_it_declared():
+    from zooprune.select.registry import METHODS as REGISTRY
+    from zooprune.select.registry import register_method
+
+    def validate(options, keep):
+        return options
+
+    def first(tokens, k, *, flag: bool = False):
+        raise AssertionError("not called")
+
+    try:
+        returned = register_method(
+            "_declared",
+            "keeps the first",
+            needs=("keys",),
+            validate=validate,
+            option_needs={"flag": "cls_token"},
+        )(first)
+        spec = REGISTRY["_declared"]
+        assert returned is first and spec.fn is first
+        assert (spec.name, spec.summary, spec.needs) == ("_declared", "keeps the first", {"keys"})
+        assert spec.validate is validate and spec.option_needs == {"flag": "cls_token"}
+        assert spec.needs_for({"flag": True}) == {"keys", "cls_token"}
+        with pytest.raises(ValueError, match="already registered"):
+            register_method("_declared", "again")(first)
+    finally:
+        REGISTRY.pop("_declared", None)
