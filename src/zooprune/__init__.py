@@ -28,8 +28,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "prune": "zooprune.api",
-    "PruneHandle": "zooprune.api",
-    "handle_of": "zooprune.api",
+    "PruneHandle": "zooprune.handle",
+    "handle_of": "zooprune.handle",
     "ImageSelection": "zooprune.record",
     "Selection": "zooprune.record",
     "METHODS": "zooprune.select",

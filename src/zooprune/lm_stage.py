@@ -95,82 +95,22 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import create_causal_mask
 
+from zooprune.adapters import ADAPTERS
 from zooprune.adapters.base import Adapter, padding_side
-from zooprune.api import Positions, PruneHandle
+from zooprune.capabilities import language_model, unsupported
 from zooprune.errors import PruneError
+from zooprune.handle import Positions, PruneHandle
 from zooprune.pipeline import EncodedImages, Kept, KeptImage, Selector, selection_record
+from zooprune.select import METHODS
 from zooprune.select.fastv import query_attention, top_k_ascending
 
-__all__ = ["FastVStage", "LMStageHandle", "Plan", "capability", "language_model"]
+__all__ = ["FastVStage", "LMStageHandle", "Plan", "language_model"]
 
 
-# -- which models have the stage ---------------------------------------------------------
-
-
-def language_model(model: nn.Module) -> nn.Module | None:
-    """The decoder stack the stage hooks into (``model.model.language_model``), or None."""
-    inner = getattr(model, "model", None)
-    return getattr(inner, "language_model", None)
-
-
-def layer_kinds(config: Any) -> set[str]:
-    """The attention kinds of a text config's layers, as transformers reads them to build
-    the cache (``cache_utils.get_layer_types_and_kwargs``): ``layer_types`` where the
-    config declares them, else ``sliding_window`` / ``attention_chunk_size`` (Mistral's
-    configs declare no ``layer_types``, and every layer then slides)."""
-    declared = getattr(config, "layer_types", None)
-    if declared is not None:
-        return set(declared)
-    if getattr(config, "sliding_window", None) is not None:
-        return {"sliding_attention"}
-    if getattr(config, "attention_chunk_size", None) is not None:
-        return {"chunked_attention"}
-    return {"full_attention"}
-
-
-def _unsupported(text: nn.Module | None) -> str | None:
-    """Why the stage cannot run in ``text``, or None when it can."""
-    if text is None or not isinstance(getattr(text, "layers", None), nn.ModuleList):
-        return "its language model has no decoder layer stack"
-    kinds = layer_kinds(text.config)
-    if kinds != {"full_attention"}:
-        return f"its language model has {', '.join(sorted(kinds - {'full_attention'}))} layers"
-    for layer in text.layers:
-        attention = getattr(layer, "self_attn", None)
-        parts = ("q_proj", "k_proj", "head_dim", "scaling")
-        if (
-            not hasattr(layer, "input_layernorm")
-            or attention is None
-            or not all(hasattr(attention, part) for part in parts)
-        ):
-            return "its decoder layers are not pre-norm attention layers with q/k projections"
-        if hasattr(attention, "q_norm") or hasattr(attention, "k_norm"):
-            return "its attention normalises queries and keys (not supported)"
-    # The ranking rotates q and k over the whole head, as the decoder's shared rotary
-    # embedding does unless it is partial (e.g. Phi's partial_rotary_factor).
-    frequencies = getattr(getattr(text, "rotary_emb", None), "inv_freq", None)
-    head_dim = text.layers[0].self_attn.head_dim
-    if not isinstance(frequencies, Tensor):
-        return "its language model has no shared rotary embedding"
-    if 2 * frequencies.numel() != head_dim:
-        return (
-            f"its rotary embedding turns {2 * frequencies.numel()} of the {head_dim} "
-            "dimensions of a head (partial rotary; not supported)"
-        )
-    return None
-
-
-def capability(model: nn.Module, adapter: Adapter) -> frozenset[str]:
-    """``{"lm_stage"}`` when ``adapter`` declares the stage and ``model``'s language model
-    can run it (:func:`_unsupported`), else empty: what ``Adapter.available`` adds."""
-    if adapter.extras.get("lm_stage") and _unsupported(language_model(model)) is None:
-        return frozenset({"lm_stage"})
-    return frozenset()
+# -- which models have the stage (zooprune.capabilities decides) -------------------------
 
 
 def _supported_classes() -> str:
-    from zooprune.adapters import ADAPTERS
-
     return ", ".join(
         cls.__name__
         for adapter in ADAPTERS.values()
@@ -500,7 +440,7 @@ class _Pending:
 
 
 class LMStageHandle(PruneHandle):
-    """A :class:`~zooprune.api.PruneHandle` whose method chooses inside the language
+    """A :class:`~zooprune.handle.PruneHandle` whose method chooses inside the language
     model (FastV). The prompt reaches the model whole; :class:`FastVStage` drops tokens
     after layer ``K-1``. ``remove()`` detaches the stage's hooks too.
 
@@ -531,8 +471,6 @@ class LMStageHandle(PruneHandle):
         that can, and the methods that apply), a ``layer`` past its depth, ``positions``
         other than ``"original"`` and any of the family's layout ``options``; else the
         layer. ``zooprune.prune`` calls it before anything is attached."""
-        from zooprune.select import METHODS
-
         method = selector.method.name
         if positions not in (None, "original"):
             raise PruneError(
@@ -548,7 +486,7 @@ class LMStageHandle(PruneHandle):
             )
         name = type(model).__name__
         text = language_model(model)
-        reason = _unsupported(text)
+        reason = unsupported(text)
         if not adapter.extras.get("lm_stage") or reason is not None:
             available = adapter.available(model)
             usable = sorted(m for m, spec in METHODS.items() if spec.needs_for({}) <= available)

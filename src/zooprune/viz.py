@@ -11,6 +11,8 @@ matplotlib.use("Agg")  # files only; no display is assumed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from zooprune.bench.accuracy import UNPRUNED, condition_stats  # noqa: E402
+
 
 def plot_speed(result: dict[str, Any], path: str | Path) -> Path:
     """Stacked time per phase for each budget, end-to-end generation of the fixed tokens."""
@@ -307,8 +309,6 @@ def _show_kept_cells(ax: Any, picture: Any, grid: tuple[int, int], cells: Any) -
 def plot_accuracy(summary: dict[str, Any], path: str | Path, ylabel: str = "accuracy %") -> Path:
     """Overall accuracy (with 95% intervals) against the fraction of tokens kept, per method;
     one small panel per family below."""
-    from zooprune.bench.accuracy import UNPRUNED, condition_stats
-
     conds = summary["conditions"]
     base = conds[0]
     families = list(base["families"])

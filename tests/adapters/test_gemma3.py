@@ -20,7 +20,7 @@ from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImagePr
 import zooprune
 from tests.adapters.conformance import AdapterConformance, FamilyTester, random_pictures
 from zooprune import PruneError
-from zooprune.adapters.gemma3 import PooledProjector
+from zooprune.families.gemma3 import PooledProjector
 from zooprune.tiny import SPECIAL, WORDS, word_tokenizer
 
 SIZE, PATCH, SIDE = 32, 4, 4  # 8 x 8 patches, pooled 2 x 2 -> 4 x 4 tokens

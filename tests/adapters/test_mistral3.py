@@ -31,8 +31,8 @@ from tests.adapters.conformance import (
 )
 from zooprune import PruneError
 from zooprune.adapters import adapter_for
-from zooprune.adapters.mistral3 import MergedPatchProjector
 from zooprune.errors import PlaceholderMismatchError
+from zooprune.families.mistral3 import MergedPatchProjector
 from zooprune.tiny import SPECIAL, WORDS, word_tokenizer
 
 PATCH, MERGE = 4, 2

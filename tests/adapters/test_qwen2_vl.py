@@ -40,8 +40,9 @@ from tests.adapters.conformance import (
 )
 from zooprune.adapters import adapter_for
 from zooprune.adapters.llava import LlavaAdapter
-from zooprune.adapters.qwen2_vl import MergerProjector, Qwen2VLAdapter
+from zooprune.adapters.qwen2_vl import Qwen2VLAdapter
 from zooprune.errors import PlaceholderMismatchError, PruneError
+from zooprune.families.qwen import MergerProjector
 from zooprune.pipeline import ImageLayout, KeptImage
 from zooprune.tiny import SPECIAL, WORDS, word_tokenizer
 from zooprune.viz import regions_figure

@@ -47,7 +47,7 @@ from tests.adapters.test_qwen2_vl import (
 )
 from tests.adapters.test_qwen3_vl import Qwen3VLTester
 from zooprune.adapters import adapter_for
-from zooprune.adapters.qwen3_5 import Qwen3MergerProjector
+from zooprune.families.qwen import Qwen3MergerProjector
 
 # Linear attention around full attention: a dropped token would reach the full layer's
 # queries through the first and leave its trace in the last.

@@ -38,7 +38,7 @@ from tests.adapters.test_qwen2_vl import (
     processor,
 )
 from zooprune.adapters import adapter_for
-from zooprune.adapters.qwen3_5 import Qwen3MergerProjector
+from zooprune.families.qwen import Qwen3MergerProjector
 
 DEEPSTACK = [0, 1]  # the tower blocks whose states feed the DeepStack levels
 CLASSES = {

@@ -195,10 +195,28 @@ def test_bad_settings_are_refused_before_an_engine_starts(tmp_path):
         zv.engine_args(path, keep=0)
     with pytest.raises(PruneError, match="step must be finite"):
         zv.engine_args(path, keep=4, step=float("inf"))
-    from zooprune.integrations.vllm.llava import ANYRES_LAYOUT
-
+    anyres = tmp_path / "llava-next"
+    anyres.mkdir()
+    (anyres / "config.json").write_text('{"architectures": ["LlavaNextForConditionalGeneration"]}')
     with pytest.raises(PruneError, match="separators must be one of all, got 'nonempty'"):
-        selector_from({"keep": 4, "separators": "nonempty"}, ANYRES_LAYOUT)
+        zv.engine_args(anyres, keep=4, separators="nonempty")
+    assert zv.engine_args(anyres, keep=4, crop_budget="global")["hf_overrides"]["zooprune"] == {
+        "method": "zoo",
+        "keep": 4,
+        "ratio": None,
+        "crop_budget": "global",
+    }
+    with pytest.raises(PruneError, match="no option 'crop_budget'"):
+        zv.engine_args(path, keep=4, crop_budget="global")  # LLaVA-1.5 has one crop
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    (qwen / "config.json").write_text('{"architectures": ["Qwen2VLForConditionalGeneration"]}')
+    with pytest.raises(PruneError, match="positions='compact' cannot be served"):
+        zv.engine_args(qwen, keep=4, positions="compact")
+    assert (
+        zv.engine_args(qwen, keep=4, positions="original")["hf_overrides"]["zooprune"]["positions"]
+        == "original"
+    )
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text('{"architectures": ["MllamaForCausalLM"]}')
     with pytest.raises(UnsupportedModelError, match="it has one for LlavaForConditionalGeneration"):

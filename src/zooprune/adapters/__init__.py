@@ -16,6 +16,7 @@ from zooprune.adapters.qwen2_vl import Qwen2VLAdapter
 from zooprune.adapters.qwen3_5 import Qwen3_5Adapter
 from zooprune.adapters.qwen3_vl import Qwen3VLAdapter
 from zooprune.errors import UnsupportedModelError
+from zooprune.select import METHODS
 
 ADAPTERS: dict[str, Adapter] = {
     adapter.name: adapter
@@ -51,8 +52,6 @@ def adapter_for(model: nn.Module) -> Adapter:
 
 def support_matrix() -> str:
     """The family x method table of the README, in Markdown, from the registries."""
-    from zooprune.select import METHODS
-
     names = sorted(METHODS)
     lines = [
         "| model class | N per image | " + " | ".join(f"`{name}`" for name in names) + " |",

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from zooprune.capabilities import capability
 from zooprune.errors import PlaceholderMismatchError
 from zooprune.pipeline import (
     CROP_BUDGETS,
@@ -35,7 +36,6 @@ __all__ = [
     "padding_side",
     "run_capturing",
     "shrink",
-    "square_grid",
 ]
 
 
@@ -124,9 +124,11 @@ class Adapter(ABC):
         """Every extra the Hugging Face engine can give methods for ``model``: what the
         adapter :meth:`provides`, the :attr:`prompt_extras`, and ``"lm_stage"`` where the
         family declares it in :attr:`extras` and the language model can run it."""
-        from zooprune.lm_stage import capability  # it imports the engine, which imports us
-
-        return self.provides(model) | self.prompt_extras | capability(model, self)
+        return (
+            self.provides(model)
+            | self.prompt_extras
+            | capability(model, self.extras.get("lm_stage", ""))
+        )
 
     @abstractmethod
     def image_token_id(self, model: nn.Module) -> int:
@@ -237,12 +239,6 @@ def run_capturing(
         for hook in hooks:
             hook.remove()
     return output, captured
-
-
-def square_grid(num_tokens: int) -> tuple[int, int]:
-    """``(s, s)`` when ``num_tokens == s * s``, else ``(1, num_tokens)``."""
-    side = int(round(num_tokens**0.5))
-    return (side, side) if side * side == num_tokens else (1, num_tokens)
 
 
 def locate_images(

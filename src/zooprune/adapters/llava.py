@@ -14,8 +14,9 @@ from torch import Tensor, nn
 from transformers import LlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from zooprune.adapters.base import Adapter, EncodedImages, run_capturing, square_grid
+from zooprune.adapters.base import Adapter, EncodedImages, run_capturing
 from zooprune.errors import PruneError
+from zooprune.families.llava import square_grid
 
 
 def _cls_attention_and_keys(attention: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor]:

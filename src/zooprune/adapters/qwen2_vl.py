@@ -14,7 +14,8 @@ order, and the prompt holds one run of N ``<|image_pad|>`` placeholders between
 
 What "projector" means here: the merger is token-wise on the grouped vectors (token j's
 output depends on window j's ``merge^2`` states only), so the projector the methods score
-is the whole merger, norm included, on one grouped vector (:class:`MergerProjector`), and
+is the whole merger, norm included, on one grouped vector
+(:class:`~zooprune.families.qwen.MergerProjector`), and
 the projector inputs X are the tower's last hidden states grouped ``merge^2`` at a time,
 ``[N, merge^2 * C]``. The norm in front makes it more than a GELU MLP, so
 ``estimator="auto"`` runs ``jvp``; ``exact`` and ``lowrank`` are refused with a message
@@ -74,33 +75,13 @@ import torch
 from torch import Tensor, nn
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.vision_utils import get_vision_window_index
 
-from zooprune.adapters.base import VIDEO_BUDGETS, Adapter, EncodedImages, ImageLayout, KeptImage
+from zooprune.adapters.base import VIDEO_BUDGETS, Adapter, EncodedImages, KeptImage
 from zooprune.errors import PlaceholderMismatchError, PruneError
+from zooprune.families import qwen
 
 #: ``mm_token_type_ids`` of image and video placeholders (text 0), as the processor sets
 _IMAGE_TYPE, _VIDEO_TYPE = 1, 2
-
-
-class MergerProjector(nn.Module):
-    """The patch merger as a token-wise map on grouped vectors: ``[..., u*C] -> [..., d_l]``.
-
-    ``u = merge^2``. Splits each vector into its ``u`` patch states, normalises each with the
-    merger's own norm, concatenates them again and runs the merger's MLP: equal, row for
-    row, to ``visual.merger`` on the ``[u*N, C]`` states the vectors were grouped from.
-    """
-
-    def __init__(self, merger: nn.Module, unit: int) -> None:
-        super().__init__()
-        # A child, not a copy: the estimators read (and may recast) the live weights.
-        self.merger = merger
-        self.unit = unit
-
-    def forward(self, x: Tensor) -> Tensor:
-        patches = x.unflatten(-1, (self.unit, x.shape[-1] // self.unit))
-        normed = self.merger.ln_q(patches).flatten(-2)
-        return self.merger.mlp(normed)
 
 
 class Qwen2VLAdapter(Adapter):
@@ -137,7 +118,7 @@ class Qwen2VLAdapter(Adapter):
     )
     #: the family's merger as a token-wise module on grouped vectors, built as
     #: ``merger_projector(merger, merge^2)``
-    merger_projector: type[nn.Module] = MergerProjector
+    merger_projector: type[nn.Module] = qwen.MergerProjector
 
     def image_token_id(self, model: nn.Module) -> int:
         return model.config.image_token_id
@@ -182,7 +163,6 @@ class Qwen2VLAdapter(Adapter):
             )
         visual = model.model.visual
         merge = visual.spatial_merge_size
-        unit = merge * merge
         captured: dict[str, Tensor] = {}
 
         def on_merger(module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -196,42 +176,16 @@ class Qwen2VLAdapter(Adapter):
             output = encode(inputs[_PIXELS[kind]], grid_thw, return_dict=True)
         finally:
             hook.remove()
-        states, merged = captured["states"], captured["merged"]  # [u*T, C], [T, d_l]
-        features = states.reshape(-1, unit * states.shape[-1])  # window j's u states, in order
-        order = _raster_order(visual, grid_thw)
-        if order is not None:
-            order = order.to(features.device)
-            features, merged = features[order], merged[order]
-        projected = list(output.pooler_output)
-        # The model's own reordering must agree with ours, or features and tokens would
-        # belong to different cells (a tower that changed its order would show here).
-        # NaN equals NaN here: non-finite features are the pipeline's to report.
-        same = torch.cat(projected)
-        if merged.shape != same.shape or not torch.allclose(
-            merged, same, rtol=0, atol=0, equal_nan=True
-        ):
-            raise RuntimeError(
-                f"{type(model).__name__}: the merger's output in the adapter's raster order "
-                "differs from the model's image features"
-            )
-        counts = [t.shape[0] for t in projected]
-        grids = [(int(h) // merge, int(w) // merge) for _, h, w in grid_thw.tolist()]
-        frames = [int(t) for t in grid_thw[:, 0].tolist()]
-        if kind == "image":
-            layouts = [ImageLayout.single(p, g) for p, g in zip(projected, grids, strict=True)]
-        else:
-            layouts = [
-                ImageLayout.frames(p, g, t)
-                for p, g, t in zip(projected, grids, frames, strict=True)
-            ]
-        return EncodedImages(
-            features=list(features.split(counts)),
-            projected=projected,
-            grids=grids,
-            cls_attention=None,
-            keys=None,
+        return qwen.encoded(
+            captured["states"],
+            captured["merged"],
+            list(output.pooler_output),
+            grid_thw,
+            merge,
+            qwen.raster_order(visual.config, merge, grid_thw),
+            kind,
+            engine=type(model).__name__,
             encoder_output=output,
-            layouts=layouts,
         )
 
     def merger(self, model: nn.Module) -> nn.Module:
@@ -316,22 +270,3 @@ class Qwen2VLAdapter(Adapter):
 
 _PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
 _GRIDS = {"image": "image_grid_thw", "video": "video_grid_thw"}
-
-
-def _raster_order(visual: nn.Module, grid_thw: Tensor) -> Tensor | None:
-    """``[T]`` the permutation taking the tower's merged-token order to raster order.
-
-    None for Qwen2-VL (its tower keeps raster order). Qwen2.5-VL's tower runs in window
-    order: ``get_vision_window_index`` gives, for each window-order slot, the raster index
-    of its merged token, so its argsort undoes it (as the model does to its output).
-    """
-    window_size = getattr(visual.config, "window_size", None)
-    if window_size is None:
-        return None
-    window_index, _ = get_vision_window_index(
-        grid_thw,
-        spatial_merge_size=visual.spatial_merge_size,
-        window_size=window_size,
-        patch_size=visual.config.patch_size,
-    )
-    return torch.argsort(window_index)

@@ -28,7 +28,8 @@ and decays the recurrent state).
 
 What "projector" means here: the merger is token-wise on the grouped vectors (token j's
 output depends on window j's ``merge^2`` states only), so the projector the methods score
-is the whole merger, norm included, on one grouped vector (:class:`Qwen3MergerProjector`),
+is the whole merger, norm included, on one grouped vector
+(:class:`~zooprune.families.qwen.Qwen3MergerProjector`),
 and the projector inputs X are the tower's last hidden states grouped ``merge^2`` at a
 time, ``[N, merge^2 * C]``. The LayerNorm in front makes it more than a GELU MLP, so
 ``estimator="auto"`` runs ``jvp``; ``exact`` and ``lowrank`` are refused with a message
@@ -64,37 +65,10 @@ timestamp, and the timestamps and markers always stay. The tower has no CLS toke
 
 from __future__ import annotations
 
-from torch import Tensor, nn
 from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
 
 from zooprune.adapters.qwen2_vl import Qwen2VLAdapter
-
-
-class Qwen3MergerProjector(nn.Module):
-    """Qwen3-VL's patch merger (Qwen3.5 has the very same) as a token-wise map on grouped
-    vectors: ``[..., u*C] -> [..., d_l]``.
-
-    ``u = merge^2``. Normalises each of a vector's ``u`` patch states with the merger's
-    LayerNorm (or the whole vector, for a merger built with ``use_postshuffle_norm``, as
-    Qwen3-VL's DeepStack mergers are), then runs ``linear_fc1 -> act_fn -> linear_fc2``:
-    equal, row for row, to the merger on the ``[u*N, C]`` states the vectors were grouped
-    from.
-    """
-
-    def __init__(self, merger: nn.Module, unit: int) -> None:
-        super().__init__()
-        # A child, not a copy: the estimators read (and may recast) the live weights.
-        self.merger = merger
-        self.unit = unit
-
-    def forward(self, x: Tensor) -> Tensor:
-        merger = self.merger
-        if merger.use_postshuffle_norm:
-            normed = merger.norm(x)
-        else:
-            patches = x.unflatten(-1, (self.unit, x.shape[-1] // self.unit))
-            normed = merger.norm(patches).flatten(-2)
-        return merger.linear_fc2(merger.act_fn(merger.linear_fc1(normed)))
+from zooprune.families import qwen
 
 
 class Qwen3_5Adapter(Qwen2VLAdapter):
@@ -102,7 +76,8 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
 
     Encoding, positions, ``rope_deltas`` and the record are Qwen2-VL's (the tower keeps
     raster order, so no window permutation applies); the projector is Qwen3's merger
-    (:class:`Qwen3MergerProjector`), and its videos are pruned as Qwen2-VL's.
+    (:class:`~zooprune.families.qwen.Qwen3MergerProjector`), and its videos are pruned as
+    Qwen2-VL's.
     """
 
     name = "qwen3.5"
@@ -115,4 +90,4 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
     # inside the language model is not declared: it runs on plain full-attention decoders,
     # not on linear-attention layers.
     extras = {"cls_attention": ""}
-    merger_projector = Qwen3MergerProjector
+    merger_projector = qwen.Qwen3MergerProjector

@@ -24,7 +24,7 @@ visual token is thus one row of the merger's output *and* the same row of every
 DeepStack level.
 
 What "projector" means here: the methods score the main merger, norm included, on one
-grouped vector (:class:`~zooprune.adapters.qwen3_5.Qwen3MergerProjector`: Qwen3.5 has
+grouped vector (:class:`~zooprune.families.qwen.Qwen3MergerProjector`: Qwen3.5 has
 the very same merger); the projector inputs X are the tower's last hidden states grouped
 ``merge^2`` at a time, ``[N, merge^2 * C]``, and its outputs are what fills the
 placeholders. The DeepStack mergers are not scored: they read other states (earlier

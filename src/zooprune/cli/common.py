@@ -7,9 +7,12 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from zooprune.settings import Settings
 
 # Kept in step with zooprune.testbed.scenes.FAMILIES (a test checks), so that
 # `zooprune --help` does not import numpy and the scene generator.
@@ -63,6 +66,23 @@ def add_method_and_budget(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--ratio", type=float, help="fraction of visual tokens kept per image")
     parser.add_argument(
         "--option", action="append", default=[], metavar="NAME=VALUE", help="a method option"
+    )
+
+
+def settings_from(args: argparse.Namespace, default_keep: int | None = None) -> Settings:
+    """The pruning settings of ``--method``, ``--keep`` / ``--ratio``, ``--positions``
+    (where the command has it) and ``--option`` (checked where they are used)."""
+    from zooprune.settings import Settings  # torch: only once a command runs (fast --help)
+
+    keep = args.keep
+    if keep is None and args.ratio is None:
+        keep = default_keep
+    return Settings(
+        args.method,
+        keep,
+        args.ratio,
+        getattr(args, "positions", None),
+        dict(parse_option(o) for o in args.option),
     )
 
 

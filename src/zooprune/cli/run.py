@@ -15,9 +15,9 @@ from zooprune.cli.common import (
     console,
     fail,
     load_model,
-    parse_option,
     resolve_dtype,
     set_threads,
+    settings_from,
 )
 
 
@@ -69,16 +69,8 @@ def _run(args: argparse.Namespace) -> int:
         prompt = f"{token} {prompt}"
     inputs = processor(images=[image], text=[prompt], return_tensors="pt")
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    options = dict(parse_option(o) for o in args.option)
     try:
-        handle = zooprune.prune(
-            model,
-            args.method,
-            keep=args.keep,
-            ratio=args.ratio,
-            positions=args.positions,
-            **options,
-        )
+        handle = zooprune.prune(model, **settings_from(args).kwargs())
     except zooprune.PruneError as error:
         return fail(str(error))
     clock = StepClock()

@@ -14,7 +14,7 @@ import os
 import shlex
 import sys
 
-from zooprune.cli.common import add_method_and_budget, console, fail, parse_option, vllm_missing
+from zooprune.cli.common import add_method_and_budget, console, fail, settings_from, vllm_missing
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -38,9 +38,8 @@ def server_command(args: argparse.Namespace) -> list[str]:
     """The vLLM server's command line for ``args`` (settings checked; raises PruneError)."""
     from zooprune.integrations.vllm import engine_args
 
-    keep = args.keep if args.keep is not None or args.ratio is not None else 64
-    options = dict(parse_option(o) for o in args.option)
-    overrides = engine_args(args.model, args.method, keep=keep, ratio=args.ratio, **options)
+    settings = settings_from(args, default_keep=64)
+    overrides = engine_args(args.model, **settings.kwargs())
     return [
         sys.executable,
         "-m",

@@ -33,18 +33,8 @@ from lmms_eval.models import get_model
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
 import zooprune
-from zooprune.pipeline import CROP_BUDGETS, SEPARATOR_POLICIES, VIDEO_BUDGETS, Selector
 from zooprune.record import Selection
-from zooprune.select import get_method
-
-#: the model_args that are zooprune's, whatever the method
-GENERAL_ARGS = ("base", "method", "keep", "ratio", "positions")
-#: the layout options a family may accept (prune() refuses those it does not)
-LAYOUT_ARGS = {
-    "crop_budget": CROP_BUDGETS,
-    "separators": SEPARATOR_POLICIES,
-    "video_budget": VIDEO_BUDGETS,
-}
+from zooprune.settings import Settings
 
 
 class EvaluationAborted(SystemExit):
@@ -90,29 +80,25 @@ def create_pruned(args: dict[str, Any], extra: dict[str, Any] | None = None) -> 
         base = get_model(base_name)
     except Exception as error:  # noqa: BLE001 (lmms-eval's own lookup error, passed on)
         raise EvaluationAborted(f"base={base_name!r}: {error}") from None
-    method = args.pop("method", "zoo")
-    budget = {"keep": args.pop("keep", None), "ratio": args.pop("ratio", None)}
-    positions = args.pop("positions", None)
+    method = args.get("method", "zoo")
     try:
-        spec = get_method(method)
+        ours = Settings.names(method)
     except zooprune.PruneError as error:
         raise EvaluationAborted(str(error)) from None
-    options = {name: args.pop(name) for name in list(args) if name in spec.options}
-    layout = {name: args.pop(name) for name in list(args) if name in LAYOUT_ARGS}
+    settings = Settings.from_mapping({k: args.pop(k) for k in list(args) if k in ours})
     takes = _parameters(base)
     unknown = sorted(set(args) - takes)
     if unknown:
-        ours = [*GENERAL_ARGS, *spec.options, *LAYOUT_ARGS]
+        options = ", ".join(zooprune.METHODS[method].options) or "none"
         raise EvaluationAborted(
-            f"unknown model_args {', '.join(unknown)}; zooprune takes {', '.join(ours)} "
-            f"(method {method!r}'s options: {', '.join(spec.options) or 'none'}); "
+            f"unknown model_args {', '.join(unknown)}; zooprune takes base, {', '.join(ours)} "
+            f"(method {method!r}'s options: {options}); "
             f"{base_name} takes {', '.join(sorted(takes))}"
         )
     try:  # the method, its options and the budget, before any weight loads
-        Selector.build(method, **budget, options=options | layout, layout_options=LAYOUT_ARGS)
+        settings.selector()
     except zooprune.PruneError as error:
         raise EvaluationAborted(str(error)) from None
-    settings = {"method": method, **budget, "positions": positions, **options, **layout}
     return _pruned_class(base)(zooprune_settings=settings, **args, **(extra or {}))
 
 
@@ -136,11 +122,10 @@ class _Pruned:
     """Prunes the wrapper's model once built, stops the run on a refused call, and logs
     what each task kept."""
 
-    def __init__(self, *, zooprune_settings: dict[str, Any], **kwargs: Any) -> None:
+    def __init__(self, *, zooprune_settings: Settings, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        settings = dict(zooprune_settings)
         try:
-            self.zooprune_handle = zooprune.prune(self.model, settings.pop("method"), **settings)
+            self.zooprune_handle = zooprune.prune(self.model, **zooprune_settings.kwargs())
         except zooprune.PruneError as error:
             raise EvaluationAborted(str(error)) from None
         self.zooprune_handle.observe(self._zooprune_observe)

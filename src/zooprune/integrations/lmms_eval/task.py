@@ -82,8 +82,9 @@ def write_testbed_task(
         families: test-bed families (default: all seven, as ``zooprune bench`` scores).
         max_new_tokens: the answer length generated (``zooprune bench`` on the test bed: 1).
     """
+    # Here, not at the top: the module stays light (no torch) for lmms-eval's task lookup.
     from zooprune.bench.accuracy import testbed_items
-    from zooprune.cli.common import FAMILIES
+    from zooprune.testbed.scenes import FAMILIES
 
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)

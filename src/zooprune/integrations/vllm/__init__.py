@@ -17,32 +17,79 @@ process, and the model classes load only when vLLM builds a model.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: vLLM architecture -> its pruned variant's name
-ARCHITECTURES = {
-    "LlavaForConditionalGeneration": "ZoopruneLlavaForConditionalGeneration",
-    "LlavaNextForConditionalGeneration": "ZoopruneLlavaNextForConditionalGeneration",
-    "LlavaOnevisionForConditionalGeneration": "ZoopruneLlavaOnevisionForConditionalGeneration",
-    "Qwen2VLForConditionalGeneration": "ZoopruneQwen2VLForConditionalGeneration",
-    "Qwen2_5_VLForConditionalGeneration": "ZoopruneQwen2_5_VLForConditionalGeneration",
+_MODULE = "zooprune.integrations.vllm"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What a pruned vLLM variant is and serves, declared here (no vLLM import needed to
+    check settings against it).
+
+    Attributes:
+        name: the architecture name vLLM registers it under.
+        path: ``module:Class`` within this package.
+        layout: the layout options it honours, each with the values it takes (None: every
+            value the option has).
+        positions: the one position mode vLLM gives the family's prompts: ``"compact"``
+            (1-D positions, numbered contiguously) or ``"original"`` (M-RoPE).
+    """
+
+    name: str
+    path: str
+    layout: dict[str, tuple[str, ...] | None] = field(default_factory=dict)
+    positions: str = "compact"
+
+
+#: AnyRes on vLLM: every crop budget, and only the newline policy whose placeholder count
+#: vLLM can know before encoding ("all")
+_ANYRES = {"crop_budget": None, "separators": ("all",)}
+#: HF architecture -> its pruned variant
+VARIANTS: dict[str, Variant] = {
+    "LlavaForConditionalGeneration": Variant(
+        "ZoopruneLlavaForConditionalGeneration", "llava:ZoopruneLlava"
+    ),
+    "LlavaNextForConditionalGeneration": Variant(
+        "ZoopruneLlavaNextForConditionalGeneration", "llava:ZoopruneLlavaNext", _ANYRES
+    ),
+    "LlavaOnevisionForConditionalGeneration": Variant(
+        "ZoopruneLlavaOnevisionForConditionalGeneration", "llava:ZoopruneLlavaOnevision", _ANYRES
+    ),
+    "Qwen2VLForConditionalGeneration": Variant(
+        "ZoopruneQwen2VLForConditionalGeneration", "qwen:ZoopruneQwen2VL", positions="original"
+    ),
+    "Qwen2_5_VLForConditionalGeneration": Variant(
+        "ZoopruneQwen2_5_VLForConditionalGeneration",
+        "qwen:ZoopruneQwen2_5_VL",
+        positions="original",
+    ),
+    "Qwen3VLForConditionalGeneration": Variant(
+        "ZoopruneQwen3VLForConditionalGeneration", "qwen:ZoopruneQwen3VL", positions="original"
+    ),
+    "Qwen3VLMoeForConditionalGeneration": Variant(
+        "ZoopruneQwen3VLMoeForConditionalGeneration",
+        "qwen:ZoopruneQwen3VLMoe",
+        positions="original",
+    ),
+    "Qwen3_5ForConditionalGeneration": Variant(
+        "ZoopruneQwen3_5ForConditionalGeneration", "qwen:ZoopruneQwen3_5", positions="original"
+    ),
+    "Qwen3_5MoeForConditionalGeneration": Variant(
+        "ZoopruneQwen3_5MoeForConditionalGeneration",
+        "qwen:ZoopruneQwen3_5Moe",
+        positions="original",
+    ),
 }
-#: the pruned variant -> where its class lives
-_CLASSES = {
-    "ZoopruneLlavaForConditionalGeneration": "zooprune.integrations.vllm.llava:ZoopruneLlava",
-    "ZoopruneLlavaNextForConditionalGeneration": (
-        "zooprune.integrations.vllm.llava:ZoopruneLlavaNext"
-    ),
-    "ZoopruneLlavaOnevisionForConditionalGeneration": (
-        "zooprune.integrations.vllm.llava:ZoopruneLlavaOnevision"
-    ),
-    "ZoopruneQwen2VLForConditionalGeneration": (
-        "zooprune.integrations.vllm.qwen2_vl:ZoopruneQwen2VL"
-    ),
-    "ZoopruneQwen2_5_VLForConditionalGeneration": (
-        "zooprune.integrations.vllm.qwen2_vl:ZoopruneQwen2_5_VL"
-    ),
+#: HF architecture -> its pruned variant's name
+ARCHITECTURES = {architecture: variant.name for architecture, variant in VARIANTS.items()}
+#: what stock vLLM 0.32 needs changed in a transformers 5 config before it serves the model
+#: (see ``shared/design/vllm-notes.md``): Qwen3-VL-MoE's config lacks ``norm_topk_prob``,
+#: which transformers applies always (its experts' weights are renormalised)
+CONFIG_FIXES: dict[str, dict[str, Any]] = {
+    "Qwen3VLMoeForConditionalGeneration": {"text_config": {"norm_topk_prob": True}},
 }
 #: the HF config attribute that carries the settings
 SETTINGS = "zooprune"
@@ -52,8 +99,8 @@ def register() -> None:
     """Register the pruned architectures with vLLM (the entry point's target)."""
     from vllm import ModelRegistry
 
-    for name, path in _CLASSES.items():
-        ModelRegistry.register_model(name, path)
+    for variant in VARIANTS.values():
+        ModelRegistry.register_model(variant.name, f"{_MODULE}.{variant.path}")
 
 
 def settings(
@@ -61,19 +108,24 @@ def settings(
     *,
     keep: int | None = None,
     ratio: float | None = None,
+    architecture: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """The pruning settings as the HF config carries them, every value checked.
+    """The pruning settings as the HF config carries them, every value checked, for the
+    variant of ``architecture`` (its layout options and position mode) or, without one,
+    as any variant checks them (no layout option, no position mode).
 
     Raises:
         PruneError subclasses naming what is wrong and what is accepted.
     """
-    from zooprune.integrations.vllm.selection import selector_from
+    from zooprune.integrations.vllm.selection import check_settings
 
     chosen = {"method": method, "keep": keep, "ratio": ratio, **options}
+    if chosen.get("positions", "") is None:  # the family's own mode: nothing to carry
+        del chosen["positions"]
     # Bad settings fail here, before any engine starts; so does a method that needs more
-    # than features, tokens and the projector (see selector_from).
-    selector_from(chosen)
+    # than features, tokens and the projector (see selection.selector_from).
+    check_settings(chosen, VARIANTS.get(architecture) if architecture else None)
     return chosen
 
 
@@ -101,22 +153,34 @@ def engine_args(
             that do).
         PruneError subclasses: bad settings.
     """
+    architecture = served_architecture(model)
+    chosen = settings(method, keep=keep, ratio=ratio, architecture=architecture, **options)
     return {
         "hf_overrides": {
-            "architectures": [pruned_architecture(model)],
-            SETTINGS: settings(method, keep=keep, ratio=ratio, **options),
+            **CONFIG_FIXES.get(architecture, {}),
+            "architectures": [ARCHITECTURES[architecture]],
+            SETTINGS: chosen,
         }
     }
 
 
 def pruned_architecture(model: str | Path) -> str:
     """The pruned variant of ``model``'s architecture (a local folder or a hub id)."""
+    return ARCHITECTURES[served_architecture(model)]
+
+
+def served_architecture(model: str | Path) -> str:
+    """The architecture of ``model`` that has a pruned variant.
+
+    Raises:
+        UnsupportedModelError: none has (naming those that do).
+    """
     from zooprune.errors import UnsupportedModelError
 
     architectures = _architectures(model)
     for name in architectures:
         if name in ARCHITECTURES:
-            return ARCHITECTURES[name]
+            return name
     raise UnsupportedModelError(
         f"zooprune has no pruned vLLM variant of {', '.join(architectures) or 'this model'}; "
         f"it has one for {', '.join(ARCHITECTURES)}"

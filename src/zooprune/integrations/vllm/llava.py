@@ -4,9 +4,9 @@ Each is vLLM's own class with two changes: an image gets K placeholders instead 
 its row newlines, for AnyRes), the processing info's count being the budget's pure function
 of the image's N as in the Hugging Face path; and its tokens are the K the selection
 pipeline keeps of the N vLLM's tower and projector made. For AnyRes the layout (crops,
-cells, newlines) comes from the Hugging Face adapter, fed with vLLM's own packing, so the
-two engines keep the same tokens. Checkpoints saved by transformers 5 (tower keys without
-``vision_model``) load too.
+cells, newlines) is the family's (:mod:`zooprune.families.anyres`), fed with vLLM's own
+packing, so the two engines keep the same tokens. Checkpoints saved by transformers 5
+(tower keys without ``vision_model``) load too.
 
 What vLLM cannot give is refused at engine start, naming what applies: ``visionzip``
 (vLLM's tower fuses q/k/v, so the CLS attention is not reachable) and
@@ -16,15 +16,12 @@ encoded; under ``"all"`` the newlines count is a function of the image's size).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from types import SimpleNamespace
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor
-from transformers import LlavaNextModel
+from torch import Tensor, nn
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
-from vllm.config import VllmConfig
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
@@ -44,66 +41,37 @@ from vllm.model_executor.models.llava_onevision import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from zooprune.adapters.base import square_grid
-from zooprune.adapters.llava_next import (
-    LlavaNextAdapter,
-    LlavaOnevisionAdapter,
-    packing_stand_in,
-)
 from zooprune.errors import PruneError
+from zooprune.families import anyres, llava
 from zooprune.integrations.vllm.checkpoint import hub_key
-from zooprune.integrations.vllm.selection import (
-    ProjectorCopy,
-    refuse_embeddings,
-    select_runs,
-    selector_for,
-)
-from zooprune.pipeline import CROP_BUDGETS, SEPARATOR_POLICIES, EncodedImages, Selector
+from zooprune.integrations.vllm.selection import PrunedVariant, budget_of, refuse_embeddings
+from zooprune.pipeline import EncodedImages
 
-#: what vLLM can serve of the AnyRes layout options (see the module's note)
-ANYRES_LAYOUT = {"crop_budget": CROP_BUDGETS, "separators": SEPARATOR_POLICIES[:1]}
+_TOWERS = ("clip_vision_model", "siglip_vision_model")
 
 
-def _selector(config: Any, anyres: bool = False) -> Selector:
-    return selector_for(config, ANYRES_LAYOUT if anyres else None)
-
-
-class _Pruned:
-    """What every pruned LLaVA-family class adds: the settings, the projector it scores
-    (a full-weight copy, see :mod:`zooprune.integrations.vllm.selection`) and the key
+class _PrunedLlava(PrunedVariant):
+    """What every pruned LLaVA-family class adds: the MLP projector it scores and the key
     layout of transformers 5 checkpoints."""
 
-    anyres = False
+    projector_prefixes = llava.PROJECTOR_PREFIXES
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        config = vllm_config.model_config.hf_config
-        if config.vision_config.model_type not in ("clip_vision_model", "siglip_vision_model"):
+    def check_config(self, config: Any) -> None:
+        if config.vision_config.model_type not in _TOWERS:
             raise PruneError(
                 f"zooprune's vLLM variant needs a CLIP or SigLIP tower, not "
                 f"{config.vision_config.model_type}"
             )
-        self.selector = _selector(config, self.anyres)  # bad settings fail at engine start
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._projector_copy = ProjectorCopy(
-            ("model.multi_modal_projector.", "multi_modal_projector.")
-        )
-        # Outside the module tree: vLLM would expect its weights from the checkpoint.
-        object.__setattr__(self, "scoring_projector", None)
-        object.__setattr__(self, "zooprune_kept", [])
 
-    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
-        loaded = super().load_weights(self._projector_copy.watch(_tower_keys(weights)))
-        dtype = next(self.multi_modal_projector.parameters()).dtype
-        projector = self._projector_copy.gelu_mlp(self.config.projector_hidden_act, dtype)
-        object.__setattr__(self, "scoring_projector", projector)
-        return loaded
+    def rename_weights(self, weights: Iterable[tuple[str, Tensor]]) -> Iterable[tuple[str, Tensor]]:
+        # transformers 5 saves the tower without its ``vision_model`` level; vLLM's has it.
+        return ((hub_key(name), tensor) for name, tensor in weights)
 
+    def scoring_projector_from(self, tensors: dict[str, Tensor], dtype: torch.dtype) -> nn.Module:
+        return llava.projector_from_tensors(tensors, self.config.projector_hidden_act, dtype)
 
-def _tower_keys(weights: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
-    """transformers 5 saves the CLIP / SigLIP tower without its ``vision_model`` level;
-    vLLM's tower has it (see :mod:`~zooprune.integrations.vllm.checkpoint`)."""
-    for name, tensor in weights:
-        yield hub_key(name), tensor
+    def scoring_dtype(self) -> torch.dtype:
+        return next(self.multi_modal_projector.parameters()).dtype
 
 
 # -- LLaVA-1.5 ---------------------------------------------------------------------------
@@ -114,7 +82,7 @@ class ZoopruneLlavaProcessingInfo(LlavaProcessingInfo):
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        return _selector(self.get_hf_config()).budget.tokens_for(n)
+        return budget_of(self.get_hf_config()).tokens_for(n)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -122,17 +90,19 @@ class ZoopruneLlavaProcessingInfo(LlavaProcessingInfo):
     info=ZoopruneLlavaProcessingInfo,
     dummy_inputs=LlavaDummyInputsBuilder,
 )
-class ZoopruneLlava(_Pruned, LlavaForConditionalGeneration):
+class ZoopruneLlava(_PrunedLlava, LlavaForConditionalGeneration):
     """vLLM's LLaVA, its visual tokens pruned by the zooprune settings in its HF config."""
+
+    architecture = "LlavaForConditionalGeneration"
 
     def _process_image_input(self, image_input: Any) -> tuple[Tensor, ...]:
         refuse_embeddings(image_input)
         features = list(self._process_image_pixels(image_input))  # [N, d_v] per image
         sizes = [f.shape[0] for f in features]
         projected = list(self.multi_modal_projector(torch.cat(features)).split(sizes))
-        grids = [square_grid(n) for n in sizes]
-        encoded = EncodedImages(features, projected, grids, None, None, None)
-        return tuple(select_runs(self, encoded))
+        grids = [llava.square_grid(n) for n in sizes]
+        kept = self.select(EncodedImages(features, projected, grids, None, None, None))
+        return tuple(image.run for image in kept.images)
 
 
 # -- AnyRes: LLaVA-NeXT and OneVision -------------------------------------------------------
@@ -157,8 +127,7 @@ class _AnyResCount:
             num_patch_height=rows,
             num_patch_width=cols,
         )
-        kept = _selector(config, anyres=True).budget.tokens_for(total - newlines)
-        return kept + newlines
+        return budget_of(config).tokens_for(total - newlines) + newlines
 
 
 class ZoopruneLlavaNextProcessingInfo(_AnyResCount, LlavaNextProcessingInfo):
@@ -169,42 +138,46 @@ class ZoopruneLlavaOnevisionProcessingInfo(_AnyResCount, LlavaOnevisionProcessin
     pass
 
 
-class _PrunedAnyRes(_Pruned):
-    """Encodes every crop, packs with vLLM's own code, lays the image out with the HF
-    adapter's rules, and keeps each image's run of tokens and newlines."""
+class _PrunedAnyRes(_PrunedLlava):
+    """Encodes every crop, packs with vLLM's own code, lays the image out with the family's
+    rules, and keeps each image's run of tokens and newlines."""
 
-    anyres = True
-    adapter: LlavaNextAdapter
+    #: where a lone crop lies in its image
+    single_crop_box = staticmethod(anyres.whole_image_box)
 
-    def _pack_coordinates(self, config: Any) -> Any:
-        """The stand-in model the HF adapter packs the crop coordinates with."""
+    def _pack_image(self, size: Tensor, crops: Tensor, newline: Tensor | None) -> Tensor:
+        """vLLM's own packing of one image's crops into its run."""
         raise NotImplementedError
 
     def _process_image_input(self, image_input: Any) -> list[Tensor]:
         refuse_embeddings(image_input)
-        pixel_values = image_input["pixel_values"]
         image_sizes = image_input["image_sizes"]
-        per_image = list(pixel_values)  # [crops (maybe padded), 3, H, W] each
-        stand_in = self._pack_coordinates(self.config)
-        crops = self.adapter._crops_per_image(stand_in, {"image_sizes": image_sizes})
-        pixels = torch.cat([p[:n] for p, n in zip(per_image, crops, strict=True)])
+        crops = anyres.crops_per_image(self.config, image_sizes)
+        pixels = torch.cat([p[:n] for p, n in zip(image_input["pixel_values"], crops, strict=True)])
         features = self._image_pixels_to_features(self.vision_tower, pixels)
         projected = self.multi_modal_projector(features)
         packed = [
-            self._pack_tokens(size, tokens)
+            self._pack_image(size, tokens, None)
             for size, tokens in zip(image_sizes, projected.split(crops), strict=True)
         ]
-        encoded = self.adapter.encoded_from(
-            stand_in,
+
+        def pack(per_image: list[Tensor], newline: Tensor) -> list[Tensor]:
+            return [
+                self._pack_image(size, carried, newline)
+                for size, carried in zip(image_sizes, per_image, strict=True)
+            ]
+
+        encoded = anyres.encoded(
+            self.config,
             features,
             packed,
-            {"image_sizes": image_sizes},
-            self.config.vision_feature_select_strategy,
+            image_sizes.tolist(),
+            crops,
+            pack,
+            single_crop_box=self.single_crop_box,
+            strategy=self.config.vision_feature_select_strategy,
         )
-        return select_runs(self, encoded)
-
-    def _pack_tokens(self, size: Tensor, tokens: Tensor) -> Tensor:
-        raise NotImplementedError
+        return [image.run for image in self.select(encoded).images]
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -215,13 +188,18 @@ class _PrunedAnyRes(_Pruned):
 class ZoopruneLlavaNext(_PrunedAnyRes, LlavaNextForConditionalGeneration):
     """vLLM's LLaVA-NeXT, pruned (``crop_budget`` split or global; every newline kept)."""
 
-    adapter = LlavaNextAdapter()
+    architecture = "LlavaNextForConditionalGeneration"
 
-    def _pack_coordinates(self, config: Any) -> Any:
-        return packing_stand_in(LlavaNextModel, config)
-
-    def _pack_tokens(self, size: Tensor, tokens: Tensor) -> Tensor:
-        return self._merge_image_patch_embeddings(size, tokens, strategy="spatial_unpad")
+    def _pack_image(self, size: Tensor, crops: Tensor, newline: Tensor | None) -> Tensor:
+        if newline is None:
+            return self._merge_image_patch_embeddings(size, crops, strategy="spatial_unpad")
+        # vLLM's NeXT packs with its own ``image_newline`` (no argument for it): an instance
+        # attribute shadows the parameter for this one call, the parameter untouched.
+        self.__dict__["image_newline"] = newline
+        try:
+            return self._merge_image_patch_embeddings(size, crops, strategy="spatial_unpad")
+        finally:
+            del self.__dict__["image_newline"]
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -232,26 +210,14 @@ class ZoopruneLlavaNext(_PrunedAnyRes, LlavaNextForConditionalGeneration):
 class ZoopruneLlavaOnevision(_PrunedAnyRes, LlavaOnevisionForConditionalGeneration):
     """vLLM's LLaVA-OneVision, pruned; its images (not its videos, which pass unpruned)."""
 
-    adapter = LlavaOnevisionAdapter()
+    architecture = "LlavaOnevisionForConditionalGeneration"
 
-    def _pack_coordinates(self, config: Any) -> Any:
-        # vLLM packs every image AnyRes with its own code (its own anyres_max): so are
-        # the coordinates, through the same function with a newline of their width.
-        inner = SimpleNamespace(config=config, pack_image_features=self._pack_all)
-        return SimpleNamespace(config=config, model=inner)
+    single_crop_box = staticmethod(anyres.padded_square_box)
 
-    def _pack_all(
-        self, per_image: list[Tensor], image_sizes: Tensor, image_newline: Tensor, **_: Any
-    ) -> tuple[list[Tensor], None]:
-        packed = [
-            self._merge_image_patch_embeddings(
-                size, crops, image_newline=image_newline, strategy="spatial_unpad"
-            )
-            for size, crops in zip(image_sizes, per_image, strict=True)
-        ]
-        return packed, None
-
-    def _pack_tokens(self, size: Tensor, tokens: Tensor) -> Tensor:
+    def _pack_image(self, size: Tensor, crops: Tensor, newline: Tensor | None) -> Tensor:
         return self._merge_image_patch_embeddings(
-            size, tokens, image_newline=self.image_newline, strategy="spatial_unpad"
+            size,
+            crops,
+            image_newline=self.image_newline if newline is None else newline,
+            strategy="spatial_unpad",
         )

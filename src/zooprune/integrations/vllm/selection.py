@@ -4,26 +4,28 @@ made.
 
 On a CPU vLLM repacks each Linear's weights after loading and leaves ``weight`` empty, and
 under tensor parallelism each rank holds a shard: the projector the sensitivity methods
-score is therefore a plain copy of the checkpoint's full weights, taken while vLLM streams
-them in. Every rank then scores the whole projector and keeps the same tokens.
+score is therefore rebuilt by the family (:mod:`zooprune.families`) from a plain copy of
+the checkpoint's full tensors, taken while vLLM streams them in. Every rank then scores
+the whole projector and keeps the same tokens.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from zooprune.budget import Budget
 from zooprune.errors import PruneError
-from zooprune.pipeline import EncodedImages, Selector
-from zooprune.select import get_method
-
-#: the settings keys that are not method options
-GENERAL = ("method", "keep", "ratio")
+from zooprune.integrations.vllm import SETTINGS, VARIANTS, Variant
+from zooprune.pipeline import EncodedImages, Kept, Selector
+from zooprune.settings import LAYOUT_OPTIONS, Settings
 
 
 @dataclass
@@ -43,43 +45,90 @@ TALLY = Tally()
 
 
 def selector_from(
-    settings: dict[str, Any], layout: dict[str, tuple[str, ...]] | None = None
+    settings: Mapping[str, Any],
+    layout: Mapping[str, tuple[str, ...]] | None = None,
+    positions: str | None = None,
 ) -> Selector:
     """The :class:`~zooprune.pipeline.Selector` the settings describe, every value checked,
     and the method one that a vLLM model can serve: one that needs nothing beyond the
     features, tokens and projector. Its towers fuse q/k/v, so they give neither the CLS
     attention nor the CLS state (``visionzip``); the prompt's text embeddings
-    (``cdpruner``) and a stage inside the language model (``fastv``) are not offered."""
-    if not isinstance(settings, dict):
-        raise PruneError(f"the zooprune settings must be a dict, got {settings!r}")
-    options = {k: v for k, v in settings.items() if k not in GENERAL}
-    get_method(settings.get("method", "zoo"))
-    selector = Selector.build(
-        settings.get("method", "zoo"),
-        keep=settings.get("keep"),
-        ratio=settings.get("ratio"),
-        options=options,
-        layout_options=layout or {},
-    )
+    (``cdpruner``) and a stage inside the language model (``fastv``) are not offered.
+
+    Args:
+        layout: the layout options the family's variant can honour (none by default).
+        positions: the one position mode the variant gives (vLLM numbers a 1-D prompt
+            contiguously, ``"compact"``; M-RoPE families keep ``"original"``); settings
+            asking for another are refused. None: the variant takes no ``positions``.
+    """
+    parsed = Settings.from_mapping(settings)
+    if parsed.positions is not None and parsed.positions != positions:
+        offered = f"only positions={positions!r}" if positions else "no positions setting"
+        raise PruneError(
+            f"positions={parsed.positions!r} cannot be served by vLLM here: this family "
+            f"takes {offered}"
+        )
+    selector = parsed.selector(layout or {})
     selector.check_provided(frozenset(), "vLLM model")
     return selector
 
 
-def selector_for(config: Any, layout: dict[str, tuple[str, ...]] | None = None) -> Selector:
-    """The selector of a pruned variant: from the settings its HF ``config`` carries."""
-    from zooprune.integrations.vllm import SETTINGS
+def layout_options(variant: Variant | None) -> dict[str, tuple[str, ...]]:
+    """The layout options a declared variant honours, with their values."""
+    if variant is None:
+        return {}
+    return {
+        name: LAYOUT_OPTIONS[name] if values is None else values
+        for name, values in variant.layout.items()
+    }
 
-    return selector_from(getattr(config, SETTINGS, None), layout)
+
+def check_settings(settings: Mapping[str, Any], variant: Variant | None) -> Selector:
+    """``settings`` checked as the declared ``variant`` checks them at engine start
+    (without one: no layout option and no position mode)."""
+    if variant is None:
+        return selector_from(settings)
+    return selector_from(settings, layout_options(variant), variant.positions)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached(settings: str, layout: str, positions: str | None) -> Selector:
+    return selector_from(json.loads(settings), json.loads(layout), positions)
+
+
+def selector_for(
+    config: Any,
+    layout: Mapping[str, tuple[str, ...]] | None = None,
+    positions: str | None = None,
+) -> Selector:
+    """The selector from the settings a pruned variant's HF ``config`` carries, checked
+    for the layout options and position mode the variant honours; built once per settings
+    (vLLM asks for the budget at every placeholder count)."""
+    settings = getattr(config, SETTINGS, None)
+    if not isinstance(settings, Mapping):
+        raise PruneError(f"the zooprune settings must be a dict, got {settings!r}")
+    key = json.dumps(dict(settings), sort_keys=True, default=str)
+    return _cached(key, json.dumps(dict(layout or {}), sort_keys=True), positions)
+
+
+def budget_of(config: Any) -> Budget:
+    """The budget the settings in a pruned variant's HF ``config`` give: what a processing
+    info counts placeholders with (the whole selector is checked at engine start)."""
+    settings = getattr(config, SETTINGS, None)
+    if not isinstance(settings, Mapping):
+        raise PruneError(f"the zooprune settings must be a dict, got {settings!r}")
+    return Budget(keep=settings.get("keep"), ratio=settings.get("ratio"))
 
 
 def refuse_embeddings(image_input: dict[str, Any]) -> None:
     """Pruning selects among the tower's tokens: precomputed embeddings are refused."""
-    if image_input.get("type") == "image_embeds":
+    if image_input.get("type") in ("image_embeds", "embeds"):
         raise PruneError("pruning needs pixel values, not precomputed image embeddings")
 
 
-class ProjectorCopy:
-    """Collects the projector's checkpoint tensors as vLLM streams the weights in."""
+class TensorCopy:
+    """Collects the checkpoint tensors under some prefixes as vLLM streams the weights in
+    (keys relative to the prefix)."""
 
     def __init__(self, prefixes: tuple[str, ...]) -> None:
         self.prefixes = prefixes
@@ -92,45 +141,78 @@ class ProjectorCopy:
                     self.tensors[name[len(prefix) :]] = tensor.detach().clone()
             yield name, tensor
 
-    def gelu_mlp(self, activation: str, dtype: torch.dtype) -> nn.Module:
-        """The LLaVA projector, Linear -> activation -> Linear, as a plain module."""
-        t = self.tensors
-        first, second = t["linear_1.weight"], t["linear_2.weight"]
-        mlp = nn.Sequential(
-            nn.Linear(first.shape[1], first.shape[0], bias="linear_1.bias" in t),
-            _activation(activation),
-            nn.Linear(second.shape[1], second.shape[0], bias="linear_2.bias" in t),
-        )
-        mlp.load_state_dict(
-            {k.replace("linear_1", "0").replace("linear_2", "2"): v for k, v in t.items()}
-        )
-        return mlp.to(dtype).eval().requires_grad_(False)
 
+class PrunedVariant:
+    """What every pruned vLLM class adds to vLLM's own (a mixin in front of it).
 
-def _activation(name: str) -> nn.Module:
-    if name == "gelu":
-        return nn.GELU()
-    if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
-        return nn.GELU(approximate="tanh")
-    raise PruneError(f"projector activation {name!r} is not supported for scoring")
+    A variant names the :attr:`architecture` it serves (whose entry in
+    :data:`~zooprune.integrations.vllm.VARIANTS` declares the layout options and position
+    mode it honours), :attr:`projector_prefixes` (where the scored projector's tensors live
+    in a checkpoint) and :meth:`scoring_projector_from` (the family's rebuild of it). Its
+    ``__init__`` checks the settings (bad ones fail at engine start), its ``load_weights``
+    keeps the projector's full tensors, and :meth:`select` runs the pipeline and returns
+    what it kept.
 
-
-def select_runs(model: nn.Module, encoded: EncodedImages) -> list[Tensor]:
-    """Per image, the run of tokens that fills its (already shortened) placeholders.
-
-    ``model`` is the pruned vLLM model (its ``selector`` and ``scoring_projector``); it
-    keeps the last call's kept indices per image in ``zooprune_kept`` (for inspection,
-    e.g. through ``LLM.apply_model``).
+    For inspection (``LLM.apply_model``), ``zooprune_kept`` holds the kept indices of the
+    last call's images.
     """
-    projector = model.scoring_projector.to(encoded.features[0].device)
-    synchronize = TALLY.synchronize and encoded.features[0].is_cuda
-    if synchronize:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    kept = model.selector.select(encoded, projector)
-    if synchronize:
-        torch.cuda.synchronize()
-    TALLY.seconds += time.perf_counter() - start
-    TALLY.images += len(kept.images)
-    object.__setattr__(model, "zooprune_kept", [image.indices.cpu() for image in kept.images])
-    return [image.run for image in kept.images]
+
+    #: where the scored projector's tensors live in a checkpoint
+    projector_prefixes: tuple[str, ...] = ()
+    #: the HF architecture the variant serves: its declaration (layout options, position
+    #: mode) is its entry in :data:`~zooprune.integrations.vllm.VARIANTS`
+    architecture: str = ""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        config = vllm_config.model_config.hf_config
+        self.check_config(config)
+        self.selector = self.selector_of(config)  # bad settings fail at engine start
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._projector_copy = TensorCopy(self.projector_prefixes)
+        # Outside the module tree: vLLM would expect their weights from the checkpoint.
+        object.__setattr__(self, "scoring_projector", None)
+        object.__setattr__(self, "zooprune_kept", [])
+
+    @classmethod
+    def selector_of(cls, config: Any) -> Selector:
+        """The variant's selector from the settings its HF ``config`` carries."""
+        declared = VARIANTS[cls.architecture]
+        return selector_for(config, layout_options(declared), declared.positions)
+
+    def check_config(self, config: Any) -> None:
+        """Refuse a model the variant cannot serve (the default accepts every one)."""
+
+    def rename_weights(self, weights: Iterable[tuple[str, Tensor]]) -> Iterable[tuple[str, Tensor]]:
+        """Checkpoint keys as vLLM's class reads them (the default leaves them alone)."""
+        return weights
+
+    def scoring_projector_from(self, tensors: dict[str, Tensor], dtype: torch.dtype) -> nn.Module:
+        """The projector the methods score, rebuilt from its checkpoint tensors."""
+        raise NotImplementedError
+
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
+        loaded = super().load_weights(self._projector_copy.watch(self.rename_weights(weights)))
+        dtype = self.scoring_dtype()
+        projector = self.scoring_projector_from(self._projector_copy.tensors, dtype)
+        object.__setattr__(self, "scoring_projector", projector)
+        return loaded
+
+    def scoring_dtype(self) -> torch.dtype:
+        """The dtype of the projector vLLM runs (the scored copy is cast to it)."""
+        return next(self.parameters()).dtype
+
+    def select(self, encoded: EncodedImages, selector: Selector | None = None) -> Kept:
+        """The pipeline's choice for every image of ``encoded``, timed into :data:`TALLY`."""
+        device = encoded.features[0].device
+        projector = self.scoring_projector.to(device)
+        synchronize = TALLY.synchronize and device.type == "cuda"
+        if synchronize:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        kept = (selector or self.selector).select(encoded, projector)
+        if synchronize:
+            torch.cuda.synchronize()
+        TALLY.seconds += time.perf_counter() - start
+        TALLY.images += len(kept.images)
+        object.__setattr__(self, "zooprune_kept", [image.indices.cpu() for image in kept.images])
+        return kept
