@@ -145,6 +145,44 @@ class FamilyTester:
     def options_for(self, method: str) -> dict[str, Any]:
         return dict(self.fast) if "num_directions" in METHODS[method].options else {}
 
+    # -- for the vLLM parity suite (tests/integrations/vllm_parity.py), where opted in ----
+
+    #: the dtype both engines run the family in on a CPU
+    vllm_dtype: str = "float32"
+    #: a picture size whose N the family prunes (every served method is run on one)
+    vllm_picture_size: tuple[int, int] = (44, 52)
+
+    def vllm_build(self, path: Path) -> Path:
+        """Save a tiny model vLLM's CPU build can run (head dim >= 32) with its processor."""
+        raise NotImplementedError
+
+    @property
+    def vllm_architecture(self) -> str:
+        return self.model_class.__name__
+
+    @property
+    def vllm_prompt(self) -> str:
+        """One image, text after it (its positions follow the image's)."""
+        return self.prompts[0]
+
+    @property
+    def vllm_two_images_prompt(self) -> str:
+        return f"{self.prompts[1]} {self.image_text} and this ?"
+
+    def vllm_hf_inputs(self, batch: dict) -> dict:
+        """The HF reference's inputs from the processor's, where the two engines' language
+        models differ in a way that is not pruning's (the default changes nothing)."""
+        return batch
+
+    def vllm_separator_slots(self, separators: int) -> int:
+        """How many of an image's kept separators are placeholders (not text)."""
+        return separators
+
+    def vllm_projector_width(self, model: nn.Module) -> int:
+        """The width of the scored projector's input."""
+        first = next(adapter_for(model).projector(model).parameters())
+        return first.shape[-1]
+
 
 def random_pictures(seed: int, shapes: list[tuple[int, int]]) -> list[Any]:
     """Noise images of the given (height, width), reproducible from ``seed``."""

@@ -28,7 +28,9 @@ N = SIDE * SIDE
 IMAGE = SPECIAL.index("<image>")  # the soft image token
 EOS = SPECIAL.index("</s>")
 MARKERS = ["<start_of_image>", "<end_of_image>"]
-VOCAB = SPECIAL + MARKERS + WORDS
+#: the newline runs vLLM's Gemma 3 processor looks up (the tokenizer never makes them here)
+NEWLINES = ["\n", "\n\n", "\n\n\n", "\n\n\n\n"]
+VOCAB = SPECIAL + MARKERS + WORDS + NEWLINES
 
 
 def processor() -> Gemma3Processor:
@@ -51,7 +53,7 @@ class Gemma3Tester(FamilyTester):
     image_text = "<start_of_image>"
     keep = 7
 
-    def build(self, path):
+    def build(self, path, text_width=32, head_dim=16):
         config = Gemma3Config(
             vision_config=SiglipVisionConfig(
                 image_size=SIZE,
@@ -63,13 +65,13 @@ class Gemma3Tester(FamilyTester):
             ),
             text_config=Gemma3TextConfig(
                 vocab_size=len(VOCAB),
-                hidden_size=32,
-                intermediate_size=64,
+                hidden_size=text_width,
+                intermediate_size=2 * text_width,
                 num_hidden_layers=2,
                 num_attention_heads=2,
                 num_key_value_heads=1,
-                head_dim=16,
-                query_pre_attn_scalar=16,
+                head_dim=head_dim,
+                query_pre_attn_scalar=head_dim,
                 # Larger than any prompt here: see the adapter's note on sliding windows.
                 sliding_window=512,
                 layer_types=["sliding_attention", "full_attention"],
@@ -92,6 +94,20 @@ class Gemma3Tester(FamilyTester):
 
     def processor(self):
         return processor()
+
+    def vllm_build(self, path):
+        self.build(path, text_width=64, head_dim=32)
+        processor().save_pretrained(path)
+        return path
+
+    def vllm_projector_width(self, model):
+        return model.config.vision_config.hidden_size
+
+    def vllm_hf_inputs(self, batch):
+        # vLLM 0.32 attends bidirectionally within an image block only on its GPU attention
+        # backends; its CPU runner attends causally there. The HF reference does the same
+        # without token_type_ids, so that only the pruning is compared.
+        return {k: v for k, v in batch.items() if k != "token_type_ids"}
 
     def pictures(self):
         return random_pictures(2, [(40, 60), (50, 30), (36, 36), (30, 80)])

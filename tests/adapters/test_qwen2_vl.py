@@ -83,6 +83,36 @@ def processor(processor_class: type = Qwen2VLProcessor, **named: str) -> Any:
     )
 
 
+#: the vocabulary with Qwen's own marker names (the same ids), for vLLM, whose Qwen3-VL
+#: processing writes them by name
+QWEN_NAMES = {
+    "<image>": "<|image_pad|>",
+    "<video>": "<|video_pad|>",
+    "<vision_start>": "<|vision_start|>",
+    "<vision_end>": "<|vision_end|>",
+}
+NAMED_RUN = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def named_processor(processor_class: type, video_processor: Any) -> Any:
+    """``processor_class`` over :data:`QWEN_NAMES`' vocabulary, with a video processor
+    (vLLM's environment has torchvision): what the vLLM tests save with a model."""
+    named = [QWEN_NAMES.get(word, word) for word in VOCAB]
+    tokenizer = word_tokenizer(
+        named,
+        [QWEN_NAMES.get(word, word) for word in SPECIAL + MARKERS],
+        image_token="<|image_pad|>",
+        video_token="<|video_pad|>",
+        vision_start_token="<|vision_start|>",
+        vision_end_token="<|vision_end|>",
+    )
+    return processor_class(
+        image_processor=processor().image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+    )
+
+
 def _sections(head_dim):
     """M-RoPE's three sections (temporal, height, width) over head_dim / 2 frequencies."""
     half = head_dim // 2
@@ -258,6 +288,19 @@ class QwenTester(FamilyTester):
     def masked_reference(self, model, batch, kept, positions):
         # Original positions only: the unpruned model's own 3-D positions.
         return masked_reference(model, batch, kept)
+
+    vllm_picture_size = (24, 32)
+
+    @property
+    def vllm_prompt(self):
+        return f"<s> user {NAMED_RUN} what is in the image ?"
+
+    @property
+    def vllm_two_images_prompt(self):
+        return f"<s> user {NAMED_RUN} and {NAMED_RUN} describe"
+
+    def vllm_projector_width(self, model):
+        return MERGE * MERGE * WIDTH
 
 
 class QwenConformance(AdapterConformance, VideoConformance, JvpEstimatorConformance):

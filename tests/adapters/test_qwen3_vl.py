@@ -34,7 +34,9 @@ from tests.adapters.test_qwen2_vl import (
     WIDTH,
     QwenConformance,
     QwenTester,
+    _sections,
     masked_reference,
+    named_processor,
     processor,
 )
 from zooprune.adapters import adapter_for
@@ -66,8 +68,13 @@ def build(family, path, text_width=32):
         "num_attention_heads": 2,
         "num_key_value_heads": 1,
         "head_dim": text_width // 2,
-        # the three M-RoPE sections share head_dim / 2 = 8 frequencies
-        "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3]},
+        # the three M-RoPE sections share head_dim / 2 frequencies ([2, 3, 3] at 16)
+        # interleaved, as Qwen3-VL always is (and its released configs say: vLLM reads it)
+        "rope_parameters": {
+            "rope_type": "default",
+            "mrope_section": _sections(text_width // 2),
+            "mrope_interleaved": True,
+        },
         "pad_token_id": 0,
         "bos_token_id": 2,
         "eos_token_id": 3,
@@ -116,6 +123,15 @@ class Qwen3VLTester(QwenTester):
 
     def processor(self):
         return qwen3_processor()
+
+    def vllm_build(self, path):
+        # The video processor needs torchvision: there in vLLM's environment only.
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        build(self.name, path, text_width=64)
+        video = Qwen3VLVideoProcessor(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2)
+        named_processor(Qwen3VLProcessor, video).save_pretrained(path)
+        return path
 
 
 class Qwen3VLSpecifics(QwenConformance):

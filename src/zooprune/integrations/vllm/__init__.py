@@ -58,6 +58,9 @@ VARIANTS: dict[str, Variant] = {
     "LlavaOnevisionForConditionalGeneration": Variant(
         "ZoopruneLlavaOnevisionForConditionalGeneration", "llava:ZoopruneLlavaOnevision", _ANYRES
     ),
+    "Gemma3ForConditionalGeneration": Variant(
+        "ZoopruneGemma3ForConditionalGeneration", "gemma:ZoopruneGemma3"
+    ),
     "Qwen2VLForConditionalGeneration": Variant(
         "ZoopruneQwen2VLForConditionalGeneration", "qwen:ZoopruneQwen2VL", positions="original"
     ),

@@ -177,7 +177,7 @@ class _PrunedQwen(PrunedVariant):
         """The 3-D positions of the pruned prompt: vLLM's own rule on the unpruned prompt
         (every image's run grown back to N placeholders), less the dropped tokens."""
         image_token = self.config.image_token_id
-        grown, keep, features = [], [], []
+        grown, keep, features, request = [], [], [], []
         cursor = shift = 0
         for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
             offset = feature.mm_position.offset
@@ -186,6 +186,7 @@ class _PrunedQwen(PrunedVariant):
             cursor = offset
             if feature.modality == "image":
                 kept = self._admit(feature)
+                request.append(kept.cpu())
                 n = _image_tokens(feature, self.visual.spatial_merge_size)
                 mask = torch.zeros(n, dtype=torch.bool)
                 mask[kept] = True
@@ -201,6 +202,8 @@ class _PrunedQwen(PrunedVariant):
         keep += [True] * (len(input_tokens) - cursor)
         positions, _ = super().get_mrope_input_positions(grown, features)
         positions = positions[:, torch.tensor(keep)]
+        if request:  # the request's images, for inspection (selected one by one above)
+            object.__setattr__(self, "zooprune_kept", request)
         return positions, int(positions.max()) + 1 - len(input_tokens)
 
     def _admit(self, feature: Any) -> Tensor:

@@ -1,0 +1,106 @@
+"""Gemma 3 on vLLM, pruned.
+
+Each image (and each of its pan-and-scan crops, as on Hugging Face: a crop counts as an
+image) gets K of its ``mm_tokens_per_image`` placeholders: its ``<start_of_image>`` /
+``<end_of_image>`` run is written with K image tokens, and the kept tokens fill them. The
+pooled grid, the scored projector (the norm and matrix after the pool) and the layout are
+the family's (:mod:`zooprune.families.gemma3`); the kept tokens stay one contiguous block,
+so vLLM's bidirectional image attention covers exactly them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from vllm.model_executor.models.gemma3_mm import (
+    Gemma3DummyInputsBuilder,
+    Gemma3ForConditionalGeneration,
+    Gemma3MultiModalProcessor,
+    Gemma3ProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.processing import PromptUpdateDetails
+
+from zooprune.families import gemma3
+from zooprune.integrations.vllm.checkpoint import hub_key
+from zooprune.integrations.vllm.selection import PrunedVariant, budget_of, refuse_embeddings
+
+
+class ZoopruneGemma3ProcessingInfo(Gemma3ProcessingInfo):
+    """K placeholders per crop: the budget of its ``mm_tokens_per_image``."""
+
+    def _kept(self, processor: Any) -> int:
+        return budget_of(self.get_hf_config()).tokens_for(processor.image_seq_length)
+
+    def get_num_image_tokens(self, *, processor: Any, **kwargs: Any) -> int:
+        n = super().get_num_image_tokens(processor=processor, **kwargs)
+        return n // processor.image_seq_length * self._kept(processor)
+
+    def get_image_repl(self, *, processor: Any, **kwargs: Any) -> PromptUpdateDetails:
+        details = super().get_image_repl(processor=processor, **kwargs)
+        # Each crop's run of image tokens, cut to K: the markers around it stay.
+        image_token = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.image_token)
+        kept, tokens, run = self._kept(processor), [], 0
+        for token in details.full:
+            run = run + 1 if token == image_token else 0
+            if run <= kept:
+                tokens.append(token)
+        return PromptUpdateDetails.select_token_id(tokens, image_token)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    Gemma3MultiModalProcessor,
+    info=ZoopruneGemma3ProcessingInfo,
+    dummy_inputs=Gemma3DummyInputsBuilder,
+)
+class ZoopruneGemma3(PrunedVariant, Gemma3ForConditionalGeneration):
+    """vLLM's Gemma 3, its visual tokens pruned per image (and per pan-and-scan crop)."""
+
+    architecture = "Gemma3ForConditionalGeneration"
+    projector_prefixes = gemma3.PROJECTOR_PREFIXES
+
+    def rename_weights(self, weights: Iterable[tuple[str, Tensor]]) -> Iterable[tuple[str, Tensor]]:
+        # transformers 5 saves the SigLIP tower without its ``vision_model`` level.
+        return ((hub_key(name), tensor) for name, tensor in weights)
+
+    def scoring_projector_from(self, tensors: dict[str, Tensor], dtype: torch.dtype) -> nn.Module:
+        return gemma3.projector_from_tensors(tensors, self.config, dtype)
+
+    def scoring_dtype(self) -> torch.dtype:
+        return self.multi_modal_projector.mm_input_projection_weight.dtype
+
+    def _process_image_input(self, image_input: Any) -> list[Tensor]:
+        refuse_embeddings(image_input)
+        features = self._image_pixels_to_features(self.vision_tower, image_input["pixel_values"])
+        projector = self.multi_modal_projector
+        with _norm_input(projector.mm_soft_emb_norm) as captured:
+            tokens = projector(features)  # [crops, N, d_l]
+        encoded = gemma3.encoded(
+            captured["x"], tokens, projector.tokens_per_side, engine=type(self).__name__
+        )
+        runs = [image.run for image in self.select(encoded).images]
+        crops = image_input["num_patches"].tolist()
+        starts = [sum(crops[:i]) for i in range(len(crops))]
+        return [torch.cat(runs[s : s + n]) for s, n in zip(starts, crops, strict=True)]
+
+
+@contextlib.contextmanager
+def _norm_input(module: nn.Module) -> Iterator[dict[str, Tensor]]:
+    """What ``module`` receives on the calls inside the block (an instance ``forward``:
+    vLLM's custom ops may bypass hooks)."""
+    captured: dict[str, Tensor] = {}
+    original = module.forward
+
+    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        captured["x"] = x
+        return original(x, *args, **kwargs)
+
+    module.forward = forward
+    try:
+        yield captured
+    finally:
+        del module.forward

@@ -1,0 +1,23 @@
+"""Every family vLLM serves pruned, through the parity suite (``vllm_parity.py``): the
+family's HF tester opts in, one engine per class, started in this process."""
+
+import os
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engines in this process
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from tests.adapters.test_gemma3 import Gemma3Tester  # noqa: E402
+from tests.adapters.test_qwen3_vl import Qwen3VLTester  # noqa: E402
+from tests.integrations.vllm_parity import VllmParity  # noqa: E402
+
+
+class TestGemma3OnVllm(VllmParity):
+    tester = Gemma3Tester()
+
+
+class TestQwen3VLOnVllm(VllmParity):
+    tester = Qwen3VLTester("qwen3-vl")
+
+
+class TestQwen3VLMoeOnVllm(VllmParity):
+    tester = Qwen3VLTester("qwen3-vl-moe")

@@ -1,0 +1,198 @@
+"""The vLLM parity suite: a family's pruned vLLM variant keeps, image for image, the tokens
+the Hugging Face handle keeps, and generates what it generates.
+
+It is driven by the family's own :class:`~tests.adapters.conformance.FamilyTester` (the
+HF suite's), which opts in with two more things: ``vllm_build(path)`` saves a tiny model of
+the family that vLLM's CPU build can run (head dim >= 32) with its real processor, and
+``vllm_prompt`` (one image, text after it). ``class TestXOnVllm(VllmParity): tester =
+XTester()`` then runs every check below on one engine, started once for the class.
+
+The checks: three pictures of different sizes one by one (K placeholders each, plus the
+family's separators; the kept indices and the greedy tokens equal the HF handle's), two
+images in one prompt, a batch with the first picture again (vLLM's encoder cache serves
+it), every method vLLM serves, and the scored projector (the HF adapter's, to 1e-5).
+"""
+
+from __future__ import annotations
+
+import gc
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoProcessor
+
+import zooprune
+import zooprune.integrations.vllm as zv
+from tests.adapters.conformance import FamilyTester, random_pictures
+from zooprune.adapters import adapter_for
+from zooprune.integrations.vllm.selection import check_settings
+
+KEEP = 5
+STEPS = 4
+#: every method vLLM serves, with options that keep the HF side quick
+SERVED = [
+    ("zoo", {"estimator": "jvp", "num_directions": 8}),
+    ("zoo", {"estimator": "zo", "num_directions": 8}),
+    ("zoo-sum", {"num_directions": 8}),
+    ("sensitivity", {"num_directions": 8}),
+    ("divprune", {}),
+    ("random", {"seed": 3}),
+    ("grid", {}),
+    ("pool", {}),
+    ("dart", {}),
+]
+
+
+def greedy_tokens(model: Any, processor: Any, prompt: str, pictures: list, tester: FamilyTester):
+    batch = tester.vllm_hf_inputs(processor(images=[pictures], text=[prompt], return_tensors="pt"))
+    dtype = next(model.parameters()).dtype
+    batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+    out = model.generate(
+        **batch, max_new_tokens=STEPS, do_sample=False, suppress_tokens=list(tester.banned)
+    )
+    return out[0, batch["input_ids"].shape[1] :].tolist()
+
+
+class VllmParity:
+    """What every served family's vLLM variant must do; the class sets ``tester``."""
+
+    tester: FamilyTester
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def saved(cls, tmp_path_factory: pytest.TempPathFactory) -> Path:
+        torch.manual_seed(0)
+        return cls.tester.vllm_build(tmp_path_factory.mktemp(f"{cls.tester.name}-vllm"))
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def llm(cls, saved: Path) -> Any:
+        from vllm import LLM
+
+        t = cls.tester
+        engine = LLM(
+            model=str(saved),
+            enforce_eager=True,
+            dtype=t.vllm_dtype,
+            max_model_len=1024,
+            limit_mm_per_prompt={"image": 2, "video": 0},
+            **zv.engine_args(saved, method="zoo", keep=KEEP, **t.fast),
+        )
+        yield engine
+        del engine
+        gc.collect()
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def hf(cls, saved: Path) -> tuple[Any, Any]:
+        t = cls.tester
+        model = t.load(saved, dtype=getattr(torch, t.vllm_dtype))
+        return model, AutoProcessor.from_pretrained(saved)
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def vllm_pictures(cls) -> list:
+        return cls.tester.pictures()[:3]
+
+    def reference(self, hf: tuple, prompt: str, groups: list[list], method: str = "zoo", **options):
+        """Per prompt (its pictures): the kept indices of each image, the separators kept,
+        and the greedy tokens of the HF model pruned by the same settings."""
+        model, processor = hf
+        t = self.tester
+        options = (t.fast if method in ("zoo",) and not options else {}) | options
+        results = []
+        with zooprune.prune(model, method, keep=KEEP, **options) as handle:
+            for pictures in groups:
+                tokens = greedy_tokens(model, processor, prompt, pictures, t)
+                images = handle.selection.images
+                kept = [image.indices.tolist() for image in images]
+                separators = sum(
+                    0 if image.separators is None else image.separators.numel() for image in images
+                )
+                results.append((kept, separators, tokens))
+        return results
+
+    def generate(self, llm: Any, prompt: str, groups: list[list]) -> list:
+        from vllm import SamplingParams
+
+        requests = [
+            {"prompt": prompt, "multi_modal_data": {"image": g if len(g) > 1 else g[0]}}
+            for g in groups
+        ]
+        # As the HF side: a placeholder token generated as text would not match any image.
+        vocabulary = llm.get_tokenizer().vocab_size
+        allowed = [i for i in range(vocabulary) if i not in self.tester.banned]
+        params = SamplingParams(max_tokens=STEPS, temperature=0, allowed_token_ids=allowed)
+        return llm.generate(requests, params)
+
+    @staticmethod
+    def kept(llm: Any) -> list[list[int]]:
+        return llm.apply_model(lambda model: [k.tolist() for k in model.zooprune_kept])[0]
+
+    # -- the checks -------------------------------------------------------------------------
+
+    def test_each_picture_keeps_and_generates_what_the_hf_handle_does(self, llm, hf, vllm_pictures):
+        t = self.tester
+        groups = [[p] for p in vllm_pictures]
+        reference = self.reference(hf, t.vllm_prompt, groups)
+        for group, (kept, separators, tokens) in zip(groups, reference, strict=True):
+            (out,) = self.generate(llm, t.vllm_prompt, [group])
+            placeholders = sum(token == t.image_token for token in out.prompt_token_ids)
+            assert placeholders == KEEP * len(kept) + t.vllm_separator_slots(separators)
+            assert self.kept(llm) == kept
+            assert list(out.outputs[0].token_ids) == tokens, (list(out.outputs[0].token_ids), tokens)
+
+    def test_two_images_in_one_prompt(self, llm, hf):
+        # Pictures of their own: the encoder cache would serve seen ones unselected.
+        t = self.tester
+        prompt = t.vllm_two_images_prompt
+        group = random_pictures(11, [t.vllm_picture_size, t.pictures()[1].size[::-1]])
+        ((kept, _, tokens),) = self.reference(hf, prompt, [group])
+        (out,) = self.generate(llm, prompt, [group])
+        assert len(kept) == 2 and self.kept(llm) == kept
+        assert list(out.outputs[0].token_ids) == tokens, (list(out.outputs[0].token_ids), tokens)
+
+    def test_a_batch_and_the_same_image_twice(self, llm, hf, vllm_pictures):
+        t = self.tester
+        groups = [[p] for p in vllm_pictures]
+        reference = self.reference(hf, t.vllm_prompt, groups)
+        # Every request at once (vLLM batches them), the first picture again: the encoder
+        # cache serves it, and its tokens must not change.
+        outs = self.generate(llm, t.vllm_prompt, [*groups, groups[0]])
+        expected = [tokens for _, _, tokens in reference] + [reference[0][2]]
+        assert [list(out.outputs[0].token_ids) for out in outs] == expected
+
+    @pytest.mark.parametrize(("method", "options"), SERVED, ids=lambda v: str(v))
+    def test_every_served_method_keeps_the_hf_tokens(self, llm, hf, method, options):
+        # A picture of its own per case: the encoder cache would serve a seen one unselected.
+        t = self.tester
+        seed = zlib.crc32(repr((t.name, method, options)).encode())
+        picture = random_pictures(seed % 2**31, [t.vllm_picture_size])
+        ((kept, _, tokens),) = self.reference(hf, t.vllm_prompt, [picture], method, **options)
+        settings = {"method": method, "keep": KEEP, **options}
+        selector = check_settings(settings, zv.VARIANTS[t.vllm_architecture])
+        default = llm.apply_model(lambda model: model.selector)[0]
+        llm.apply_model(lambda model: object.__setattr__(model, "selector", selector))
+        try:
+            (out,) = self.generate(llm, t.vllm_prompt, [picture])
+            assert self.kept(llm) == kept
+        finally:
+            llm.apply_model(lambda model: object.__setattr__(model, "selector", default))
+        if method != "pool":  # pooled tokens are new ones: the same places, other numerics
+            assert list(out.outputs[0].token_ids) == tokens, (list(out.outputs[0].token_ids), tokens)
+
+    def test_the_scored_projector_is_the_hf_adapters(self, llm, hf):
+        model, _ = hf
+        projector = adapter_for(model).projector(model)
+        x = torch.randn(5, self.tester.vllm_projector_width(model), dtype=model.dtype)
+
+        def scored(vllm_model: Any) -> torch.Tensor:
+            with torch.no_grad():
+                return vllm_model.scoring_projector(x).float()
+
+        with torch.no_grad():
+            expected = projector(x).float()
+        torch.testing.assert_close(llm.apply_model(scored)[0], expected, rtol=0, atol=1e-5)
