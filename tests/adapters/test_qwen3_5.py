@@ -30,6 +30,7 @@ from transformers import (
     Qwen3_5MoeConfig,
     Qwen3_5MoeForConditionalGeneration,
     Qwen3_5VisionConfig,
+    Qwen3VLProcessor,
 )
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5VisionPatchMerger
 
@@ -44,6 +45,7 @@ from tests.adapters.test_qwen2_vl import (
     WIDTH,
     QwenConformance,
     masked_reference,
+    named_processor,
 )
 from tests.adapters.test_qwen3_vl import Qwen3VLTester
 from zooprune.adapters import adapter_for
@@ -58,28 +60,32 @@ CLASSES = {
 }
 
 
-def build(family, path):
-    """The family's tiny model saved to ``path``."""
+def build(family, path, vllm=False):
+    """The family's tiny model saved to ``path``. With ``vllm``, the widths vLLM's CPU
+    build runs: linear-attention heads of 64 (its Gated DeltaNet kernel takes 64 or 128)
+    and attention heads of 64, rotary on half of them (16 frequencies, interleaved)."""
     config_class, model_class = CLASSES[family]
+    head, linear, sections = (64, 64, [6, 5, 5]) if vllm else (16, 8, [2, 1, 1])
     text = {
         "vocab_size": len(VOCAB),
-        "hidden_size": 32,
+        "hidden_size": 64 if vllm else 32,
         "num_hidden_layers": len(LAYERS),
         "layer_types": LAYERS,
         "num_attention_heads": 2,
         "num_key_value_heads": 1,
-        "head_dim": 16,
+        "head_dim": head,
         "linear_conv_kernel_dim": 4,
-        "linear_key_head_dim": 8,
-        "linear_value_head_dim": 8,
+        "linear_key_head_dim": linear,
+        "linear_value_head_dim": linear,
         "linear_num_key_heads": 2,
         "linear_num_value_heads": 4,
-        # Rotary on half of head_dim: 4 frequencies, shared by the three M-RoPE sections.
+        # Rotary on half of head_dim, its frequencies shared by the three M-RoPE sections.
         "rope_parameters": {
             "rope_type": "default",
             "rope_theta": 10000.0,
             "partial_rotary_factor": 0.5,
-            "mrope_section": [2, 1, 1],
+            "mrope_section": sections,
+            "mrope_interleaved": True,
         },
         "pad_token_id": 0,
         "bos_token_id": 2,
@@ -91,7 +97,7 @@ def build(family, path):
         text |= {
             "num_experts": 4,
             "num_experts_per_tok": 2,
-            "moe_intermediate_size": 16,
+            "moe_intermediate_size": 48 if vllm else 16,
             "shared_expert_intermediate_size": 16,
         }
     config = config_class(
@@ -103,7 +109,7 @@ def build(family, path):
             "patch_size": PATCH,
             "spatial_merge_size": MERGE,
             "temporal_patch_size": 2,
-            "out_hidden_size": 32,
+            "out_hidden_size": text["hidden_size"],
             "num_position_embeddings": 16,
         },
         text_config=text,
@@ -176,6 +182,17 @@ class Qwen3_5Tester(Qwen3VLTester):
 
     def build(self, path):
         return build(self.name, path)
+
+    # vLLM's CPU Gated DeltaNet runs in bfloat16 only: both engines run the family so.
+    vllm_dtype = "bfloat16"
+
+    def vllm_build(self, path):
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        build(self.name, path, vllm=True)
+        video = Qwen3VLVideoProcessor(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2)
+        named_processor(Qwen3VLProcessor, video).save_pretrained(path)
+        return path
 
     def masked_reference(self, model, batch, kept, positions):
         # Not the masked model: its linear-attention layers cannot hide a token (see the
