@@ -59,6 +59,9 @@ def spy():
             "index": torch.arange(n, dtype=torch.float32).expand(batch, -1) + 1,
             "nan": torch.full((batch, n), math.nan),
             "zero": torch.zeros(batch, n),
+            # the first image of the call ranks, the others do not
+            "nan_second": torch.cat([torch.ones(1, n), torch.full((batch - 1, n), math.nan)]),
+            "zero_second": torch.cat([torch.ones(1, n), torch.zeros(batch - 1, n)]),
         }[scores]
         return MethodResult(torch.arange(k).expand(batch, -1), scores=made)
 
@@ -292,3 +295,14 @@ def test_joined_parts_keep_their_order_and_refuse_extras():
     images.keys = [torch.zeros(4, 3)]
     with pytest.raises(ValueError, match="extras"):
         EncodedImages.joined([images, videos], None)
+
+
+def test_a_unit_that_ranks_nothing_is_named_even_after_a_good_one(spy):
+    # Two images of one size go through the method in one call; the second scores NaN.
+    call = encoded([(3, 3), (3, 3)])
+    selector = Selector.build("_spy", keep=2, options={"scores": "nan_second"})
+    with pytest.raises(PruneError, match=r"scored image 1 NaN or infinite \(scores='nan_second'\)"):
+        selector.select(call, projector())
+    zero = Selector.build("_spy", keep=2, options={"scores": "zero_second"})
+    with pytest.raises(PruneError, match="scored image 1 0 for every token"):
+        zero.select(call, projector())

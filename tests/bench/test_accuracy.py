@@ -1,4 +1,5 @@
 import json
+import time
 
 import numpy as np
 import pytest
@@ -94,10 +95,10 @@ def exact_percentile(support: np.ndarray, probability: np.ndarray, q: float) -> 
 
 
 def seven_families(seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Two conditions answering seven families of 8 to 30 questions, about 60% right."""
+    """Two conditions answering seven families of 6 to 12 questions, about 60% right."""
     rng = np.random.default_rng(seed)
     a, b = {}, {}
-    for f, n in enumerate([8, 12, 30, 17, 22, 9, 25]):
+    for f, n in enumerate([6, 9, 12, 8, 10, 7, 11]):
         b[f"family{f}"] = rng.random(n) < 0.6
         a[f"family{f}"] = np.where(rng.random(n) < 0.25, ~b[f"family{f}"], b[f"family{f}"])
     return a, b
@@ -107,7 +108,7 @@ def test_paired_difference_over_families_matches_the_exact_bootstrap():
     a, b = seven_families(3)
     deltas = {f: a[f].astype(int) - b[f].astype(int) for f in a}
     expected = np.mean([a[f].mean() - b[f].mean() for f in a])  # the macro mean difference
-    diff = paired_difference(a, b, reps=8000, seed=1)
+    diff = paired_difference(a, b, reps=4000, seed=1)
     assert diff["difference"] == pytest.approx(expected, abs=1e-12)
     support, probability = exact_bootstrap(deltas)
     assert float(support @ probability) == pytest.approx(expected, abs=1e-9)
@@ -123,7 +124,7 @@ def test_paired_difference_over_families_matches_the_exact_bootstrap():
 
 def test_bootstrap_interval_over_families_matches_the_exact_bootstrap():
     _, b = seven_families(4)
-    low, high = bootstrap_interval(b, reps=8000, seed=1)
+    low, high = bootstrap_interval(b, reps=4000, seed=1)
     support, probability = exact_bootstrap({f: v.astype(int) for f, v in b.items()})
     mean = np.mean([v.mean() for v in b.values()])
     spread = float(np.sqrt(((support - mean) ** 2) @ probability))
@@ -553,3 +554,193 @@ def test_results_of_another_engine_or_setting_are_not_reused(tmp_path):
             tmp_path, None, items, tmp_path, [], [0.5], answerer=answer, reps=10, **changed
         )
         assert len(answer.calls) > before, changed
+
+
+def test_the_statistics_default_to_2000_resamples_from_seed_0_and_follow_the_seed():
+    _, b = seven_families(5)
+    a, _ = seven_families(6)
+    assert bootstrap_interval(b) == bootstrap_interval(b, reps=2000, seed=0)
+    assert paired_difference(a, b) == paired_difference(a, b, reps=2000, seed=0)
+    assert bootstrap_interval(b, reps=300, seed=1) == bootstrap_interval(b, reps=300, seed=1)
+    assert bootstrap_interval(b, reps=300, seed=1) != bootstrap_interval(b, reps=300, seed=2)
+    assert paired_difference(a, b, 300, 1) != paired_difference(a, b, 300, 2)
+
+
+def test_every_question_can_be_resampled():
+    # Only question 0 differs: a resample that never draws it would see no difference.
+    base = np.zeros(12, bool)
+    better = base.copy()
+    better[0] = True
+    diff = paired_difference({"f": better}, {"f": base}, reps=500)
+    assert diff["high"] > 0 and diff["difference"] == pytest.approx(1 / 12)
+    low, high = bootstrap_interval({"f": better}, reps=500)
+    assert high > 0
+
+
+def test_summarize_passes_its_resamples_and_seed_and_has_no_relative_for_a_zero_base():
+    families = ["a"] * 5 + ["b"] * 5
+    rows = [
+        {"method": "unpruned", "ratio": None, "correct": [1, 1, 0, 1, 0, 0, 0, 0, 0, 0]},
+        {"method": "zoo", "ratio": 0.5, "correct": [1, 0, 0, 1, 1, 0, 0, 1, 0, 0]},
+        {"method": "grid", "ratio": 0.5, "correct": [0, 1, 1, 0, 1, 1, 0, 0, 0, 0]},
+    ]
+    summary = summarize(rows, families, reps=77, seed=4)
+    zoo = summary["conditions"][1]
+    split = {"a": np.array([1, 0, 0, 1, 1], bool), "b": np.array([0, 0, 1, 0, 0], bool)}
+    assert (zoo["overall"]["low"], zoo["overall"]["high"]) == bootstrap_interval(split, 77, 4)
+    assert (zoo["families"]["a"]["low"], zoo["families"]["a"]["high"]) == bootstrap_interval(
+        {"a": split["a"]}, 77, 4
+    )
+    grid = {"a": np.array([0, 1, 1, 0, 1], bool), "b": np.array([1, 0, 0, 0, 0], bool)}
+    (comparison,) = summary["comparisons"]
+    assert {k: comparison[k] for k in ("difference", "low", "high")} == paired_difference(
+        split, grid, 77, 4
+    )
+    # family b: unpruned answers nothing right, so nothing is relative to it
+    assert zoo["families"]["b"]["relative"] is None and zoo["families"]["a"]["relative"] == 1.0
+    assert summarize(rows, families) == summarize(rows, families, reps=2000, seed=0)
+
+
+class RecordingProcessor:
+    """A processor that records its calls and hands back fixed tensors."""
+
+    image_token = "<img>"
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, **kwargs):
+        self.calls.append(("process", kwargs))
+        return {"input_ids": torch.ones(2, 3, dtype=torch.long), "pixel_values": torch.zeros(2, 1)}
+
+    def batch_decode(self, new, **kwargs):
+        self.calls.append(("decode", new.tolist(), kwargs))
+        return ["x", "y"]
+
+
+class RecordingModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1, dtype=torch.bfloat16))
+        self.calls = []
+
+    def generate(self, **kwargs):
+        self.calls.append(kwargs)
+        return torch.tensor([[1, 1, 1, 7, 8], [1, 1, 1, 9, 9]])
+
+
+def test_answer_asks_the_processor_and_generate_as_documented():
+    processor, model = RecordingProcessor(), RecordingModel()
+    items = [
+        Item(Image.new("L", (4, 4)), "q one ?", "a"),
+        Item(Image.new("RGB", (4, 4)), "q ?", "b"),
+    ]
+    said = accuracy._answer(model, processor, items, "T {image} {question}", 2)
+    assert said == ["x", "y"]
+    (_, asked), (_, new, decoding) = processor.calls
+    assert asked["text"] == ["T <img> q one ?", "T <img> q ?"] and asked["padding"] is True
+    assert [image.mode for image in asked["images"]] == ["RGB", "RGB"]
+    assert asked["return_tensors"] == "pt"
+    (generated,) = model.calls
+    assert generated["pixel_values"].dtype == torch.bfloat16  # the model's dtype
+    assert generated["max_new_tokens"] == 2 and generated["do_sample"] is False
+    assert new == [[7, 8], [9, 9]] and decoding == {"skip_special_tokens": True}
+
+
+def test_the_hf_answerer_prunes_with_the_conditions_method_and_options(monkeypatch):
+    seen = []
+
+    class Handle:
+        selection = type("S", (), {"images": [type("I", (), {"kept": 3})()]})()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args):
+            return False
+
+    def prune(model, method, **kwargs):
+        seen.append((method, kwargs))
+        return Handle()
+
+    monkeypatch.setattr(accuracy.zooprune, "prune", prune)
+    answers = []
+    monkeypatch.setattr(accuracy, "_answer", lambda *args: answers.append(args[3:]) or ["p"])
+    answer = accuracy.hf_answerer("model", "processor", "{image}{question}", 5)
+    assert answer([Item(None, "q", "a")], None, None, {}) == (["p"], [])
+    assert answer([Item(None, "q", "a")], "grid", 0.5, {"seed": 2}) == (["p"], [3])
+    assert seen == [("grid", {"ratio": 0.5, "seed": 2})]
+    assert answers == [("{image}{question}", 5)] * 2
+
+
+def test_run_accuracy_defaults_timing_and_what_it_writes(tmp_path, monkeypatch):
+    items = [Item(Image.new("RGB", (4, 4)), f"q{i}", "yes", "f") for i in range(40)]
+    truth = {it.question: it.answer for it in items}
+
+    def slow(batch, method, ratio, options):
+        time.sleep(0.0117)
+        return [truth[it.question] for it in batch], [] if method is None else [1] * len(batch)
+
+    progress = []
+    summary = run_accuracy(
+        tmp_path,
+        None,
+        items,
+        tmp_path,
+        [],
+        [0.5],
+        answerer=slow,
+        reps=10,
+        on_progress=lambda *update: progress.append(update),
+    )
+    assert progress == [("unpruned", 1, 2), ("unpruned", 2, 2)]  # batches of 32 by default
+    assert summary["model"] == "model" and "engine" not in summary
+    text = (tmp_path / "accuracy.json").read_text()
+    assert text.startswith('{\n "conditions"')  # one space of indent: a readable log
+    (row,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert 0.02 <= row["seconds"] < 60 and row["seconds"] == float(f"{row['seconds']:.2f}")
+    # A rerun finds the condition done: progress reports it whole, nothing is asked.
+    again = []
+    run_accuracy(
+        tmp_path,
+        None,
+        items,
+        tmp_path,
+        [],
+        [0.5],
+        answerer=None,
+        reps=10,
+        on_progress=lambda *update: again.append(update),
+    )
+    assert again == [("unpruned", 2, 2)]
+
+
+def test_the_harness_passes_its_template_to_the_hf_engine(model, processor, tmp_path, monkeypatch):
+    templates = []
+    real = accuracy._answer
+
+    def spy(model, processor, items, template, new_tokens):
+        templates.append(template)
+        return real(model, processor, items, template, new_tokens)
+
+    monkeypatch.setattr(accuracy, "_answer", spy)
+    items = [Item(Image.new("RGB", (8, 8)), "what ?", "a")]
+    run_accuracy(
+        model,
+        processor,
+        items,
+        tmp_path,
+        [],
+        [0.5],
+        prompt_template="<s> <image> {question}",
+        reps=5,
+    )
+    assert templates == ["<s> <image> {question}"]
+
+
+def test_an_item_reads_any_image_mode_as_rgb(tmp_path):
+    Image.new("L", (5, 3), 128).save(tmp_path / "grey.png")
+    assert Item(str(tmp_path / "grey.png"), "q", "a").pil().mode == "RGB"
+    assert Item(Image.new("RGBA", (2, 2)), "q", "a").pil().mode == "RGB"
+    first = accuracy.testbed_items(1, families=["color"])[0]
+    assert first.question == scenes.make_sample("test", 0, "color").question

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torch.autograd.functional import jacobian
 
+from zooprune.select import METHODS
 from zooprune.select.methods import sensitivity_scores
 from zooprune.select.mlp import (
     GRAM_KERNELS,
@@ -246,3 +247,60 @@ def test_a_new_cache_has_built_nothing():
     assert cache.builds == 0
     module = mlp(dtype=torch.float32)
     assert cache.get(module, as_mlp(module), torch.device("cpu")) == 1 and cache.builds == 1
+
+
+def test_the_sensitivity_methods_pass_every_option_to_the_estimator():
+    # A norm in front: not a GELU MLP, so the default estimator is jvp.
+    torch.manual_seed(12)
+    projector = nn.Sequential(nn.LayerNorm(D_V), nn.Linear(D_V, D_L), nn.GELU())
+    x = torch.randn(1, 9, D_V)
+    tokens = TokenSet(features=x, projected=projector(x).detach(), projector=projector, grid=(3, 3))
+    zoo = METHODS["zoo"]
+    default = zoo(tokens, 3)
+    jvp = jvp_sensitivity(projector, x, num_directions=64, seed=0)
+    torch.testing.assert_close(default.scores, jvp)  # the documented defaults: 64, seed 0
+    assert default.details == {"estimator": "jvp"}
+    chosen = zoo(tokens, 3, estimator="jvp", num_directions=5, seed=7)
+    torch.testing.assert_close(
+        chosen.scores, jvp_sensitivity(projector, x, num_directions=5, seed=7)
+    )
+    zo = zoo(tokens, 3, estimator="zo", num_directions=6, seed=2, step=0.5)
+    expected = zo_sensitivity(projector, x, num_directions=6, seed=2, step=0.5)
+    torch.testing.assert_close(zo.scores, expected)
+    half = zoo(tokens, 3, estimator="zo", num_directions=6, zo_dtype="float16")
+    assert not torch.equal(half.scores, zoo(tokens, 3, estimator="zo", num_directions=6).scores)
+    mlp_projector = mlp(seed=13, dtype=torch.float32)
+    tokens = TokenSet(features=x, projected=x, projector=mlp_projector, grid=(3, 3))
+    low = zoo(tokens, 3, estimator="lowrank", rank=2, num_directions=6)
+    project = low_rank_projector(mlp_projector, as_mlp(mlp_projector), 2, x.device)
+    torch.testing.assert_close(low.scores, zo_sensitivity(project, x, num_directions=6))
+    assert zoo(tokens, 3, estimator="lowrank", num_directions=6).scores.shape == (1, 9)
+
+
+def test_as_mlp_refuses_more_than_linear_gelu_linear():
+    class Projector(nn.Module):
+        def __init__(self, second: nn.Module, extra: bool) -> None:
+            super().__init__()
+            self.linear_1, self.act, self.linear_2 = nn.Linear(3, 4), nn.GELU(), second
+            if extra:
+                self.norm = nn.LayerNorm(3)
+
+    assert as_mlp(Projector(nn.Linear(4, 2), extra=False)) is not None
+    assert as_mlp(Projector(nn.Linear(4, 2), extra=True)) is None
+    assert as_mlp(Projector(nn.Identity(), extra=False)) is None
+    assert as_mlp(nn.Sequential(nn.Identity(), nn.GELU(), nn.Linear(4, 2))) is None
+
+
+def test_the_cache_sees_an_edit_that_keeps_the_sampled_sum():
+    module = mlp(seed=14, dtype=torch.float32)
+    x = torch.randn(1, 4, D_V)
+    first = exact_sensitivity(module, as_mlp(module), x)
+    with torch.no_grad():  # swap two weights: the sum of every sample stays the same
+        w = module[0].weight
+        w[0, 0], w[1, 1] = w[1, 1].clone(), w[0, 0].clone()
+    fresh = mlp(seed=0, dtype=torch.float32)
+    fresh.load_state_dict(module.state_dict())
+    torch.testing.assert_close(
+        exact_sensitivity(module, as_mlp(module), x), exact_sensitivity(fresh, as_mlp(fresh), x)
+    )
+    assert not torch.equal(exact_sensitivity(module, as_mlp(module), x), first)

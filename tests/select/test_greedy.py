@@ -260,3 +260,13 @@ def test_top_k_breaks_ties_towards_the_lower_index_in_long_rows():
     for b in range(2):
         expected = sorted(range(900), key=lambda i: (-float(scores[b, i]), i))[:100]
         assert picks[b].tolist() == expected
+
+
+def test_float64_scores_are_ranked_in_float64():
+    # Two candidates whose scores differ by 1e-12: float32 would call it a tie (lowest
+    # index), float64 sees the larger one.
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]], dtype=torch.float64)
+    w = torch.tensor([1.0, 0.5, 0.5 + 1e-12], dtype=torch.float64)
+    for distances in ("matrix", "rows"):
+        picks = maxmin_select(z[None], 2, weights=w[None], distances=distances)[0].tolist()
+        assert picks == [0, 2]

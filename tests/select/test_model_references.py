@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.autograd.functional import jacobian
 
 import zooprune
 from tests.adapters.test_llava_next import IMAGE as NEXT_IMAGE
@@ -60,8 +59,8 @@ def captured(model: nn.Module, projector: nn.Module, batch: dict) -> tuple[torch
 def reference_sensitivity(projector: nn.Module, features: torch.Tensor) -> torch.Tensor:
     """``[N, d_v] -> [N]``: ||J(x)||_F / sqrt(d_v) per token, J by autograd in float64."""
     module = copy.deepcopy(projector).double()
-    norms = [jacobian(module, x.double()).norm() for x in features]
-    return torch.stack(norms) / features.shape[-1] ** 0.5
+    jacobians = torch.func.vmap(torch.func.jacrev(module))(features.double())  # [N, d_l, d_v]
+    return jacobians.flatten(1).norm(dim=-1) / features.shape[-1] ** 0.5
 
 
 def reference_picks(

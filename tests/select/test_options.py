@@ -126,3 +126,9 @@ def test_a_registered_method_is_kept_with_everything_it_declared():
             register_method("_declared", "again")(first)
     finally:
         REGISTRY.pop("_declared", None)
+
+
+def test_a_step_of_zero_is_refused():
+    for step in (0, 0.0, -1.0, float("inf")):
+        with pytest.raises(PruneError, match="step must be"):
+            Selector.build("zoo", keep=4, options={"step": step})
