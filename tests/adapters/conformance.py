@@ -169,6 +169,12 @@ class FamilyTester:
     def vllm_two_images_prompt(self) -> str:
         return f"{self.prompts[1]} {self.image_text} and this ?"
 
+    def vllm_hf_processor(self, path: Path) -> Any:
+        """The processor the HF reference uses for the model ``vllm_build`` saved."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path)
+
     def vllm_hf_inputs(self, batch: dict) -> dict:
         """The HF reference's inputs from the processor's, where the two engines' language
         models differ in a way that is not pruning's (the default changes nothing)."""

@@ -53,7 +53,7 @@ SHAPES = [(40, 60), (60, 24), (36, 36), (45, 90)]
 GRIDS = [(6, 10), (13, 5), (8, 8), (5, 11)]
 
 
-def processor() -> Gemma4Processor:
+def processor(video_processor=None) -> Gemma4Processor:
     tokenizer = word_tokenizer(
         VOCAB,
         SPECIAL + MARKERS,
@@ -71,7 +71,7 @@ def processor() -> Gemma4Processor:
         feature_extractor=Gemma4AudioFeatureExtractor(),
         image_processor=images,
         tokenizer=tokenizer,
-        video_processor=None,
+        video_processor=video_processor,
     )
 
 
@@ -82,7 +82,7 @@ class Gemma4Tester(FamilyTester):
     banned = BANNED
     keep = 7
 
-    def build(self, path):
+    def build(self, path, text_width=32, head_dim=16):
         config = Gemma4Config(
             vision_config=Gemma4VisionConfig(
                 hidden_size=WIDTH,
@@ -97,13 +97,13 @@ class Gemma4Tester(FamilyTester):
             ),
             text_config=Gemma4TextConfig(
                 vocab_size=len(VOCAB),
-                hidden_size=32,
-                intermediate_size=64,
+                hidden_size=text_width,
+                intermediate_size=2 * text_width,
                 num_hidden_layers=3,
                 num_attention_heads=2,
                 num_key_value_heads=1,
-                head_dim=16,
-                global_head_dim=16,
+                head_dim=head_dim,
+                global_head_dim=head_dim,
                 # Larger than any prompt here: see the adapter's note on sliding windows.
                 sliding_window=512,
                 layer_types=["sliding_attention", "full_attention", "full_attention"],
@@ -139,6 +139,28 @@ class Gemma4Tester(FamilyTester):
 
     def pictures(self):
         return random_pictures(2, SHAPES)
+
+    vllm_picture_size = (40, 60)
+
+    def vllm_build(self, path):
+        # The video processor needs torchvision: there in vLLM's environment only.
+        self.build(path, text_width=64, head_dim=32)
+        self.vllm_hf_processor(path).save_pretrained(path)
+        return path
+
+    def vllm_hf_processor(self, path):
+        # transformers 5.19's AutoProcessor gives Gemma 4's tokenizer alone: built here.
+        from transformers.models.gemma4.video_processing_gemma4 import Gemma4VideoProcessor
+
+        return processor(Gemma4VideoProcessor(patch_size=PATCH, pooling_kernel_size=KERNEL))
+
+    def vllm_hf_inputs(self, batch):
+        # vLLM 0.32's CPU runner attends causally within an image block (its bidirectional
+        # attention is GPU-only): so does the HF reference, without mm_token_type_ids.
+        return {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
+
+    def vllm_projector_width(self, model):
+        return WIDTH
 
     def step_inputs(self, input_ids):
         return {"mm_token_type_ids": (input_ids == IMAGE).long()}

@@ -7,6 +7,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engines in t
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from tests.adapters.test_gemma3 import Gemma3Tester  # noqa: E402
+from tests.adapters.test_gemma4 import Gemma4Tester  # noqa: E402
 from tests.adapters.test_qwen3_5 import Qwen3_5Tester  # noqa: E402
 from tests.adapters.test_qwen3_vl import Qwen3VLTester  # noqa: E402
 from tests.integrations.vllm_parity import VllmParity  # noqa: E402
@@ -30,3 +31,7 @@ class TestQwen3_5OnVllm(VllmParity):
 
 class TestQwen3_5MoeOnVllm(VllmParity):
     tester = Qwen3_5Tester("qwen3.5-moe")
+
+
+class TestGemma4OnVllm(VllmParity):
+    tester = Gemma4Tester()

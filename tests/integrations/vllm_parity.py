@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoProcessor
 
 import zooprune
 import zooprune.integrations.vllm as zv
@@ -126,7 +125,7 @@ class VllmParity:
     def hf(cls, saved: Path) -> tuple[Any, Any]:
         t = cls.tester
         model = t.load(saved, dtype=getattr(torch, t.vllm_dtype))
-        return model, AutoProcessor.from_pretrained(saved)
+        return model, t.vllm_hf_processor(saved)
 
     @pytest.fixture(scope="class")
     @classmethod

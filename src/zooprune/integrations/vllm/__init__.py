@@ -61,6 +61,9 @@ VARIANTS: dict[str, Variant] = {
     "Gemma3ForConditionalGeneration": Variant(
         "ZoopruneGemma3ForConditionalGeneration", "gemma:ZoopruneGemma3"
     ),
+    "Gemma4ForConditionalGeneration": Variant(
+        "ZoopruneGemma4ForConditionalGeneration", "gemma:ZoopruneGemma4"
+    ),
     "Qwen2VLForConditionalGeneration": Variant(
         "ZoopruneQwen2VLForConditionalGeneration", "qwen:ZoopruneQwen2VL", positions="original"
     ),
@@ -94,6 +97,34 @@ ARCHITECTURES = {architecture: variant.name for architecture, variant in VARIANT
 CONFIG_FIXES: dict[str, dict[str, Any]] = {
     "Qwen3VLMoeForConditionalGeneration": {"text_config": {"norm_topk_prob": True}},
 }
+
+
+def config_fixes(architecture: str, model: str | Path) -> dict[str, Any]:
+    """The ``hf_overrides`` stock vLLM needs for ``model``'s config: :data:`CONFIG_FIXES`,
+    and for Gemma 4 the ``default_output_length`` transformers 5's vision config lacks
+    (vLLM reads each image's soft-token budget from it): the image processor's
+    ``max_soft_tokens``, saved beside the model."""
+    fixes = dict(CONFIG_FIXES.get(architecture, {}))
+    if architecture == "Gemma4ForConditionalGeneration":
+        vision = json.loads((Path(model) / "config.json").read_text()).get("vision_config", {})
+        if "default_output_length" not in vision:
+            fixes["vision_config"] = {"default_output_length": _max_soft_tokens(Path(model))}
+    return fixes
+
+
+def _max_soft_tokens(folder: Path) -> int:
+    """The image processor's ``max_soft_tokens`` in a saved model folder (280, Gemma 4's
+    default, where none is saved)."""
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = folder / name
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            found = saved.get("image_processor", saved).get("max_soft_tokens")
+            if found is not None:
+                return int(found)
+    return 280
+
+
 #: the HF config attribute that carries the settings
 SETTINGS = "zooprune"
 
@@ -160,7 +191,7 @@ def engine_args(
     chosen = settings(method, keep=keep, ratio=ratio, architecture=architecture, **options)
     return {
         "hf_overrides": {
-            **CONFIG_FIXES.get(architecture, {}),
+            **config_fixes(architecture, model),
             "architectures": [ARCHITECTURES[architecture]],
             SETTINGS: chosen,
         }

@@ -1,4 +1,4 @@
-"""Gemma 3 on vLLM, pruned.
+"""Gemma 3 and Gemma 4 on vLLM, pruned.
 
 Each image (and each of its pan-and-scan crops, as on Hugging Face: a crop counts as an
 image) gets K of its ``mm_tokens_per_image`` placeholders: its ``<start_of_image>`` /
@@ -6,6 +6,10 @@ image) gets K of its ``mm_tokens_per_image`` placeholders: its ``<start_of_image
 pooled grid, the scored projector (the norm and matrix after the pool) and the layout are
 the family's (:mod:`zooprune.families.gemma3`); the kept tokens stay one contiguous block,
 so vLLM's bidirectional image attention covers exactly them.
+
+Gemma 4 writes an image's K placeholders between its markers, K the budget of the N of its
+pooled grid (which follows the image's aspect ratio); the pooled grids, the scored
+projector (``embed_vision``) and the layout are :mod:`zooprune.families.gemma4`'s.
 """
 
 from __future__ import annotations
@@ -22,10 +26,16 @@ from vllm.model_executor.models.gemma3_mm import (
     Gemma3MultiModalProcessor,
     Gemma3ProcessingInfo,
 )
+from vllm.model_executor.models.gemma4_mm import (
+    Gemma4DummyInputsBuilder,
+    Gemma4ForConditionalGeneration,
+    Gemma4MultiModalProcessor,
+    Gemma4ProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptUpdateDetails
 
-from zooprune.families import gemma3
+from zooprune.families import gemma3, gemma4
 from zooprune.integrations.vllm.checkpoint import hub_key
 from zooprune.integrations.vllm.selection import PrunedVariant, budget_of, refuse_embeddings
 
@@ -98,6 +108,73 @@ def _norm_input(module: nn.Module) -> Iterator[dict[str, Tensor]]:
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Any:
         captured["x"] = x
         return original(x, *args, **kwargs)
+
+    module.forward = forward
+    try:
+        yield captured
+    finally:
+        del module.forward
+
+
+# -- Gemma 4 -------------------------------------------------------------------------------
+
+
+class ZoopruneGemma4ProcessingInfo(Gemma4ProcessingInfo):
+    """K placeholders per image: the budget of its pooled grid's N soft tokens."""
+
+    def get_image_repl(self, **kwargs: Any) -> PromptUpdateDetails:
+        details = super().get_image_repl(**kwargs)
+        processor = kwargs.get("processor") or self.get_hf_processor()
+        image_token = processor.image_token_id
+        n = sum(token == image_token for token in details.full)
+        kept = budget_of(self.get_hf_config()).tokens_for(n)
+        tokens = [t for t in details.full if t != image_token]
+        tokens[1:1] = [image_token] * kept  # boi, the kept tokens, eoi
+        return PromptUpdateDetails.select_token_id(tokens, image_token)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    Gemma4MultiModalProcessor,
+    info=ZoopruneGemma4ProcessingInfo,
+    dummy_inputs=Gemma4DummyInputsBuilder,
+)
+class ZoopruneGemma4(PrunedVariant, Gemma4ForConditionalGeneration):
+    """vLLM's Gemma 4, its images pruned (videos and audio pass unpruned)."""
+
+    architecture = "Gemma4ForConditionalGeneration"
+    projector_prefixes = gemma4.PROJECTOR_PREFIXES
+
+    def scoring_projector_from(self, tensors: dict[str, Tensor], dtype: torch.dtype) -> nn.Module:
+        return gemma4.projector_from_tensors(tensors, self.config, dtype)
+
+    def scoring_dtype(self) -> torch.dtype:
+        return self.model_dtype
+
+    def _process_image_input(self, image_input: Any) -> list[Tensor]:
+        refuse_embeddings(image_input)
+        with _keyword_input(self.embed_vision, "inputs_embeds") as captured:
+            tokens = super()._process_image_input(image_input)
+        positions = image_input["pixel_position_ids"]
+        kernel = self.config.vision_config.pooling_kernel_size
+        grids = gemma4.pooled_grids(list(positions), kernel)
+        encoded = gemma4.encoded(
+            captured["x"].reshape(-1, captured["x"].shape[-1]),
+            list(tokens),
+            grids,
+            engine=type(self).__name__,
+        )
+        return [image.run for image in self.select(encoded).images]
+
+
+@contextlib.contextmanager
+def _keyword_input(module: nn.Module, name: str) -> Iterator[dict[str, Tensor]]:
+    """What ``module`` receives as ``name`` (by keyword or first) on the calls inside."""
+    captured: dict[str, Tensor] = {}
+    original = module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        captured["x"] = kwargs[name] if name in kwargs else args[0]
+        return original(*args, **kwargs)
 
     module.forward = forward
     try:
