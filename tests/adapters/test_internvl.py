@@ -52,7 +52,7 @@ class InternVLProcessorWithoutVideo(InternVLProcessor):
         return super().check_argument_for_proper_class(name, argument)
 
 
-def processor() -> InternVLProcessor:
+def processor(video_processor=None) -> InternVLProcessor:
     tokenizer = word_tokenizer(
         VOCAB,
         SPECIAL + MARKERS,
@@ -68,11 +68,14 @@ def processor() -> InternVLProcessor:
         max_patches=MAX_TILES,
     )
     return InternVLProcessorWithoutVideo(
-        image_processor=images, tokenizer=tokenizer, video_processor=None, image_seq_length=S
+        image_processor=images,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        image_seq_length=S,
     )
 
 
-def build(path):
+def build(path, text_width=32, text_heads=4):
     config = InternVLConfig(
         vision_config={
             "image_size": TILE,
@@ -86,10 +89,10 @@ def build(path):
         text_config={
             "model_type": "qwen2",
             "vocab_size": len(VOCAB),
-            "hidden_size": 32,
-            "intermediate_size": 64,
+            "hidden_size": text_width,
+            "intermediate_size": 2 * text_width,
             "num_hidden_layers": 2,
-            "num_attention_heads": 4,
+            "num_attention_heads": text_heads,
             "num_key_value_heads": 2,
             "pad_token_id": 0,
             "bos_token_id": 2,
@@ -135,6 +138,19 @@ class InternVLTester(FamilyTester):
 
     def processor(self):
         return processor()
+
+    def vllm_build(self, path):
+        build(path, text_width=64, text_heads=2)
+        self.vllm_hf_processor(path).save_pretrained(path)
+        return path
+
+    def vllm_hf_processor(self, path):
+        # The video processor needs torchvision: there in vLLM's environment only.
+        from transformers import InternVLVideoProcessor
+
+        return processor(InternVLVideoProcessor(size={"height": TILE, "width": TILE}))
+
+    vllm_picture_size = (40, 60)
 
     def pictures(self):
         # Wide (3 x 1 sub-crops + thumbnail), tall (1 x 4 + 1), and two of 2 x 2 + 1 (one

@@ -8,6 +8,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from tests.adapters.test_gemma3 import Gemma3Tester  # noqa: E402
 from tests.adapters.test_gemma4 import Gemma4Tester  # noqa: E402
+from tests.adapters.test_internvl import InternVLTester  # noqa: E402
 from tests.adapters.test_qwen3_5 import Qwen3_5Tester  # noqa: E402
 from tests.adapters.test_qwen3_vl import Qwen3VLTester  # noqa: E402
 from tests.integrations.vllm_parity import VllmParity  # noqa: E402
@@ -35,3 +36,7 @@ class TestQwen3_5MoeOnVllm(VllmParity):
 
 class TestGemma4OnVllm(VllmParity):
     tester = Gemma4Tester()
+
+
+class TestInternVLOnVllm(VllmParity):
+    tester = InternVLTester()

@@ -64,6 +64,11 @@ VARIANTS: dict[str, Variant] = {
     "Gemma4ForConditionalGeneration": Variant(
         "ZoopruneGemma4ForConditionalGeneration", "gemma:ZoopruneGemma4"
     ),
+    "InternVLForConditionalGeneration": Variant(
+        "ZoopruneInternVLForConditionalGeneration",
+        "internvl:ZoopruneInternVL",
+        {"crop_budget": None},
+    ),
     "Qwen2VLForConditionalGeneration": Variant(
         "ZoopruneQwen2VLForConditionalGeneration", "qwen:ZoopruneQwen2VL", positions="original"
     ),

@@ -37,7 +37,12 @@ from vllm.multimodal.processing import PromptUpdateDetails
 
 from zooprune.families import gemma3, gemma4
 from zooprune.integrations.vllm.checkpoint import hub_key
-from zooprune.integrations.vllm.selection import PrunedVariant, budget_of, refuse_embeddings
+from zooprune.integrations.vllm.selection import (
+    PrunedVariant,
+    budget_of,
+    refuse_embeddings,
+    shorten_runs,
+)
 
 
 class ZoopruneGemma3ProcessingInfo(Gemma3ProcessingInfo):
@@ -54,11 +59,7 @@ class ZoopruneGemma3ProcessingInfo(Gemma3ProcessingInfo):
         details = super().get_image_repl(processor=processor, **kwargs)
         # Each crop's run of image tokens, cut to K: the markers around it stay.
         image_token = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.image_token)
-        kept, tokens, run = self._kept(processor), [], 0
-        for token in details.full:
-            run = run + 1 if token == image_token else 0
-            if run <= kept:
-                tokens.append(token)
+        tokens = shorten_runs(details.full, image_token, self._kept(processor))
         return PromptUpdateDetails.select_token_id(tokens, image_token)
 
 
@@ -128,8 +129,7 @@ class ZoopruneGemma4ProcessingInfo(Gemma4ProcessingInfo):
         image_token = processor.image_token_id
         n = sum(token == image_token for token in details.full)
         kept = budget_of(self.get_hf_config()).tokens_for(n)
-        tokens = [t for t in details.full if t != image_token]
-        tokens[1:1] = [image_token] * kept  # boi, the kept tokens, eoi
+        tokens = shorten_runs(details.full, image_token, kept)  # boi, K tokens, eoi
         return PromptUpdateDetails.select_token_id(tokens, image_token)
 
 

@@ -216,3 +216,14 @@ class PrunedVariant:
         TALLY.images += len(kept.images)
         object.__setattr__(self, "zooprune_kept", [image.indices.cpu() for image in kept.images])
         return kept
+
+
+def shorten_runs(tokens: list[int], token: int, kept: int) -> list[int]:
+    """``tokens`` with every maximal run of ``token`` cut to its first ``kept``: an image's
+    placeholders, K of its N, the text around them (markers, separators) unchanged."""
+    shortened, run = [], 0
+    for value in tokens:
+        run = run + 1 if value == token else 0
+        if run <= kept:
+            shortened.append(value)
+    return shortened

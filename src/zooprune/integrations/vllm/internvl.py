@@ -1,0 +1,115 @@
+"""InternVL (``InternVLForConditionalGeneration``, which vLLM serves as InternS1) on vLLM,
+pruned.
+
+An image's tiles (sub-crops, then the thumbnail) fill one run of placeholders between
+``<img>`` and ``</img>``; the run gets K of its N = tiles x T, and the kept tokens fill it
+in order, whatever the crop budget (the tiles leave no marker between them). The layout,
+the budget's split over tiles and the connector the methods score are the family's
+(:mod:`zooprune.families.internvl`). Videos pass through unpruned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from vllm.model_executor.models.interns1 import (
+    InternS1DummyInputsBuilder,
+    InternS1ForConditionalGeneration,
+    InternS1MultiModalProcessor,
+    InternS1ProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
+
+from zooprune.families import internvl
+from zooprune.integrations.vllm.selection import (
+    PrunedVariant,
+    budget_of,
+    refuse_embeddings,
+    shorten_runs,
+)
+
+
+class ZoopruneInternVLProcessingInfo(InternS1ProcessingInfo):
+    """K placeholders per image: the budget of its N = tiles x T tokens."""
+
+    def get_num_image_tokens(self, **kwargs: Any) -> int:
+        n = super().get_num_image_tokens(**kwargs)
+        return budget_of(self.get_hf_config()).tokens_for(n)
+
+
+class ZoopruneInternVLMultiModalProcessor(InternS1MultiModalProcessor):
+    """An image's run of N placeholders, cut to the budget's K."""
+
+    def _get_prompt_updates(self, *args: Any, **kwargs: Any) -> list[Any]:
+        updates = list(super()._get_prompt_updates(*args, **kwargs))
+        config = self.info.get_hf_config()
+        for number, update in enumerate(updates):
+            if update.modality == "image":
+                updates[number] = PromptReplacement(
+                    modality="image",
+                    target=update.target,
+                    replacement=functools.partial(
+                        _kept_run, update.replacement, config.image_token_id, budget_of(config)
+                    ),
+                )
+        return updates
+
+
+def _kept_run(replacement: Any, token: int, budget: Any, item: int) -> PromptUpdateDetails:
+    details = replacement(item)
+    n = sum(value == token for value in details.full)
+    tokens = shorten_runs(details.full, token, budget.tokens_for(n))
+    return PromptUpdateDetails.select_token_id(tokens, token)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    ZoopruneInternVLMultiModalProcessor,
+    info=ZoopruneInternVLProcessingInfo,
+    dummy_inputs=InternS1DummyInputsBuilder,
+)
+class ZoopruneInternVL(PrunedVariant, InternS1ForConditionalGeneration):
+    """vLLM's InternVL (InternS1 class), its images pruned (``crop_budget`` split or global)."""
+
+    architecture = "InternVLForConditionalGeneration"
+    projector_prefixes = internvl.PROJECTOR_PREFIXES
+
+    def scoring_projector_from(self, tensors: dict[str, Tensor], dtype: torch.dtype) -> nn.Module:
+        return internvl.projector_from_tensors(tensors, self.config, dtype)
+
+    def scoring_dtype(self) -> torch.dtype:
+        return next(self.multi_modal_projector.parameters()).dtype
+
+    def _process_vision_input(self, image_input: Any) -> tuple[Tensor, ...]:
+        if image_input["type"] != "pixel_values":  # videos pass unpruned; embeds refused
+            refuse_embeddings(image_input)
+            return super()._process_vision_input(image_input)
+        pixel_values = image_input["pixel_values"]
+        with _input_of(self.multi_modal_projector) as captured:
+            tokens = self.extract_feature(pixel_values)  # [tiles, T, d_l]
+        counts = [int(n) for n in image_input["num_patches"]]
+        tile = (int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
+        encoded = internvl.encoded(captured["x"], tokens, counts, tile)
+        return tuple(image.run for image in self.select(encoded).images)
+
+
+@contextlib.contextmanager
+def _input_of(module: nn.Module) -> Iterator[dict[str, Tensor]]:
+    """What ``module`` receives on the calls inside the block (an instance ``forward``)."""
+    captured: dict[str, Tensor] = {}
+    original = module.forward
+
+    def forward(x: Tensor) -> Tensor:
+        captured["x"] = x
+        return original(x)
+
+    module.forward = forward
+    try:
+        yield captured
+    finally:
+        del module.forward
