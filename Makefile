@@ -45,7 +45,7 @@ vllm-install: $(VLLM_VENV)/.installed
 
 $(VLLM_VENV)/.installed: pyproject.toml tools/torchvision_cpu_ops.py
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install --quiet $(TORCH) $(VLLM)
+	$(VLLM_VENV)/bin/pip install --quiet $(TORCH) $(VLLM) num2words  # num2words: SmolVLM's processor
 	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchaudio torchcodec triton
 	site=$$($(VLLM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
 		&& cp tools/torchvision_cpu_ops.py $$site/_zooprune_torchvision_ops.py \

@@ -151,6 +151,12 @@ class FamilyTester:
     vllm_dtype: str = "float32"
     #: a picture size whose N the family prunes (every served method is run on one)
     vllm_picture_size: tuple[int, int] = (44, 52)
+    #: how far the engines' first-step log-probabilities may part (None: the dtype's
+    #: default, ``vllm_parity.LOGPROBS``); a family whose towers differ sets it, saying why
+    vllm_logprob_tolerance: float | None = None
+    #: served (method, options) cases that rank the family's tokens by float rounding alone,
+    #: with the reason: two engines' roundings differ, so only the kept count is compared
+    vllm_rounding_ranked: dict[tuple[str, str], str] = {}
 
     def vllm_build(self, path: Path) -> Path:
         """Save a tiny model vLLM's CPU build can run (head dim >= 32) with its processor."""
@@ -179,6 +185,11 @@ class FamilyTester:
         """The HF reference's inputs from the processor's, where the two engines' language
         models differ in a way that is not pruning's (the default changes nothing)."""
         return batch
+
+    def vllm_served_prompt(self, pruned: list[int]) -> list[int]:
+        """The prompt vLLM runs, from the HF handle's pruned ``input_ids`` (the default:
+        the same)."""
+        return pruned
 
     def vllm_separator_slots(self, separators: int) -> int:
         """How many of an image's kept separators are placeholders (not text)."""

@@ -134,6 +134,32 @@ class Mistral3Tester(FamilyTester):
     def pictures(self):
         return random_pictures(7, SHAPES)
 
+    def vllm_build(self, path):
+        build(path, text_width=64, text_heads=2)
+        self.vllm_hf_processor(path).save_pretrained(path)
+        return path
+
+    def vllm_served_prompt(self, pruned):
+        # vLLM holds the kept breaks as placeholders it fills with the break's embedding.
+        return [IMAGE if token == BREAK else token for token in pruned]
+
+    def vllm_projector_width(self, model):
+        return MERGE * MERGE * WIDTH  # one merge window's patch states
+
+    def vllm_hf_processor(self, path):
+        # vLLM reads the real processor (it imports torchvision: there in vLLM's
+        # environment only); it lays images out as PixtralLikeProcessor does.
+        from transformers import PixtralProcessor
+
+        like = PixtralLikeProcessor()
+        return PixtralProcessor(
+            like.image_processor,
+            like.tokenizer,
+            patch_size=PATCH,
+            spatial_merge_size=MERGE,
+            image_token="<image>",
+        )
+
 
 def rows_of(input_ids, first):
     """``(gh, gw)``'s prompt layout read back: the breaks' positions after ``first``."""

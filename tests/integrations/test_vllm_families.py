@@ -8,7 +8,9 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from tests.adapters.test_gemma3 import Gemma3Tester  # noqa: E402
 from tests.adapters.test_gemma4 import Gemma4Tester  # noqa: E402
+from tests.adapters.test_idefics3 import Idefics3Tester  # noqa: E402
 from tests.adapters.test_internvl import InternVLTester  # noqa: E402
+from tests.adapters.test_mistral3 import Mistral3Tester  # noqa: E402
 from tests.adapters.test_qwen3_5 import Qwen3_5Tester  # noqa: E402
 from tests.adapters.test_qwen3_vl import Qwen3VLTester  # noqa: E402
 from tests.integrations.vllm_parity import VllmParity  # noqa: E402
@@ -40,3 +42,15 @@ class TestGemma4OnVllm(VllmParity):
 
 class TestInternVLOnVllm(VllmParity):
     tester = InternVLTester()
+
+
+class TestIdefics3OnVllm(VllmParity):
+    tester = Idefics3Tester("idefics3")
+
+
+class TestSmolVLMOnVllm(VllmParity):
+    tester = Idefics3Tester("smolvlm")
+
+
+class TestMistral3OnVllm(VllmParity):
+    tester = Mistral3Tester()

@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from zooprune.budget import split_evenly
 from zooprune.errors import PlaceholderMismatchError
 from zooprune.pipeline import EncodedImages, ImageLayout
 
@@ -141,6 +142,16 @@ def crops_per_image(
         if flag:
             groups.append([])
     return groups[:-1]
+
+
+def kept_per_run(kept: int, runs: int, per_crop: int) -> list[int]:
+    """How many of an image's ``kept`` tokens each of its ``runs`` crop runs holds under
+    ``crop_budget="split"``, in prompt order (the sub-crops, then the global crop): the
+    pipeline shares K over the crops in crop order (:func:`layout`: the global crop is
+    crop 0), a pure function of the run count, so an engine can size each run before it
+    encodes the image."""
+    shares = split_evenly(kept, [per_crop] * runs)
+    return shares[1:] + shares[:1]
 
 
 def layout(tokens: Tensor, is_global: list[bool], side: int) -> ImageLayout:

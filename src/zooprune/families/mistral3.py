@@ -139,10 +139,11 @@ def encoded(
     *,
     engine: str,
     encoder_output: Any = None,
+    break_embedding: Tensor | None = None,
 ) -> EncodedImages:
     """Every image of a call, from its ``[hp * wp, C]`` patch states (what the projector's
     norm receives), its patch grid and its tokens: features grouped by merge window,
-    grids, and each image's layout with the breaks as text separators."""
+    grids, and each image's layout (:func:`rows_layout`; ``break_embedding`` as there)."""
     features, grids = [], []
     for image, (grid_states, patches, tokens) in enumerate(
         zip(states, patch_grids, projected, strict=True)
@@ -162,7 +163,7 @@ def encoded(
         cls_attention=None,
         keys=None,
         encoder_output=encoder_output,
-        layouts=[rows_layout(t, g) for t, g in zip(projected, grids, strict=True)],
+        layouts=[rows_layout(t, g, break_embedding) for t, g in zip(projected, grids, strict=True)],
     )
 
 
@@ -180,17 +181,28 @@ def group_windows(states: Tensor, patches: tuple[int, int], merge: int) -> tuple
     return windows.reshape(gh * gw, -1), (gh, gw)
 
 
-def rows_layout(tokens: Tensor, grid: tuple[int, int]) -> ImageLayout:
-    """One image's run: ``gh`` rows of ``gw`` tokens, a break (text) after every row but
-    the last; the ``[IMG_END]`` after the last row is outside the run and always stays."""
+def rows_layout(
+    tokens: Tensor, grid: tuple[int, int], break_embedding: Tensor | None = None
+) -> ImageLayout:
+    """One image's run: ``gh`` rows of ``gw`` tokens, a break after every row but the
+    last; the ``[IMG_END]`` after the last row is outside the run and always stays.
+
+    The breaks are text the prompt holds (``text_separators``), unless
+    ``break_embedding`` (``[d_l]``, the language model's input embedding of
+    ``[IMG_BREAK]``) is given: then they are slots of the run that the engine fills with
+    it, as a prompt whose placeholder count is fixed before the image is encoded needs
+    (the kept breaks land where the kept rows end, and embed as the text would).
+    """
     gh, gw = grid
     device = tokens.device
     index = torch.arange(gh * gw, device=device)
     row, col = index // gw, index % gw
     token_slots = row * (gw + 1) + col
     slots = gh * (gw + 1) - 1 if gh else 0
-    # Break rows of the run hold no token the model places: left zero.
+    # Break slots hold the break's embedding where the engine places it, else zero.
     packed = tokens.new_zeros(slots, tokens.shape[-1])
+    if break_embedding is not None:
+        packed[:] = break_embedding.to(tokens.dtype)
     packed[token_slots] = tokens
     return ImageLayout(
         packed=packed,
@@ -200,5 +212,11 @@ def rows_layout(tokens: Tensor, grid: tuple[int, int]) -> ImageLayout:
         cell=torch.stack([row, col], dim=-1),
         crop_grids=[grid],
         patch_grids=[grid],
-        text_separators=True,
+        text_separators=break_embedding is None,
     )
+
+
+def run_length(kept: int, rows: int) -> int:
+    """The slots of an image's pruned run where its breaks are placeholders
+    (``separators="all"``): the K kept tokens and the ``rows - 1`` breaks."""
+    return kept + rows - 1

@@ -36,27 +36,50 @@ class Variant:
             value the option has).
         positions: the one position mode vLLM gives the family's prompts: ``"compact"``
             (1-D positions, numbered contiguously) or ``"original"`` (M-RoPE).
+        why: for each layout option it takes only some values of, the reason (a refusal
+            gives it).
     """
 
     name: str
     path: str
     layout: dict[str, tuple[str, ...] | None] = field(default_factory=dict)
     positions: str = "compact"
+    why: dict[str, str] = field(default_factory=dict)
 
 
+#: vLLM writes an image's placeholders into the prompt before it encodes the image
+_COUNTED_FIRST = "vLLM counts an image's placeholders before it encodes the image"
 #: AnyRes on vLLM: every crop budget, and only the newline policy whose placeholder count
 #: vLLM can know before encoding ("all")
 _ANYRES = {"crop_budget": None, "separators": ("all",)}
+#: why a family whose rows end in separators (AnyRes, Mistral 3) keeps them all on vLLM
+_ROWS_WHY = {
+    "separators": f"{_COUNTED_FIRST}, and the row separators 'nonempty' keeps depend on "
+    "the kept tokens"
+}
+#: Idefics3 / SmolVLM on vLLM: each crop's run sits between its own text markers, so each
+#: crop's count must be known before encoding ("split")
+_CROPS_BETWEEN_MARKERS = {"crop_budget": ("split",)}
+_CROPS_BETWEEN_MARKERS_WHY = {
+    "crop_budget": f"{_COUNTED_FIRST}, each crop's run between its own text markers, and "
+    "how many tokens a 'global' selection keeps in each crop depends on the kept tokens"
+}
 #: HF architecture -> its pruned variant
 VARIANTS: dict[str, Variant] = {
     "LlavaForConditionalGeneration": Variant(
         "ZoopruneLlavaForConditionalGeneration", "llava:ZoopruneLlava"
     ),
     "LlavaNextForConditionalGeneration": Variant(
-        "ZoopruneLlavaNextForConditionalGeneration", "llava:ZoopruneLlavaNext", _ANYRES
+        "ZoopruneLlavaNextForConditionalGeneration",
+        "llava:ZoopruneLlavaNext",
+        _ANYRES,
+        why=_ROWS_WHY,
     ),
     "LlavaOnevisionForConditionalGeneration": Variant(
-        "ZoopruneLlavaOnevisionForConditionalGeneration", "llava:ZoopruneLlavaOnevision", _ANYRES
+        "ZoopruneLlavaOnevisionForConditionalGeneration",
+        "llava:ZoopruneLlavaOnevision",
+        _ANYRES,
+        why=_ROWS_WHY,
     ),
     "Gemma3ForConditionalGeneration": Variant(
         "ZoopruneGemma3ForConditionalGeneration", "gemma:ZoopruneGemma3"
@@ -64,10 +87,28 @@ VARIANTS: dict[str, Variant] = {
     "Gemma4ForConditionalGeneration": Variant(
         "ZoopruneGemma4ForConditionalGeneration", "gemma:ZoopruneGemma4"
     ),
+    "Mistral3ForConditionalGeneration": Variant(
+        "ZoopruneMistral3ForConditionalGeneration",
+        "mistral3:ZoopruneMistral3",
+        {"separators": ("all",)},
+        why=_ROWS_WHY,
+    ),
     "InternVLForConditionalGeneration": Variant(
         "ZoopruneInternVLForConditionalGeneration",
         "internvl:ZoopruneInternVL",
         {"crop_budget": None},
+    ),
+    "Idefics3ForConditionalGeneration": Variant(
+        "ZoopruneIdefics3ForConditionalGeneration",
+        "idefics3:ZoopruneIdefics3",
+        _CROPS_BETWEEN_MARKERS,
+        why=_CROPS_BETWEEN_MARKERS_WHY,
+    ),
+    "SmolVLMForConditionalGeneration": Variant(
+        "ZoopruneSmolVLMForConditionalGeneration",
+        "idefics3:ZoopruneSmolVLM",
+        _CROPS_BETWEEN_MARKERS,
+        why=_CROPS_BETWEEN_MARKERS_WHY,
     ),
     "Qwen2VLForConditionalGeneration": Variant(
         "ZoopruneQwen2VLForConditionalGeneration", "qwen:ZoopruneQwen2VL", positions="original"

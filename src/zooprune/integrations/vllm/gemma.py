@@ -14,8 +14,7 @@ projector (``embed_vision``) and the layout are :mod:`zooprune.families.gemma4`'
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -40,6 +39,7 @@ from zooprune.integrations.vllm.checkpoint import hub_key
 from zooprune.integrations.vllm.selection import (
     PrunedVariant,
     budget_of,
+    input_of,
     refuse_embeddings,
     shorten_runs,
 )
@@ -88,7 +88,7 @@ class ZoopruneGemma3(PrunedVariant, Gemma3ForConditionalGeneration):
         refuse_embeddings(image_input)
         features = self._image_pixels_to_features(self.vision_tower, image_input["pixel_values"])
         projector = self.multi_modal_projector
-        with _norm_input(projector.mm_soft_emb_norm) as captured:
+        with input_of(projector.mm_soft_emb_norm) as captured:
             tokens = projector(features)  # [crops, N, d_l]
         encoded = gemma3.encoded(
             captured["x"], tokens, projector.tokens_per_side, engine=type(self).__name__
@@ -97,24 +97,6 @@ class ZoopruneGemma3(PrunedVariant, Gemma3ForConditionalGeneration):
         crops = image_input["num_patches"].tolist()
         starts = [sum(crops[:i]) for i in range(len(crops))]
         return [torch.cat(runs[s : s + n]) for s, n in zip(starts, crops, strict=True)]
-
-
-@contextlib.contextmanager
-def _norm_input(module: nn.Module) -> Iterator[dict[str, Tensor]]:
-    """What ``module`` receives on the calls inside the block (an instance ``forward``:
-    vLLM's custom ops may bypass hooks)."""
-    captured: dict[str, Tensor] = {}
-    original = module.forward
-
-    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        captured["x"] = x
-        return original(x, *args, **kwargs)
-
-    module.forward = forward
-    try:
-        yield captured
-    finally:
-        del module.forward
 
 
 # -- Gemma 4 -------------------------------------------------------------------------------
@@ -152,7 +134,7 @@ class ZoopruneGemma4(PrunedVariant, Gemma4ForConditionalGeneration):
 
     def _process_image_input(self, image_input: Any) -> list[Tensor]:
         refuse_embeddings(image_input)
-        with _keyword_input(self.embed_vision, "inputs_embeds") as captured:
+        with input_of(self.embed_vision, "inputs_embeds") as captured:
             tokens = super()._process_image_input(image_input)
         positions = image_input["pixel_position_ids"]
         kernel = self.config.vision_config.pooling_kernel_size
@@ -164,20 +146,3 @@ class ZoopruneGemma4(PrunedVariant, Gemma4ForConditionalGeneration):
             engine=type(self).__name__,
         )
         return [image.run for image in self.select(encoded).images]
-
-
-@contextlib.contextmanager
-def _keyword_input(module: nn.Module, name: str) -> Iterator[dict[str, Tensor]]:
-    """What ``module`` receives as ``name`` (by keyword or first) on the calls inside."""
-    captured: dict[str, Tensor] = {}
-    original = module.forward
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        captured["x"] = kwargs[name] if name in kwargs else args[0]
-        return original(*args, **kwargs)
-
-    module.forward = forward
-    try:
-        yield captured
-    finally:
-        del module.forward

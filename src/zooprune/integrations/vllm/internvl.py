@@ -10,9 +10,7 @@ the budget's split over tiles and the connector the methods score are the family
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -30,6 +28,7 @@ from zooprune.families import internvl
 from zooprune.integrations.vllm.selection import (
     PrunedVariant,
     budget_of,
+    input_of,
     refuse_embeddings,
     shorten_runs,
 )
@@ -90,26 +89,9 @@ class ZoopruneInternVL(PrunedVariant, InternS1ForConditionalGeneration):
             refuse_embeddings(image_input)
             return super()._process_vision_input(image_input)
         pixel_values = image_input["pixel_values"]
-        with _input_of(self.multi_modal_projector) as captured:
+        with input_of(self.multi_modal_projector) as captured:
             tokens = self.extract_feature(pixel_values)  # [tiles, T, d_l]
         counts = [int(n) for n in image_input["num_patches"]]
         tile = (int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
         encoded = internvl.encoded(captured["x"], tokens, counts, tile)
         return tuple(image.run for image in self.select(encoded).images)
-
-
-@contextlib.contextmanager
-def _input_of(module: nn.Module) -> Iterator[dict[str, Tensor]]:
-    """What ``module`` receives on the calls inside the block (an instance ``forward``)."""
-    captured: dict[str, Tensor] = {}
-    original = module.forward
-
-    def forward(x: Tensor) -> Tensor:
-        captured["x"] = x
-        return original(x)
-
-    module.forward = forward
-    try:
-        yield captured
-    finally:
-        del module.forward

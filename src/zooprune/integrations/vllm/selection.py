@@ -11,6 +11,7 @@ the whole projector and keeps the same tokens.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -48,6 +49,7 @@ def selector_from(
     settings: Mapping[str, Any],
     layout: Mapping[str, tuple[str, ...]] | None = None,
     positions: str | None = None,
+    why: Mapping[str, str] | None = None,
 ) -> Selector:
     """The :class:`~zooprune.pipeline.Selector` the settings describe, every value checked,
     and the method one that a vLLM model can serve: one that needs nothing beyond the
@@ -60,6 +62,8 @@ def selector_from(
         positions: the one position mode the variant gives (vLLM numbers a 1-D prompt
             contiguously, ``"compact"``; M-RoPE families keep ``"original"``); settings
             asking for another are refused. None: the variant takes no ``positions``.
+        why: for a layout option the variant takes only some values of, the reason (the
+            refusal of another value gives it).
     """
     parsed = Settings.from_mapping(settings)
     if parsed.positions is not None and parsed.positions != positions:
@@ -68,6 +72,13 @@ def selector_from(
             f"positions={parsed.positions!r} cannot be served by vLLM here: this family "
             f"takes {offered}"
         )
+    for name, reason in (why or {}).items():
+        value, served = parsed.options.get(name), (layout or {}).get(name, ())
+        if value is not None and value not in served:
+            raise PruneError(
+                f"{name}={value!r} cannot be served by vLLM for this family: {reason}; it "
+                f"takes {name}={' or '.join(map(repr, served))}"
+            )
     selector = parsed.selector(layout or {})
     selector.check_provided(frozenset(), "vLLM model")
     return selector
@@ -88,27 +99,22 @@ def check_settings(settings: Mapping[str, Any], variant: Variant | None) -> Sele
     (without one: no layout option and no position mode)."""
     if variant is None:
         return selector_from(settings)
-    return selector_from(settings, layout_options(variant), variant.positions)
+    return selector_from(settings, layout_options(variant), variant.positions, variant.why)
 
 
 @functools.lru_cache(maxsize=64)
-def _cached(settings: str, layout: str, positions: str | None) -> Selector:
-    return selector_from(json.loads(settings), json.loads(layout), positions)
+def _cached(settings: str, architecture: str) -> Selector:
+    return check_settings(json.loads(settings), VARIANTS[architecture])
 
 
-def selector_for(
-    config: Any,
-    layout: Mapping[str, tuple[str, ...]] | None = None,
-    positions: str | None = None,
-) -> Selector:
+def selector_for(config: Any, architecture: str) -> Selector:
     """The selector from the settings a pruned variant's HF ``config`` carries, checked
-    for the layout options and position mode the variant honours; built once per settings
-    (vLLM asks for the budget at every placeholder count)."""
+    as the variant of ``architecture`` declares (its layout options, position mode);
+    built once per settings (vLLM asks for the budget at every placeholder count)."""
     settings = getattr(config, SETTINGS, None)
     if not isinstance(settings, Mapping):
         raise PruneError(f"the zooprune settings must be a dict, got {settings!r}")
-    key = json.dumps(dict(settings), sort_keys=True, default=str)
-    return _cached(key, json.dumps(dict(layout or {}), sort_keys=True), positions)
+    return _cached(json.dumps(dict(settings), sort_keys=True, default=str), architecture)
 
 
 def budget_of(config: Any) -> Budget:
@@ -165,6 +171,13 @@ class PrunedVariant:
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         config = vllm_config.model_config.hf_config
+        if getattr(vllm_config.compilation_config, "cudagraph_mm_encoder", False):
+            # vLLM's encoder CUDA graphs run the tower and projector outside the model's
+            # image path, so their tokens would skip the selection.
+            raise PruneError(
+                "a pruned model cannot run with cudagraph_mm_encoder=True: the encoder's "
+                "CUDA graphs bypass the selection; leave it off"
+            )
         self.check_config(config)
         self.selector = self.selector_of(config)  # bad settings fail at engine start
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -176,8 +189,7 @@ class PrunedVariant:
     @classmethod
     def selector_of(cls, config: Any) -> Selector:
         """The variant's selector from the settings its HF ``config`` carries."""
-        declared = VARIANTS[cls.architecture]
-        return selector_for(config, layout_options(declared), declared.positions)
+        return selector_for(config, cls.architecture)
 
     def check_config(self, config: Any) -> None:
         """Refuse a model the variant cannot serve (the default accepts every one)."""
@@ -218,6 +230,25 @@ class PrunedVariant:
         return kept
 
 
+@contextlib.contextmanager
+def input_of(module: nn.Module, name: str | None = None) -> Iterator[dict[str, Tensor]]:
+    """What ``module`` receives on the calls inside the block: its first argument, or the
+    one called ``name`` when given by keyword (``captured["x"]``). An instance ``forward``
+    rather than a hook: vLLM's custom ops may bypass hooks."""
+    captured: dict[str, Tensor] = {}
+    original = module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        captured["x"] = kwargs[name] if name in kwargs else args[0]
+        return original(*args, **kwargs)
+
+    module.forward = forward
+    try:
+        yield captured
+    finally:
+        del module.forward
+
+
 def shorten_runs(tokens: list[int], token: int, kept: int) -> list[int]:
     """``tokens`` with every maximal run of ``token`` cut to its first ``kept``: an image's
     placeholders, K of its N, the text around them (markers, separators) unchanged."""
@@ -227,3 +258,20 @@ def shorten_runs(tokens: list[int], token: int, kept: int) -> list[int]:
         if run <= kept:
             shortened.append(value)
     return shortened
+
+
+def cut_runs(tokens: list[int], token: int, kept: list[int]) -> list[int]:
+    """``tokens`` with the r-th maximal run of ``token`` cut to its first ``kept[r]``
+    (one count per run: an image's crops, each with its own share of K)."""
+    cut, run, runs = [], 0, -1
+    for value in tokens:
+        if value != token:
+            run = 0
+        else:
+            runs, run = (runs + 1, 1) if run == 0 else (runs, run + 1)
+            if run > kept[runs]:
+                continue
+        cut.append(value)
+    if runs + 1 != len(kept):
+        raise PruneError(f"{runs + 1} runs of image tokens, {len(kept)} counts for them")
+    return cut
