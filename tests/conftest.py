@@ -14,7 +14,7 @@ from zooprune.tiny import save_tiny_llava
 settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True, database=None)
 settings.register_profile("fuzz", max_examples=1000, deadline=None)
 # `make mutate` runs each mutant against the tests that reach it: fewer examples, same seeds.
-settings.register_profile("mutate", max_examples=30, deadline=None, derandomize=True, database=None)
+settings.register_profile("mutate", max_examples=10, deadline=None, derandomize=True, database=None)
 settings.load_profile("ci")
 
 

@@ -59,7 +59,14 @@ def plot_speed(result: dict[str, Any], path: str | Path) -> Path:
 def plot_serving(result: dict[str, Any], path: str | Path) -> Path:
     """Requests per second, and time to first token (median, p95 whisker), per budget."""
     rows = result["rows"]
-    labels = [str(r["keep"]) if r["pruned"] else "all" for r in rows]
+    labels = [
+        "all"
+        if not r["pruned"]
+        else f"{r['keep']}\n{r['method']}"
+        if r["method"] != result["method"]
+        else str(r["keep"])
+        for r in rows
+    ]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     bars = left.bar(labels, [r["requests_per_s"] for r in rows], color="#3d405b")
     for bar, row in zip(bars, rows, strict=True):

@@ -80,7 +80,12 @@ def build(family, path, text_width=32):
         "eos_token_id": 3,
     }
     if family == "qwen3-vl-moe":
-        text |= {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": text_width}
+        # Non-square experts: vLLM would load square ones transposed without an error.
+        text |= {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": text_width * 3 // 4,
+        }
     config = config_class(
         vision_config={
             "patch_size": PATCH,

@@ -241,26 +241,17 @@ def test_settings_vllm_cannot_serve_fail_at_engine_start(tmp_path):
 def test_two_tensor_parallel_ranks_keep_the_same_tokens_as_hf(tmp_path):
     # Each rank holds half of the projector's weights; both must score the whole one and
     # keep the HF handle's tokens.
-    import json
-    import subprocess
-    import sys
-
-    from tests.integrations.vllm_tp import PICTURES
+    from tests.integrations.vllm_tp import serve
 
     if len(os.sched_getaffinity(0)) < 2:
         # A failure, not a skip, where ZOOPRUNE_REQUIRE_VLLM=1 (conftest.py).
         pytest.skip("two tensor-parallel ranks need two CPU cores")
+    pictures = (7, [(52, 60), (66, 60)])
     path = save_llava(tmp_path / "llava")
-    reference = hf_reference(path, LLAVA_PROMPT, random_pictures(*PICTURES))
-    run = subprocess.run(
-        [sys.executable, "-m", "tests.integrations.vllm_tp", str(path)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
-    )
-    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    assert run.returncode == 0 and lines, run.stderr[-4000:]
-    served = json.loads(lines[-1][len("RESULT ") :])
+    reference = hf_reference(path, LLAVA_PROMPT, random_pictures(*pictures))
+    spec = {"prompt": LLAVA_PROMPT, "dtype": "float32", "keep": KEEP, "options": {}}
+    spec |= {"pictures": pictures, "steps": STEPS, "banned": [], "logprobs": 1}
+    served = serve(path, spec)
     assert len(served) == len(reference)
     for result, (indices, _, tokens) in zip(served, reference, strict=True):
         assert result["kept"] == [[indices], [indices]]  # rank 0, rank 1

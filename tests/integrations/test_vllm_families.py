@@ -13,14 +13,14 @@ from tests.adapters.test_internvl import InternVLTester  # noqa: E402
 from tests.adapters.test_mistral3 import Mistral3Tester  # noqa: E402
 from tests.adapters.test_qwen3_5 import Qwen3_5Tester  # noqa: E402
 from tests.adapters.test_qwen3_vl import Qwen3VLTester  # noqa: E402
-from tests.integrations.vllm_parity import VllmParity  # noqa: E402
+from tests.integrations.vllm_parity import VllmParity, VllmTensorParallel  # noqa: E402
 
 
-class TestGemma3OnVllm(VllmParity):
+class TestGemma3OnVllm(VllmParity, VllmTensorParallel):  # a pooling projector
     tester = Gemma3Tester()
 
 
-class TestQwen3VLOnVllm(VllmParity):
+class TestQwen3VLOnVllm(VllmParity, VllmTensorParallel):  # a patch merger
     tester = Qwen3VLTester("qwen3-vl")
 
 

@@ -1,6 +1,7 @@
 """``zooprune serve``: vLLM's OpenAI-compatible server, started by the command as a user
 would, answers a chat request with an image on a prompt shortened to K visual tokens, and
-generates what the Hugging Face handle does."""
+generates what the Hugging Face handle does: one family per projector kind (LLaVA's MLP,
+Qwen3-VL's patch merger, Gemma 3's pooling projector)."""
 
 import base64
 import io
@@ -13,18 +14,46 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
+import torch
+from transformers import AutoProcessor
 
-from tests.adapters.conformance import random_pictures
-from tests.integrations.test_vllm import KEEP, LLAVA_PROMPT, STEPS, hf_reference
+from tests.adapters.conformance import FamilyTester, random_pictures
+from tests.adapters.test_gemma3 import Gemma3Tester
+from tests.adapters.test_qwen3_vl import Qwen3VLTester
+from tests.integrations.test_vllm import KEEP, LLAVA_PROMPT, STEPS
+from tests.integrations.test_vllm import hf_reference as llava_reference
 from tests.integrations.vllm_models import IMAGE, save_llava
+from tests.integrations.vllm_parity import TOP, hf_reference
 
-# The tiny tokenizer has no chat template: this one renders the prompt the offline tests use.
-TEMPLATE = (
-    "<s> user {% for part in messages[0]['content'] %}{% if part['type'] == 'text' %}"
-    "{{ part['text'] }}{% else %}<image> {% endif %}{% endfor %}"
-)
+QUESTION = "what is in the image ?"
+#: projector kind -> its family's tester (None: LLaVA, the tests' own tiny one)
+FAMILIES: dict[str, FamilyTester | None] = {
+    "mlp": None,
+    "merger": Qwen3VLTester("qwen3-vl"),
+    "pooled": Gemma3Tester(),
+}
+
+
+def prompt_of(tester: FamilyTester | None) -> str:
+    """The one-image prompt the offline tests use, the question last."""
+    prompt = LLAVA_PROMPT if tester is None else tester.vllm_prompt
+    assert prompt.endswith(f" {QUESTION}")
+    return prompt
+
+
+def template_for(prompt: str) -> str:
+    """The tiny tokenizers have no chat template: this one renders ``prompt`` from a chat
+    message holding one image and the question."""
+    head = prompt[: -len(QUESTION)]
+    return (
+        head + "{% for part in messages[0]['content'] %}{% if part['type'] == 'text' %}"
+        "{{ part['text'] }}{% endif %}{% endfor %}"
+    )
+
+
 STARTUP_SECONDS = 300  # a liveness guard for a hung server, not a performance bound
 
 
@@ -42,17 +71,25 @@ def call(url: str, body: dict | None = None) -> dict:
     return json.loads(text) if text else {}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    path = save_llava(tmp_path_factory.mktemp("llava"))
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def server(request, tmp_path_factory):
+    tester = FAMILIES[request.param]
+    folder = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)  # the parity suite's weights (tests/integrations/vllm_parity.py)
+    path = save_llava(folder) if tester is None else tester.vllm_build(folder)
+    dtype = "float32" if tester is None else tester.vllm_dtype
     template = path / "template.jinja"
-    template.write_text(TEMPLATE)
+    template.write_text(template_for(prompt_of(tester)))
     port = free_port()
+    # The HF reference's settings: the tester's quick zoo options.
+    options = [f"--option={name}={value}" for name, value in getattr(tester, "fast", {}).items()]
     command = [
         *(sys.executable, "-m", "zooprune.cli", "serve", str(path), "--keep", str(KEEP)),
-        *("--", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"),
-        *("--enforce-eager", "--max-model-len", "512", "--chat-template", str(template)),
-        *("--chat-template-content-format", "openai"),
+        *options,
+        *("--", "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype),
+        *("--enforce-eager", "--max-model-len", "1024", "--chat-template", str(template)),
+        *("--chat-template-content-format", "openai", "--limit-mm-per-prompt"),
+        '{"image": 1, "video": 0}',
     ]
     log = path / "server.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -73,7 +110,7 @@ def server(tmp_path_factory):
                 if time.monotonic() > deadline:
                     pytest.fail(f"the server did not come up:\n{log.read_text()[-4000:]}")
                 time.sleep(1)
-        yield base, path
+        yield base, path, tester
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -83,36 +120,59 @@ def server(tmp_path_factory):
 
 
 def test_the_server_answers_on_a_shortened_prompt_what_the_hf_handle_does(server):
-    from transformers import AutoProcessor
-
-    base, path = server
-    (picture,) = random_pictures(11, [(52, 60)])
+    base, path, tester = server
+    prompt = prompt_of(tester)
+    (picture,) = random_pictures(11, [(52, 60) if tester is None else tester.vllm_picture_size])
     png = io.BytesIO()
     picture.save(png, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    restricted = {}
+    if tester is not None:
+        # As the HF reference: a placeholder token generated as text would match no image.
+        vocabulary = tester.vllm_hf_processor(path).tokenizer.vocab_size
+        restricted["allowed_token_ids"] = [i for i in range(vocabulary) if i not in tester.banned]
     answer = call(
         f"{base}/v1/chat/completions",
-        {
+        restricted
+        | {
             "model": str(path),
             "messages": [
                 {
                     "role": "user",
                     "content": [
                         {"type": "image_url", "image_url": {"url": url}},
-                        {"type": "text", "text": "what is in the image ?"},
+                        {"type": "text", "text": QUESTION},
                     ],
                 }
             ],
             "max_tokens": STEPS,
             "temperature": 0,
             "return_token_ids": True,
+            "logprobs": True,
+            "top_logprobs": TOP,
+            "return_tokens_as_token_ids": True,
         },
     )
-    processor = AutoProcessor.from_pretrained(path)
-    full = processor(images=[picture], text=[LLAVA_PROMPT], return_tensors="pt")["input_ids"][0]
-    visual = int((full == IMAGE).sum())
-    assert visual > KEEP
-    assert answer["usage"]["prompt_tokens"] == len(full) - visual + KEEP
-    assert answer["prompt_token_ids"].count(IMAGE) == KEEP
-    ((_, _, tokens),) = hf_reference(path, LLAVA_PROMPT, [picture])
-    assert answer["choices"][0]["token_ids"] == tokens
+    generated = answer["choices"][0]["token_ids"]
+    if tester is None:
+        processor = AutoProcessor.from_pretrained(path)
+        full = processor(images=[picture], text=[prompt], return_tensors="pt")["input_ids"][0]
+        visual = int((full == IMAGE).sum())
+        assert visual > KEEP
+        assert answer["usage"]["prompt_tokens"] == len(full) - visual + KEEP
+        assert answer["prompt_token_ids"].count(IMAGE) == KEEP
+        ((_, _, tokens),) = llava_reference(path, prompt, [picture])
+        assert generated == tokens
+        return
+    hf = (
+        tester.load(path, dtype=getattr(torch, tester.vllm_dtype)),
+        tester.vllm_hf_processor(path),
+    )
+    ((kept, _, tokens, pruned),) = hf_reference(tester, hf, prompt, [[picture]])
+    assert len(kept[0]) == KEEP
+    # The prompt the server ran, and counted, is the one the HF handle pruned.
+    assert answer["prompt_token_ids"] == tester.vllm_served_prompt(pruned)
+    assert answer["usage"]["prompt_tokens"] == len(pruned)
+    first = answer["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    first = {int(t["token"].split(":")[1]): SimpleNamespace(logprob=t["logprob"]) for t in first}
+    assert tokens.agrees_with(SimpleNamespace(token_ids=generated, logprobs=[first]))

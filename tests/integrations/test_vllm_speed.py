@@ -25,10 +25,17 @@ def result(tmp_path_factory):
 
 
 def test_each_condition_serves_its_prompt_length_and_counts_its_work(result):
-    unpruned, pruned = result["rows"]
+    unpruned, pruned, grid = result["rows"]
+    assert [row["method"] for row in result["rows"]] == [None, "zoo", "grid"]
     assert result["visual_tokens"] == 576
-    # the same text around 576 visual tokens, then around 64
+    # the same text around 576 visual tokens, then around 64 (grid's row: the same K)
     assert unpruned["prompt_tokens"] - pruned["prompt_tokens"] == 576 - 64
+    assert grid["prompt_tokens"] == pruned["prompt_tokens"] and grid["keep"] == 64
+    assert result["reference"] == {
+        "method": "grid",
+        "keep": 64,
+        "share_of_requests_per_s": pytest.approx(pruned["requests_per_s"] / grid["requests_per_s"]),
+    }
     for row in result["rows"]:
         assert len(row["wave_s"]) == 2
         # every request of a wave answered with all its tokens within the wave's time
@@ -43,7 +50,8 @@ def test_each_condition_serves_its_prompt_length_and_counts_its_work(result):
         assert row["ttft_median_s"] <= row["ttft_p95_s"]
         assert 0 < row["kv_blocks_peak"] <= row["kv_blocks_total"]
     assert unpruned["selection_s_per_image"] is None
-    assert pruned["selection_s_per_image"] > 0  # the plugin's own tally, in this process
+    # the plugin's own tally, in this process
+    assert pruned["selection_s_per_image"] > 0 and grid["selection_s_per_image"] > 0
     # KV blocks follow the prompt lengths: ceil(tokens / block) per request
     block = pruned["kv_block_size"]
     for row in result["rows"]:
@@ -67,4 +75,5 @@ def test_the_tables_and_the_picture(result, tmp_path):
         console.print(table)
     text = console.export_text()
     assert "576/576" in text and "64/576" in text and "throughput x" in text
+    assert "grid" in text
     assert plot_serving(result, tmp_path / "serving.png").read_bytes()[:4] == b"\x89PNG"

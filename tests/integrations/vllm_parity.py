@@ -20,8 +20,10 @@ rounding alone (with the reason): for those only the kept count is compared.
 from __future__ import annotations
 
 import gc
+import os
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -110,6 +112,33 @@ def greedy_tokens(model: Any, processor: Any, prompt: str, pictures: list, teste
     return Greedy(tokens, out.scores, out.logits, tester), batch
 
 
+def hf_reference(
+    tester: FamilyTester,
+    hf: tuple,
+    prompt: str,
+    groups: list[list],
+    method: str = "zoo",
+    **options: Any,
+) -> list[tuple]:
+    """Per prompt (its pictures): the kept indices of each image, the separators kept,
+    the greedy tokens of the HF model pruned by the same settings, and the pruned prompt it
+    ran (its ``input_ids``)."""
+    model, processor = hf
+    options = (tester.fast if method in ("zoo",) and not options else {}) | options
+    results = []
+    with zooprune.prune(model, method, keep=KEEP, **options) as handle:
+        for pictures in groups:
+            tokens, batch = greedy_tokens(model, processor, prompt, pictures, tester)
+            images = handle.selection.images
+            kept = [image.indices.tolist() for image in images]
+            separators = sum(
+                0 if image.separators is None else image.separators.numel() for image in images
+            )
+            pruned = handle.prepare(dict(batch), for_generate=False)["input_ids"][0].tolist()
+            results.append((kept, separators, tokens, pruned))
+    return results
+
+
 class VllmParity:
     """What every served family's vLLM variant must do; the class sets ``tester``."""
 
@@ -152,24 +181,7 @@ class VllmParity:
         return cls.tester.pictures()[:3]
 
     def reference(self, hf: tuple, prompt: str, groups: list[list], method: str = "zoo", **options):
-        """Per prompt (its pictures): the kept indices of each image, the separators kept,
-        the greedy tokens of the HF model pruned by the same settings, and the pruned
-        prompt it ran (its ``input_ids``)."""
-        model, processor = hf
-        t = self.tester
-        options = (t.fast if method in ("zoo",) and not options else {}) | options
-        results = []
-        with zooprune.prune(model, method, keep=KEEP, **options) as handle:
-            for pictures in groups:
-                tokens, batch = greedy_tokens(model, processor, prompt, pictures, t)
-                images = handle.selection.images
-                kept = [image.indices.tolist() for image in images]
-                separators = sum(
-                    0 if image.separators is None else image.separators.numel() for image in images
-                )
-                pruned = handle.prepare(dict(batch), for_generate=False)["input_ids"][0].tolist()
-                results.append((kept, separators, tokens, pruned))
-        return results
+        return hf_reference(self.tester, hf, prompt, groups, method, **options)
 
     def generate(self, llm: Any, prompt: str, groups: list[list]) -> list:
         from vllm import SamplingParams
@@ -263,3 +275,31 @@ class VllmParity:
         with torch.no_grad():
             expected = projector(x).float()
         torch.testing.assert_close(llm.apply_model(scored)[0], expected, rtol=0, atol=1e-5)
+
+
+class VllmTensorParallel:
+    """Opted into (beside :class:`VllmParity`) by one family per projector kind: under two
+    tensor-parallel ranks each holds a shard of the projector's weights, and both must score
+    the whole one and keep the HF handle's tokens."""
+
+    def test_two_tensor_parallel_ranks_keep_the_hf_tokens(self, saved, hf):
+        from tests.integrations.vllm_tp import serve
+
+        if len(os.sched_getaffinity(0)) < 2:
+            # A failure, not a skip, where ZOOPRUNE_REQUIRE_VLLM=1 (conftest.py).
+            pytest.skip("two tensor-parallel ranks need two CPU cores")
+        t = self.tester
+        pictures = (5, [list(t.vllm_picture_size), list(t.pictures()[1].size[::-1])])
+        groups = [[picture] for picture in random_pictures(*pictures)]
+        reference = self.reference(hf, t.vllm_prompt, groups)
+        spec = {"prompt": t.vllm_prompt, "dtype": t.vllm_dtype, "keep": KEEP}
+        spec |= {"options": t.fast, "pictures": pictures, "steps": STEPS}
+        spec |= {"banned": list(t.banned), "logprobs": TOP}
+        served = serve(saved, spec)
+        assert len(served) == len(reference)
+        for result, (kept, _, tokens, _) in zip(served, reference, strict=True):
+            assert result["kept"] == [kept, kept]  # rank 0, rank 1
+            first = {
+                int(k): SimpleNamespace(logprob=v) for k, v in result["first_logprobs"].items()
+            }
+            assert tokens.agrees_with(SimpleNamespace(token_ids=result["tokens"], logprobs=[first]))

@@ -15,7 +15,7 @@ import zooprune
 from zooprune import PruneError
 from zooprune.pipeline import Selector
 from zooprune.select import METHODS, TokenSet
-from zooprune.select.dart import dart_select, pivot_shares
+from zooprune.select.dart import dart_select, pivot_shares, similarity
 
 
 def reference_dart(z: torch.Tensor, k: int, pivots: int, norm: str) -> list[int]:
@@ -160,3 +160,17 @@ def test_ties_among_many_duplicates_go_to_the_lowest_index():
     base = torch.randn(5, 4, generator=g, dtype=torch.float64)
     z = base[torch.randint(0, 5, (600,), generator=g)]
     assert dart_select(z[None], 40, pivots=3)[0].tolist() == reference_dart(z, 40, 3, "l2")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_identical_tokens_get_identical_similarities_wherever_they_sit(dtype):
+    # A matrix product may compute a row in an edge tile by another kernel (here: rows
+    # 0 and n - 1 of 9 x 64 differ by a rounding), which broke "lowest index on a tie".
+    g = torch.Generator().manual_seed(0)
+    for n in (9, 23, 100):
+        for d in (17, 64, 129):
+            x = torch.randn(1, n, d, generator=g, dtype=dtype)
+            x[:, -1] = x[:, 0]
+            unit = x / x.norm(dim=-1, keepdim=True)
+            s = similarity(unit, unit[:, 1])
+            assert torch.equal(s[:, 0], s[:, -1]), (n, d)

@@ -16,7 +16,6 @@ from zooprune.adapters.qwen2_vl import Qwen2VLAdapter
 from zooprune.adapters.qwen3_5 import Qwen3_5Adapter
 from zooprune.adapters.qwen3_vl import Qwen3VLAdapter
 from zooprune.errors import UnsupportedModelError
-from zooprune.select import METHODS
 
 ADAPTERS: dict[str, Adapter] = {
     adapter.name: adapter
@@ -50,35 +49,4 @@ def adapter_for(model: nn.Module) -> Adapter:
     )
 
 
-def support_matrix() -> str:
-    """The family x method table of the README, in Markdown, from the registries."""
-    names = sorted(METHODS)
-    lines = [
-        "| model class | N per image | " + " | ".join(f"`{name}`" for name in names) + " |",
-        "|---|---|" + "---|" * len(names),
-    ]
-    notes: list[str] = []
-    for adapter in ADAPTERS.values():
-        cells = []
-        for name in names:
-            # What the engine derives from the prompt needs no condition of the family.
-            own = METHODS[name].needs - adapter.prompt_extras
-            conditions = [adapter.extras.get(need, "") for need in sorted(own)]
-            if not all(conditions):
-                cells.append("–")
-            elif conditions:
-                notes.append(f"`{name}` on {adapter.name}: {'; '.join(conditions)}")
-                cells.append(f"✓ ({len(notes)})")
-            else:
-                cells.append("✓")
-        classes = ", ".join(f"`{cls.__name__}`" for cls in adapter.model_classes)
-        lines.append(
-            f"| {classes} {adapter.requirement} | {adapter.tokens_per_image} | "
-            + " | ".join(cells)
-            + " |"
-        )
-    lines += ["", *[f"({i}) {note}" for i, note in enumerate(notes, 1)]]
-    return "\n".join(lines).rstrip() + "\n"
-
-
-__all__ = ["ADAPTERS", "Adapter", "adapter_for", "support_matrix"]
+__all__ = ["ADAPTERS", "Adapter", "adapter_for"]

@@ -14,6 +14,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     methods.add_argument(
         "--matrix", action="store_true", help="print the model x method support table (Markdown)"
     )
+    methods.add_argument(
+        "--vllm",
+        action="store_true",
+        help="print the table of the architectures vLLM serves pruned (Markdown)",
+    )
     methods.set_defaults(handler=_methods)
 
 
@@ -21,9 +26,14 @@ def _methods(args: argparse.Namespace) -> int:
     from zooprune.select import METHODS
 
     if args.matrix:
-        from zooprune.adapters import support_matrix
+        from zooprune.support import support_matrix
 
         print(support_matrix(), end="")
+        return 0
+    if args.vllm:
+        from zooprune.integrations.vllm import served_table
+
+        print(served_table(), end="")
         return 0
     table = Table(title="zooprune methods")
     table.add_column("method", style="bold")

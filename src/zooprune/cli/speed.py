@@ -51,6 +51,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     speed.add_argument(
         "--concurrency", type=int, default=8, help="vllm: requests submitted at once (R)"
     )
+    speed.add_argument(
+        "--reference",
+        type=_reference,
+        default="grid",
+        help="vllm: a method whose selection is nearly free, served at the smallest budget "
+        "too: the requests/s a pre-LLM pruner can reach there ('none': no such row)",
+    )
     add_dtype(speed, "auto")
     speed.add_argument("--new-tokens", type=int, default=20)
     speed.add_argument("--repeats", type=int, default=3)
@@ -143,6 +150,10 @@ def _publish(result: dict, tables: list[Table], notes: list[str], stem: Path, pl
     console.print(f"wrote {path} and {picture}")
 
 
+def _reference(value: str) -> str | None:
+    return None if value == "none" else method_name(value)
+
+
 def _speed_vllm(args: argparse.Namespace) -> int:
     if (status := vllm_missing("--engine vllm")) is not None:
         return status
@@ -159,6 +170,7 @@ def _speed_vllm(args: argparse.Namespace) -> int:
         options=dict(parse_option(o) for o in args.option),
         dtype=args.dtype,
         concurrency=args.concurrency,
+        reference=args.reference,
         new_tokens=args.new_tokens,
         repeats=args.repeats,
         warmup=args.warmup,
@@ -173,6 +185,13 @@ def _speed_vllm(args: argparse.Namespace) -> int:
         return fail(str(error))
     share = result["vision_share_of_prefill_flops"]
     notes = [] if share is None else [_vision_share_line(share)]
+    if (reference := result["reference"]) is not None:
+        notes.append(
+            f"{result['method']} at keep {reference['keep']}: "
+            f"{reference['share_of_requests_per_s']:.0%} of {reference['method']}'s requests/s "
+            f"({reference['method']}: selection nearly free, the limit of a pre-LLM pruner at "
+            "that K)"
+        )
     notes.append(
         f"[dim]{result['engine']}, {result['dtype']}, method {result['method']}; each wave: "
         f"{config.concurrency} requests at once, one {config.image_size} px image and "
@@ -191,6 +210,7 @@ def serving_tables(result: dict) -> list[Table]:
     ratios = Table(title="over unpruned")
     for column in (
         "kept",
+        "method",
         "prompt tokens",
         "requests/s",
         "output tok/s",
@@ -202,14 +222,16 @@ def serving_tables(result: dict) -> list[Table]:
         "selection ms/image",
     ):
         times.add_column(column, justify="right")
-    for column in ("kept", "throughput x", "TTFT x", "latency x", "KV blocks x"):
+    for column in ("kept", "method", "throughput x", "TTFT x", "latency x", "KV blocks x"):
         ratios.add_column(column, justify="right")
     base = result["rows"][0]
     for row in result["rows"]:
         kept = f"{row['keep'] if row['pruned'] else visual}/{visual}"
         selection = row["selection_s_per_image"]
+        method = row["method"] or "-"
         times.add_row(
             kept,
+            method,
             f"{row['prompt_tokens']:.0f}",
             f"{row['requests_per_s']:.2f}",
             f"{row['output_tokens_per_s']:.1f}",
@@ -222,6 +244,7 @@ def serving_tables(result: dict) -> list[Table]:
         )
         ratios.add_row(
             kept,
+            method,
             f"{row['throughput_x']:.2f}",
             f"{row['ttft_ratio']:.2f}",
             f"{row['latency_ratio']:.2f}",

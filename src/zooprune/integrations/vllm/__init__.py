@@ -217,6 +217,34 @@ def served_methods() -> list[str]:
     return sorted(name for name, spec in METHODS.items() if not spec.needs_for({}))
 
 
+def served_table() -> str:
+    """The README's vLLM table, in Markdown, from :data:`VARIANTS`: each architecture served
+    pruned, its variant, the layout options it takes (with the reason where it takes only
+    some values) and its position mode."""
+    from zooprune.settings import LAYOUT_OPTIONS
+
+    lines = [
+        "| architecture | served as | layout options | positions |",
+        "|---|---|---|---|",
+    ]
+    notes: list[str] = []
+    for architecture, variant in VARIANTS.items():
+        options = []
+        for name, values in variant.layout.items():
+            cell = f"`{name}`: {', '.join(values or LAYOUT_OPTIONS[name])}"
+            if name in variant.why:
+                if variant.why[name] not in notes:
+                    notes.append(variant.why[name])
+                cell += f" ({notes.index(variant.why[name]) + 1})"
+            options.append(cell)
+        lines.append(
+            f"| `{architecture}` | `{variant.name}` | {'; '.join(options) or '–'} | "
+            f"{variant.positions} |"
+        )
+    lines += ["", *[f"({i}) {note}" for i, note in enumerate(notes, 1)]]
+    return "\n".join(lines) + "\n"
+
+
 def engine_args(
     model: str | Path,
     method: str = "zoo",

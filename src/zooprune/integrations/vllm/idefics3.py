@@ -29,10 +29,11 @@ from vllm.model_executor.models.smolvlm import (
     SmolVLMProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
+from vllm.multimodal.processing import PromptUpdateDetails
 
 from zooprune.budget import Budget
 from zooprune.families import idefics3
+from zooprune.integrations.vllm.prompts import rewrite_image_updates
 from zooprune.integrations.vllm.selection import (
     PrunedVariant,
     budget_of,
@@ -60,22 +61,12 @@ class ZoopruneIdefics3MultiModalProcessor(Idefics3MultiModalProcessor):
     """Each crop's run of S placeholders cut to its share of the image's K."""
 
     def _get_prompt_updates(self, *args: Any, **kwargs: Any) -> list[Any]:
-        updates = list(super()._get_prompt_updates(*args, **kwargs))
         config = self.info.get_hf_config()
-        for number, update in enumerate(updates):
-            if update.modality == "image":
-                updates[number] = PromptReplacement(
-                    modality="image",
-                    target=update.target,
-                    replacement=functools.partial(
-                        _kept_runs, update.replacement, config.image_token_id, budget_of(config)
-                    ),
-                )
-        return updates
+        rewrite = functools.partial(_kept_runs, config.image_token_id, budget_of(config))
+        return rewrite_image_updates(super()._get_prompt_updates(*args, **kwargs), rewrite)
 
 
-def _kept_runs(replacement: Any, token: int, budget: Budget, item: int) -> PromptUpdateDetails:
-    details = replacement(item)
+def _kept_runs(token: int, budget: Budget, details: PromptUpdateDetails) -> PromptUpdateDetails:
     n = sum(value == token for value in details.full)
     runs = sum(
         value == token and (i == 0 or details.full[i - 1] != token)

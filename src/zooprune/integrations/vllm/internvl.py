@@ -22,9 +22,11 @@ from vllm.model_executor.models.interns1 import (
     InternS1ProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
+from vllm.multimodal.processing import PromptUpdateDetails
 
+from zooprune.budget import Budget
 from zooprune.families import internvl
+from zooprune.integrations.vllm.prompts import rewrite_image_updates
 from zooprune.integrations.vllm.selection import (
     PrunedVariant,
     budget_of,
@@ -46,22 +48,12 @@ class ZoopruneInternVLMultiModalProcessor(InternS1MultiModalProcessor):
     """An image's run of N placeholders, cut to the budget's K."""
 
     def _get_prompt_updates(self, *args: Any, **kwargs: Any) -> list[Any]:
-        updates = list(super()._get_prompt_updates(*args, **kwargs))
         config = self.info.get_hf_config()
-        for number, update in enumerate(updates):
-            if update.modality == "image":
-                updates[number] = PromptReplacement(
-                    modality="image",
-                    target=update.target,
-                    replacement=functools.partial(
-                        _kept_run, update.replacement, config.image_token_id, budget_of(config)
-                    ),
-                )
-        return updates
+        rewrite = functools.partial(_kept_run, config.image_token_id, budget_of(config))
+        return rewrite_image_updates(super()._get_prompt_updates(*args, **kwargs), rewrite)
 
 
-def _kept_run(replacement: Any, token: int, budget: Any, item: int) -> PromptUpdateDetails:
-    details = replacement(item)
+def _kept_run(token: int, budget: Budget, details: PromptUpdateDetails) -> PromptUpdateDetails:
     n = sum(value == token for value in details.full)
     tokens = shorten_runs(details.full, token, budget.tokens_for(n))
     return PromptUpdateDetails.select_token_id(tokens, token)

@@ -25,12 +25,13 @@ from vllm.model_executor.models.mistral3 import (
     Mistral3ProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
+from vllm.multimodal.processing import PromptUpdateDetails
 from vllm.tokenizers import cached_tokenizer_from_config
 
 from zooprune.budget import Budget
 from zooprune.errors import PruneError
 from zooprune.families import mistral3
+from zooprune.integrations.vllm.prompts import rewrite_image_updates
 from zooprune.integrations.vllm.selection import PrunedVariant, budget_of, refuse_embeddings
 
 #: the text token between an image's rows (every Mistral 3 / Pixtral tokenizer's)
@@ -54,22 +55,13 @@ class ZoopruneMistral3MultiModalProcessor(Mistral3MultiModalProcessor):
     ``[IMG_END]``."""
 
     def _get_prompt_updates(self, *args: Any, **kwargs: Any) -> list[Any]:
-        updates = list(super()._get_prompt_updates(*args, **kwargs))
         config = self.info.get_hf_config()
-        for number, update in enumerate(updates):
-            if update.modality == "image":
-                updates[number] = PromptReplacement(
-                    modality="image",
-                    target=update.target,
-                    replacement=functools.partial(
-                        _kept_run, update.replacement, config.image_token_index, budget_of(config)
-                    ),
-                )
-        return updates
+        rewrite = functools.partial(_kept_run, config.image_token_index, budget_of(config))
+        return rewrite_image_updates(super()._get_prompt_updates(*args, **kwargs), rewrite)
 
 
-def _kept_run(replacement: Any, token: int, budget: Budget, item: int) -> PromptUpdateDetails:
-    full = replacement(item).full  # rows of tokens, each closed by a break; [IMG_END] last
+def _kept_run(token: int, budget: Budget, details: PromptUpdateDetails) -> PromptUpdateDetails:
+    full = details.full  # rows of tokens, each closed by a break; [IMG_END] last
     n = sum(value == token for value in full)
     rows = sum(value != token for value in full)
     run = [token] * mistral3.run_length(budget.tokens_for(n), rows)

@@ -57,10 +57,11 @@ from vllm.model_executor.models.qwen3_vl_moe import (
     Qwen3VLMoeProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.processing import PromptReplacement
 
+from zooprune.budget import Budget
 from zooprune.families import qwen
 from zooprune.integrations.vllm.checkpoint import transformers5_experts
+from zooprune.integrations.vllm.prompts import rewrite_image_updates
 from zooprune.integrations.vllm.selection import PrunedVariant, budget_of, refuse_embeddings
 from zooprune.pipeline import Kept
 
@@ -82,19 +83,11 @@ class _ShortPrompt:
 
     def _get_prompt_updates(self, *args: Any, **kwargs: Any) -> list[Any]:
         budget = budget_of(self.info.get_hf_config())
-        updates = list(super()._get_prompt_updates(*args, **kwargs))
-        for number, update in enumerate(updates):
-            if update.modality == "image":
-                updates[number] = PromptReplacement(
-                    modality="image",
-                    target=update.target,
-                    replacement=functools.partial(_first_k, update.replacement, budget),
-                )
-        return updates
+        updates = super()._get_prompt_updates(*args, **kwargs)
+        return rewrite_image_updates(updates, functools.partial(_first_k, budget))
 
 
-def _first_k(replacement: Any, budget: Any, item: int) -> list[int]:
-    tokens = replacement(item)
+def _first_k(budget: Budget, tokens: list[int]) -> list[int]:
     return tokens[: budget.tokens_for(len(tokens))]
 
 

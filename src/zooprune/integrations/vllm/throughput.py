@@ -43,6 +43,9 @@ class ServingConfig:
     budgets: tuple[int, ...] = (192, 128, 64)
     method: str = "zoo"
     options: dict[str, Any] = field(default_factory=dict)
+    # A method whose selection is nearly free, served at the smallest budget too: the
+    # requests/s a pre-LLM pruner can reach at that K (None: no such row).
+    reference: str | None = "grid"
     dtype: str = "auto"  # bfloat16 where the hardware has it, else float32
     concurrency: int = 8
     new_tokens: int = 32
@@ -134,6 +137,7 @@ def _condition(
     path: Path,
     prompt: str,
     keep: int | None,
+    method: str,
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
@@ -142,11 +146,10 @@ def _condition(
     from zooprune.integrations.vllm.selection import TALLY
 
     TALLY.synchronize = True
-    label = "unpruned" if keep is None else f"keep {keep}"
+    label = "unpruned" if keep is None else f"{method} keep {keep}"
     progress(f"{label}: starting the engine")
-    pruning = (
-        {} if keep is None else zv.engine_args(path, config.method, keep=keep, **config.options)
-    )
+    options = config.options if method == config.method else {}
+    pruning = {} if keep is None else zv.engine_args(path, method, keep=keep, **options)
     llm = LLM(
         model=str(path),
         dtype=config.dtype,
@@ -188,6 +191,7 @@ def _condition(
     return {
         "keep": keep,
         "pruned": keep is not None,
+        "method": None if keep is None else method,
         "prompt_tokens": waves[0]["prompt_tokens"],
         "requests_per_s": statistics.median(config.concurrency / w for w in walls),
         "output_tokens_per_s": statistics.median(w["output_tokens"] / w["wall_s"] for w in waves),
@@ -234,12 +238,24 @@ def run_serving_benchmark(
     share = None
     if hf_config.model_type == "llava":
         share = flops.vision_share(flops.Shapes.of_llava(hf_config), config.text_tokens)
-    rows = [_condition(config, path, prompt, keep, progress) for keep in (None, *config.budgets)]
+    conditions = [(None, config.method), *((keep, config.method) for keep in config.budgets)]
+    if config.reference not in (None, config.method) and config.budgets:
+        conditions.append((min(config.budgets), config.reference))
+    rows = [_condition(config, path, prompt, keep, m, progress) for keep, m in conditions]
     base = rows[0]
     for row in rows:
         row["throughput_x"] = row["requests_per_s"] / base["requests_per_s"]
         row["ttft_ratio"] = row["ttft_median_s"] / base["ttft_median_s"]
         row["latency_ratio"] = row["latency_median_s"] / base["latency_median_s"]
+    reference = None
+    if len(conditions) > len(config.budgets) + 1:
+        limit = rows[-1]
+        measured = next(row for row in rows[1:-1] if row["keep"] == limit["keep"])
+        reference = {
+            "method": config.reference,
+            "keep": limit["keep"],
+            "share_of_requests_per_s": measured["requests_per_s"] / limit["requests_per_s"],
+        }
     import vllm
 
     return {
@@ -255,5 +271,7 @@ def run_serving_benchmark(
         else None,
         "machine": machine(),
         "rows": rows,
+        # the method's requests/s at the reference's K, as a share of the reference's
+        "reference": reference,
         "median_of": config.repeats,
     }
