@@ -502,3 +502,15 @@ def test_partial_rotary_language_models_are_refused():
     with pytest.raises(PruneError, match="turns 6 of the 12 dimensions of a head"):
         zooprune.prune(model, "fastv", keep=4)
     assert untouched(model)
+
+
+def test_ties_in_the_attention_scores_go_to_the_lower_index():
+    from zooprune.select.fastv import top_k_ascending
+
+    # 600 tokens (576 in LLaVA-1.5), every third scored 1, the rest 0: an unstable sort
+    # orders the tied tokens otherwise on this CPU from about 100 tokens on.
+    scores = torch.zeros(600)
+    scores[::3] = 1
+    assert top_k_ascending(scores, 150).tolist() == list(range(0, 450, 3))
+    zeros = [i for i in range(600) if i % 3][:50]  # the lowest-index of the tied zeros
+    assert top_k_ascending(scores, 250).tolist() == sorted([*range(0, 600, 3), *zeros])

@@ -140,6 +140,46 @@ def test_kept_runs_hold_the_kept_tokens_and_the_separators_policy(spy):
         assert image.indices.tolist() == [0, 1]
         assert image.slots.tolist() == kept_slots
         assert torch.equal(image.run, packed[kept_slots])
+    # The default keeps every separator, as the authors do.
+    selector = Selector.build("_spy", keep=2, layout_options={"separators": ("all", "nonempty")})
+    assert selector.select(images, nn.Identity()).images[0].slots.tolist() == [0, 1, 3, 7]
+
+
+def test_a_run_with_one_separator_keeps_it(spy):
+    # Two rows of two tokens and one separator between them: slots t t s t t.
+    tokens = torch.arange(4 * D_L, dtype=torch.float32).view(4, D_L)
+    packed = torch.cat([tokens[:2], torch.full((1, D_L), -1.0), tokens[2:]])
+    layout = ImageLayout(
+        packed=packed,
+        token_slots=torch.tensor([0, 1, 3, 4]),
+        separator_of=torch.tensor([2, 2, -1, -1]),
+        crop=torch.zeros(4, dtype=torch.long),
+        cell=torch.stack([torch.arange(4) // 2, torch.arange(4) % 2], -1),
+        crop_grids=[(2, 2)],
+        patch_grids=[(2, 2)],
+    )
+    images = EncodedImages([torch.randn(4, D_V)], [tokens], [(2, 2)], None, None, None, [layout])
+    image = Selector.build("_spy", keep=3).select(images, nn.Identity()).images[0]
+    assert image.slots.tolist() == [0, 1, 2, 3]
+    assert torch.equal(image.run, packed[[0, 1, 2, 3]])
+
+
+def test_text_separators_place_the_whole_run_from_its_placeholders():
+    from zooprune.errors import PlaceholderMismatchError
+    from zooprune.families.mistral3 import rows_layout
+
+    # Rows of 3 tokens, a text separator after each row but the last: slots t t t s t t t.
+    layout = rows_layout(torch.randn(6, D_L), (2, 3))
+    assert layout.text_separators and layout.slots == 7
+    placed = torch.tensor([[1] * 6, [10, 11, 12, 14, 15, 16]])  # prompt 1, from position 10
+    assert layout.run_positions(placed).tolist() == [[1] * 7, list(range(10, 17))]
+    assert layout.run_positions(placed[:, :0]).shape == (2, 0)  # no placeholders: none
+    with pytest.raises(PlaceholderMismatchError, match="from prompt 1, position 10 are not"):
+        layout.run_positions(torch.tensor([[1] * 6, list(range(10, 16))]))
+    # Placeholder separators (a slot of the run each): the placeholders are every slot.
+    filled = rows_layout(torch.randn(6, D_L), (2, 3), break_embedding=torch.zeros(D_L))
+    every = torch.tensor([[0] * 7, list(range(3, 10))])
+    assert torch.equal(filled.run_positions(every), every)
 
 
 def test_the_record_maps_kept_tokens_to_prompt_positions():
@@ -162,6 +202,21 @@ def test_the_record_maps_kept_tokens_to_prompt_positions():
             image.cells, torch.stack([image.indices // width, image.indices % width], -1)
         )
     assert record.kept == 8 and record.total == 25 and record.budget == "keep=4"
+    assert (record.encode_seconds, record.select_seconds) == (0.5, 0.25)
+    assert [image.patch_grids for image in record.images] == [((4, 4),), ((3, 3),)]
+    assert [image.boxes for image in record.images] == [None, None]
+    # An image whose crops carry boxes in the original picture: the record gives them.
+    images = encoded([(1, 10)])
+    layout = two_crops(images.projected[0], first=4)
+    layout.boxes = [(0, 0, 8, 8), (0, 8, 8, 20)]
+    images.layouts = [layout]
+    kept = Selector.build("grid", keep=4).select(images, projector())
+    located = [torch.stack([torch.full((10,), 2), torch.arange(5, 15)])]
+    (image,) = selection_record(
+        kept, located, "grid", selector.budget, encode_seconds=0.0, select_seconds=0.0
+    ).images
+    assert image.boxes == ((0, 0, 8, 8), (0, 8, 8, 20)) and image.prompt == 2
+    assert image.patch_grids == ((2, 2), (1, 6))
 
 
 def test_non_finite_features_name_the_image():
@@ -169,6 +224,26 @@ def test_non_finite_features_name_the_image():
     images.features[1][4, 2] = float("nan")
     with pytest.raises(NonFiniteFeaturesError, match="image 1's visual features"):
         Selector.build("divprune", keep=2).select(images, projector())
+    images = encoded([(3, 3), (3, 3)])
+    images.projected[0][1, 0] = float("inf")
+    with pytest.raises(NonFiniteFeaturesError, match="image 0's visual tokens contain NaN"):
+        Selector.build("divprune", keep=2).select(images, projector())
+
+
+def test_items_are_numbered_within_their_kind():
+    from zooprune.pipeline import item_keys, item_names
+
+    image = two_crops(torch.zeros(6, D_L), first=2)
+    video = ImageLayout.frames(torch.zeros(8, D_L), (2, 2), 2)
+    layouts = [image, video, image, image, video]
+    assert item_keys(layouts) == [
+        ("image", 0),
+        ("video", 0),
+        ("image", 1),
+        ("image", 2),
+        ("video", 1),
+    ]
+    assert item_names(layouts) == ["image 0", "video 0", "image 1", "image 2", "video 1"]
 
 
 @pytest.mark.parametrize(
@@ -230,7 +305,9 @@ def test_a_videos_budget_is_shared_over_its_frames_or_over_the_whole_video(spy):
     whole = Selector.build(
         "_spy", keep=5, options={"video_budget": "global"}, layout_options=layout
     ).select(video_call(), projector())
-    assert whole.images[1].indices.numel() == 5
+    # global: the first 5 of all 12 tokens, 4 from the first frame and 1 from the second
+    video = whole.images[1]
+    assert torch.bincount(video.layout.crop[video.indices], minlength=3).tolist() == [4, 1, 0]
     record = selection_record(
         whole,
         [torch.stack([torch.zeros(s, dtype=torch.long), torch.arange(s)]) for s in (9, 12)],

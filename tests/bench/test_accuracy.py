@@ -599,6 +599,23 @@ def test_summarize_passes_its_resamples_and_seed_and_has_no_relative_for_a_zero_
     # family b: unpruned answers nothing right, so nothing is relative to it
     assert zoo["families"]["b"]["relative"] is None and zoo["families"]["a"]["relative"] == 1.0
     assert summarize(rows, families) == summarize(rows, families, reps=2000, seed=0)
+    # Enough questions that an interval depends on the draw: the seed and the number of
+    # resamples reach every interval.
+    rng = np.random.default_rng(0)
+    many = ["a"] * 40 + ["b"] * 40
+    rows = [
+        {"method": "unpruned", "ratio": None, "correct": (rng.random(80) < 0.7).tolist()},
+        {"method": "zoo", "ratio": 0.5, "correct": (rng.random(80) < 0.5).tolist()},
+    ]
+    zoo = summarize(rows, many, reps=101, seed=4)["conditions"][1]
+    a = np.array(rows[1]["correct"][:40], bool)
+    assert (zoo["families"]["a"]["low"], zoo["families"]["a"]["high"]) == bootstrap_interval(
+        {"a": a}, 101, 4
+    )
+    assert summarize(rows, many, reps=101, seed=4) != summarize(rows, many, reps=101, seed=5)
+    assert summarize(rows, many, reps=101, seed=4) != summarize(rows, many, reps=102, seed=4)
+    assert summarize(rows, many) == summarize(rows, many, reps=2000, seed=0)
+    assert summarize(rows, many) != summarize(rows, many, reps=2000, seed=1)
 
 
 class RecordingProcessor:
@@ -674,7 +691,7 @@ def test_the_hf_answerer_prunes_with_the_conditions_method_and_options(monkeypat
 
 
 def test_run_accuracy_defaults_timing_and_what_it_writes(tmp_path, monkeypatch):
-    items = [Item(Image.new("RGB", (4, 4)), f"q{i}", "yes", "f") for i in range(40)]
+    items = [Item(Image.new("RGB", (4, 4)), f"q{i}", "yes", "f") for i in range(66)]
     truth = {it.question: it.answer for it in items}
 
     def slow(batch, method, ratio, options):
@@ -693,7 +710,8 @@ def test_run_accuracy_defaults_timing_and_what_it_writes(tmp_path, monkeypatch):
         reps=10,
         on_progress=lambda *update: progress.append(update),
     )
-    assert progress == [("unpruned", 1, 2), ("unpruned", 2, 2)]  # batches of 32 by default
+    # batches of 32 by default: 32, 32 and 2 of 66
+    assert progress == [("unpruned", 1, 3), ("unpruned", 2, 3), ("unpruned", 3, 3)]
     assert summary["model"] == "model" and "engine" not in summary
     text = (tmp_path / "accuracy.json").read_text()
     assert text.startswith('{\n "conditions"')  # one space of indent: a readable log
@@ -712,7 +730,7 @@ def test_run_accuracy_defaults_timing_and_what_it_writes(tmp_path, monkeypatch):
         reps=10,
         on_progress=lambda *update: again.append(update),
     )
-    assert again == [("unpruned", 2, 2)]
+    assert again == [("unpruned", 3, 3)]
 
 
 def test_the_harness_passes_its_template_to_the_hf_engine(model, processor, tmp_path, monkeypatch):

@@ -34,9 +34,12 @@ def jacobians(module, x):
     return torch.stack([jacobian(module, row) for row in x])  # [N, d_l, d_v]
 
 
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_exact_equals_frobenius_norm_of_the_autograd_jacobian(approximate):
+def test_exact_equals_frobenius_norm_of_the_autograd_jacobian(approximate, bias):
     module = mlp(approximate)
+    if not bias:  # a projector without biases (the Gram kernel has no b1 then)
+        module[0].bias = module[2].bias = None
     x = torch.randn(2, 6, D_V, dtype=torch.float64) * 2
     expected = torch.stack([jacobians(module, xi).flatten(1).norm(dim=-1) for xi in x]) / D_V**0.5
     got = exact_sensitivity(module, as_mlp(module), x)

@@ -270,3 +270,22 @@ def test_float64_scores_are_ranked_in_float64():
     for distances in ("matrix", "rows"):
         picks = maxmin_select(z[None], 2, weights=w[None], distances=distances)[0].tolist()
         assert picks == [0, 2]
+
+
+@pytest.mark.parametrize("distances", ["rows", "matrix"])
+@pytest.mark.parametrize("fusion", ["product", "sum"])
+def test_a_batch_picks_what_each_image_picks_alone_whatever_their_spreads(fusion, distances):
+    # The sum fusion scales each image's distances by that image's largest one: a tight
+    # cluster beside a spread-out image must not borrow the other's scale.
+    g = torch.Generator().manual_seed(5)
+    centre = torch.randn(1, 8, generator=g)
+    tight = centre + 0.05 * torch.randn(12, 8, generator=g)
+    spread = torch.randn(12, 8, generator=g)
+    features = torch.stack([tight, spread])
+    weights = torch.rand(2, 12, generator=g)
+    batch = maxmin_select(features, 6, weights=weights, fusion=fusion, distances=distances)
+    for i in range(2):
+        alone = maxmin_select(
+            features[i : i + 1], 6, weights=weights[i : i + 1], fusion=fusion, distances=distances
+        )
+        assert batch[i].tolist() == alone[0].tolist()

@@ -73,6 +73,8 @@ def test_checked_options_keep_their_names_and_become_plain_values(method, given,
         ("zoo", {"num_directions": 0}, "num_directions must be an int >= 1"),
         ("zoo", {"rank": 0}, "rank must be an int >= 1"),
         ("zoo", {"seed": -1}, "seed must be an int"),
+        ("zoo", {"seed": 2**63}, "seed must be an int"),
+        ("random", {"seed": 2**63}, "seed must be an int"),
         ("zoo", {"zo_dtype": "float16"}, "applies to estimator='zo' only"),
         ("visionzip", {"contextual": 4}, "contextual must be an int"),
         ("visionzip", {"contextual": -1}, "contextual must be an int"),
@@ -132,3 +134,46 @@ def test_a_step_of_zero_is_refused():
     for step in (0, 0.0, -1.0, float("inf")):
         with pytest.raises(PruneError, match="step must be"):
             Selector.build("zoo", keep=4, options={"step": step})
+
+
+@pytest.mark.parametrize(
+    ("picks", "n"),
+    [
+        ([0, 2, 1], 5),  # not ascending after the first pair
+        ([1, 1, 3], 5),  # a token twice
+        ([3, 2], 5),  # descending
+        ([0, 1, 5], 5),  # past the last token
+        ([-1], 5),  # before the first
+        ([0, 1], 5),  # two of three
+    ],
+)
+def test_a_method_whose_picks_are_no_clean_set_is_caught(picks, n):
+    # Kept tokens fill placeholders in order: k distinct ascending indices in [0, n).
+    import torch
+
+    from zooprune.select import TokenSet
+    from zooprune.select.registry import MethodResult, MethodSpec
+
+    def fixed(tokens, k):
+        return MethodResult(torch.tensor([picks]))
+
+    k = 3 if picks == [0, 1] else len(picks)
+    spec = MethodSpec("_fixed", "test only", fixed, frozenset())
+    tokens = TokenSet(torch.zeros(1, n, 2), torch.zeros(1, n, 2), torch.nn.Identity(), (1, n))
+    with pytest.raises(
+        RuntimeError, match=f"not {k} distinct ascending token indices in \\[0, {n}\\)"
+    ):
+        spec(tokens, k)
+    good = MethodSpec(
+        "_good", "test only", lambda t, k: MethodResult(torch.tensor([[0, 4]])), frozenset()
+    )
+    assert good(tokens, 2).indices.tolist() == [[0, 4]]
+
+
+def test_an_unknown_option_is_refused_naming_those_there_are():
+    with pytest.raises(
+        PruneError, match="has no option 'pivot'; its options are: pivot_norm, pivots"
+    ):
+        Selector.build("dart", keep=4, options={"pivot": 2})
+    with pytest.raises(PruneError, match="has no option 'seed'; its options are: none"):
+        Selector.build("divprune", keep=4, options={"seed": 2})
