@@ -35,6 +35,10 @@ VIDEO_BUDGETS = ("frame", "global")
 ITEM_KINDS = ("image", "video")
 
 
+#: a crop's (top, left, bottom, right) in the original image's pixels
+Box = tuple[float, float, float, float]
+
+
 @dataclass
 class ImageLayout:
     """Where one image's visual tokens sit in its run of placeholders, and what they show.
@@ -74,7 +78,7 @@ class ImageLayout:
     cell: Tensor
     crop_grids: list[tuple[int, int]]
     patch_grids: list[tuple[int, int]]
-    boxes: list[tuple[float, float, float, float]] | None = None
+    boxes: list[Box] | None = None
     kind: str = "image"
     text_separators: bool = False
 

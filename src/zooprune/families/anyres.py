@@ -56,9 +56,8 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from zooprune.errors import PruneError
-from zooprune.pipeline import EncodedImages, ImageLayout
+from zooprune.pipeline import Box, EncodedImages, ImageLayout
 
-Box = tuple[float, float, float, float]
 #: ``pack(per_image, newline)``: an engine's packing of each image's crop tokens
 #: (``[crops, T, c]``) into its run, ``newline`` (``[c]``) after each row of the grid
 Pack = Callable[[list[Tensor], Tensor], list[Tensor]]

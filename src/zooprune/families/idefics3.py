@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from zooprune.budget import split_evenly
 from zooprune.errors import PlaceholderMismatchError
+from zooprune.families.tiles import tiles_layout
 from zooprune.pipeline import EncodedImages, ImageLayout
 
 #: where the connector's projection lives in a checkpoint (transformers 5, and the hub's)
@@ -161,23 +162,9 @@ def layout(tokens: Tensor, is_global: list[bool], side: int) -> ImageLayout:
         tokens: ``[n * S, d_l]`` the image's tokens in prompt order (sub-crops, global).
         is_global: per run, whether it is the global crop (the last one).
     """
-    device = tokens.device
-    per_crop = side * side
-    count = len(is_global)
     # Crop 0 is the global crop (the whole image, as LLaVA-NeXT's base crop); sub-crops
     # keep their raster order from 1.
-    crop_of_run = torch.tensor(
-        [0 if g else 1 + sum(not h for h in is_global[:r]) for r, g in enumerate(is_global)],
-        device=device,
-    )
-    index = torch.arange(count * per_crop, device=device)
-    cell = index % per_crop
-    return ImageLayout(
-        packed=tokens,
-        token_slots=index,
-        separator_of=torch.full_like(index, -1),
-        crop=crop_of_run.repeat_interleave(per_crop),
-        cell=torch.stack([cell // side, cell % side], dim=-1),
-        crop_grids=[(side, side)] * count,
-        patch_grids=[(side, side)] * count,
-    )
+    crop_of_run = [
+        0 if g else 1 + sum(not h for h in is_global[:r]) for r, g in enumerate(is_global)
+    ]
+    return tiles_layout(tokens, crop_of_run, side)

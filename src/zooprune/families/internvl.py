@@ -71,9 +71,9 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optim
 
 from zooprune.errors import PlaceholderMismatchError, PruneError
 from zooprune.families.llava import activation
-from zooprune.pipeline import EncodedImages, ImageLayout
+from zooprune.families.tiles import tiles_layout
+from zooprune.pipeline import Box, EncodedImages, ImageLayout
 
-Box = tuple[float, float, float, float]
 #: where the projector's tensors live in a checkpoint (transformers 5)
 PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
 
@@ -225,21 +225,7 @@ def layout(tokens: Tensor, tiles: int, side: int, boxes: list[Box] | None) -> Im
         tokens: ``[tiles * T, d_l]`` the image's tokens in prompt order (sub-crops, then
             the thumbnail).
     """
-    device = tokens.device
-    per_tile = side * side
     # Prompt order is sub-crops 1.. then the thumbnail; the thumbnail is crop 0 (the
     # whole image, as LLaVA-NeXT's base crop), so "split" serves it first.
-    crop_of_run = torch.arange(1, tiles + 1, device=device)
-    crop_of_run[-1] = 0
-    index = torch.arange(tiles * per_tile, device=device)
-    cell = index % per_tile
-    return ImageLayout(
-        packed=tokens,
-        token_slots=index,
-        separator_of=torch.full_like(index, -1),
-        crop=crop_of_run.repeat_interleave(per_tile),
-        cell=torch.stack([cell // side, cell % side], dim=-1),
-        crop_grids=[(side, side)] * tiles,
-        patch_grids=[(side, side)] * tiles,
-        boxes=boxes,
-    )
+    crop_of_run = [*range(1, tiles), 0]
+    return tiles_layout(tokens, crop_of_run, side, boxes)

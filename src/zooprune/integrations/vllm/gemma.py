@@ -36,6 +36,7 @@ from vllm.multimodal.processing import PromptUpdateDetails
 
 from zooprune.families import gemma3, gemma4
 from zooprune.integrations.vllm.checkpoint import hub_key
+from zooprune.integrations.vllm.prompts import kept_run
 from zooprune.integrations.vllm.selection import (
     PrunedVariant,
     budget_of,
@@ -108,11 +109,8 @@ class ZoopruneGemma4ProcessingInfo(Gemma4ProcessingInfo):
     def get_image_repl(self, **kwargs: Any) -> PromptUpdateDetails:
         details = super().get_image_repl(**kwargs)
         processor = kwargs.get("processor") or self.get_hf_processor()
-        image_token = processor.image_token_id
-        n = sum(token == image_token for token in details.full)
-        kept = budget_of(self.get_hf_config()).tokens_for(n)
-        tokens = shorten_runs(details.full, image_token, kept)  # boi, K tokens, eoi
-        return PromptUpdateDetails.select_token_id(tokens, image_token)
+        # boi, K image tokens, eoi
+        return kept_run(processor.image_token_id, budget_of(self.get_hf_config()), details)
 
 
 @MULTIMODAL_REGISTRY.register_processor(

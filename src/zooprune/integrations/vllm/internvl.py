@@ -22,17 +22,14 @@ from vllm.model_executor.models.interns1 import (
     InternS1ProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.processing import PromptUpdateDetails
 
-from zooprune.budget import Budget
 from zooprune.families import internvl
-from zooprune.integrations.vllm.prompts import rewrite_image_updates
+from zooprune.integrations.vllm.prompts import kept_run, rewrite_image_updates
 from zooprune.integrations.vllm.selection import (
     PrunedVariant,
     budget_of,
     input_of,
     refuse_embeddings,
-    shorten_runs,
 )
 
 
@@ -49,14 +46,8 @@ class ZoopruneInternVLMultiModalProcessor(InternS1MultiModalProcessor):
 
     def _get_prompt_updates(self, *args: Any, **kwargs: Any) -> list[Any]:
         config = self.info.get_hf_config()
-        rewrite = functools.partial(_kept_run, config.image_token_id, budget_of(config))
+        rewrite = functools.partial(kept_run, config.image_token_id, budget_of(config))
         return rewrite_image_updates(super()._get_prompt_updates(*args, **kwargs), rewrite)
-
-
-def _kept_run(token: int, budget: Budget, details: PromptUpdateDetails) -> PromptUpdateDetails:
-    n = sum(value == token for value in details.full)
-    tokens = shorten_runs(details.full, token, budget.tokens_for(n))
-    return PromptUpdateDetails.select_token_id(tokens, token)
 
 
 @MULTIMODAL_REGISTRY.register_processor(

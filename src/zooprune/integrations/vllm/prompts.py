@@ -7,7 +7,10 @@ import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from vllm.multimodal.processing import PromptReplacement
+from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
+
+from zooprune.budget import Budget
+from zooprune.integrations.vllm.selection import shorten_runs
 
 
 def rewrite_image_updates(updates: Iterable[Any], rewrite: Callable[[Any], Any]) -> list[Any]:
@@ -29,3 +32,11 @@ def rewrite_image_updates(updates: Iterable[Any], rewrite: Callable[[Any], Any])
 
 def _rewritten(replacement: Callable[[int], Any], rewrite: Callable[[Any], Any], item: int) -> Any:
     return rewrite(replacement(item))
+
+
+def kept_run(token: int, budget: Budget, details: PromptUpdateDetails) -> PromptUpdateDetails:
+    """An image's replacement with its run of N ``token`` placeholders cut to the budget's
+    K, the text around it (markers) unchanged."""
+    n = sum(value == token for value in details.full)
+    tokens = shorten_runs(details.full, token, budget.tokens_for(n))
+    return PromptUpdateDetails.select_token_id(tokens, token)

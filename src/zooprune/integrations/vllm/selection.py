@@ -111,19 +111,23 @@ def selector_for(config: Any, architecture: str) -> Selector:
     """The selector from the settings a pruned variant's HF ``config`` carries, checked
     as the variant of ``architecture`` declares (its layout options, position mode);
     built once per settings (vLLM asks for the budget at every placeholder count)."""
-    settings = getattr(config, SETTINGS, None)
-    if not isinstance(settings, Mapping):
-        raise PruneError(f"the zooprune settings must be a dict, got {settings!r}")
+    settings = settings_of(config)
     return _cached(json.dumps(dict(settings), sort_keys=True, default=str), architecture)
 
 
 def budget_of(config: Any) -> Budget:
     """The budget the settings in a pruned variant's HF ``config`` give: what a processing
     info counts placeholders with (the whole selector is checked at engine start)."""
+    settings = settings_of(config)
+    return Budget(keep=settings.get("keep"), ratio=settings.get("ratio"))
+
+
+def settings_of(config: Any) -> Mapping[str, Any]:
+    """The settings a pruned variant's HF ``config`` carries (refused unless a mapping)."""
     settings = getattr(config, SETTINGS, None)
     if not isinstance(settings, Mapping):
         raise PruneError(f"the zooprune settings must be a dict, got {settings!r}")
-    return Budget(keep=settings.get("keep"), ratio=settings.get("ratio"))
+    return settings
 
 
 def refuse_embeddings(image_input: dict[str, Any]) -> None:

@@ -239,7 +239,8 @@ def run_serving_benchmark(
     if hf_config.model_type == "llava":
         share = flops.vision_share(flops.Shapes.of_llava(hf_config), config.text_tokens)
     conditions = [(None, config.method), *((keep, config.method) for keep in config.budgets)]
-    if config.reference not in (None, config.method) and config.budgets:
+    with_reference = config.reference not in (None, config.method) and bool(config.budgets)
+    if with_reference:
         conditions.append((min(config.budgets), config.reference))
     rows = [_condition(config, path, prompt, keep, m, progress) for keep, m in conditions]
     base = rows[0]
@@ -248,7 +249,7 @@ def run_serving_benchmark(
         row["ttft_ratio"] = row["ttft_median_s"] / base["ttft_median_s"]
         row["latency_ratio"] = row["latency_median_s"] / base["latency_median_s"]
     reference = None
-    if len(conditions) > len(config.budgets) + 1:
+    if with_reference:
         limit = rows[-1]
         measured = next(row for row in rows[1:-1] if row["keep"] == limit["keep"])
         reference = {
