@@ -26,3 +26,24 @@ def test_readme_lists_every_method():
 
     text = README.read_text()
     assert all(f"| `{name}` |" in text for name in METHODS)
+
+
+def test_readme_layout_names_every_module():
+    import re
+
+    text = README.read_text()
+    start = text.index("```\nsrc/zooprune/\n", text.index("## Layout")) + len("```\n")
+    block = text[start : text.index("```", start)]
+    # Each top-level entry starts a line with two spaces and its name: "  select/  ...".
+    entries = re.split(r"\n  (?=[a-z_]+(?:\.py|/) )", block)[1:]
+    described = {entry.split()[0]: entry for entry in entries}
+    src = README.parent / "src" / "zooprune"
+    missing = []
+    for path in sorted(src.rglob("*.py")):
+        parts = path.relative_to(src).parts
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        label = parts[0] + ("/" if len(parts) > 1 else "")
+        if path.name not in described.get(label, ""):
+            missing.append("/".join(parts))
+    assert missing == []
