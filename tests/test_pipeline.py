@@ -284,6 +284,18 @@ def test_build_checks_every_value_before_any_call():
     }
 
 
+@pytest.mark.parametrize("method", ["zoo", "zoo-sum", "sensitivity"])
+def test_an_estimator_only_an_mlp_has_is_refused_before_any_image(method):
+    normed = nn.Sequential(nn.LayerNorm(D_V), *projector())  # a norm before the MLP
+    for estimator in ("exact", "lowrank"):
+        selector = Selector.build(method, keep=4, options={"estimator": estimator})
+        selector.check_projector(projector())  # the plain MLP runs either
+        with pytest.raises(PruneError, match=f"estimator '{estimator}' needs a Linear"):
+            selector.check_projector(normed)
+    for options in ({"estimator": "jvp"}, {"estimator": "zo"}, {}):
+        Selector.build(method, keep=4, options=options).check_projector(normed)
+
+
 def video_call(frames=3, grid=(2, 2), images=1):
     """``images`` images of 3 x 3 tokens, then one video of ``frames`` frames on ``grid``."""
     call = encoded([(3, 3)] * images + [(frames * grid[0], grid[1])])

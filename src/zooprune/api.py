@@ -87,6 +87,8 @@ def prune(
             f"got {positions!r}{note}"
         )
     selector.check_provided(adapter.available(model), type(model).__name__)
+    if not in_lm:
+        selector.check_projector(adapter.projector(model))
     if handle_of(model) is not None:
         raise AlreadyPrunedError(
             f"this {type(model).__name__} is already pruned "

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from zooprune.budget import Budget, split_evenly
 from zooprune.errors import NonFiniteFeaturesError, PlaceholderMismatchError, PruneError
 from zooprune.record import ImageSelection, Selection
-from zooprune.select import METHODS, MethodSpec, TokenSet, get_method
+from zooprune.select import METHODS, MethodSpec, TokenSet, check_estimator, get_method
 
 #: the layout options a multi-crop family may accept (``Adapter.options``), first = default
 CROP_BUDGETS = ("split", "global")
@@ -402,6 +402,13 @@ class Selector:
                 f"method {self.method.name!r} needs {', '.join(sorted(missing))}, which this "
                 f"{model_name} does not provide; methods that apply: {', '.join(usable)}"
             )
+
+    def check_projector(self, projector: nn.Module) -> None:
+        """Refuse options the model's scored ``projector`` cannot run (an estimator only an
+        MLP has), before any image: a server refuses at start, not at a request."""
+        estimator = self.options.get("estimator")
+        if estimator is not None:
+            check_estimator(estimator, projector)
 
     def select(self, encoded: EncodedImages, projector: nn.Module) -> Kept:
         """Choose the kept tokens of every image of a call.

@@ -290,9 +290,9 @@ class TestInternVL(UnsplitConformance, AdapterConformance):
             vlm(**batch)
         # LayerNorm -> Linear -> GELU -> Linear is not the plain MLP the closed form needs.
         assert handle.selection.details["estimator"] == "jvp"
-        with zooprune.prune(vlm, "zoo", keep=5, estimator="exact"):
-            with pytest.raises(PruneError, match="use 'jvp' or 'zo'"):
-                vlm(**batch)
+        with pytest.raises(PruneError, match="use 'jvp' or 'zo'"):
+            zooprune.prune(vlm, "zoo", keep=5, estimator="exact")  # refused before any image
+        assert zooprune.handle_of(vlm) is None
 
     @pytest.mark.parametrize("layer", [-1, 1])
     def test_cls_attention_is_the_towers_own_summed_over_each_window(

@@ -16,7 +16,7 @@ from transformers import LlavaForConditionalGeneration
 import zooprune
 from tests.adapters.conformance import AdapterConformance, FamilyTester, random_pictures
 from zooprune import PruneError
-from zooprune.tiny import SPECIAL, save_tiny_llava, tiny_llava_processor
+from zooprune.tiny import SPECIAL, llava_layout_config, save_tiny_llava, tiny_llava_processor
 
 IMAGE = SPECIAL.index("<image>")
 N = 64  # the tiny model's 8 x 8 patch grid
@@ -47,6 +47,24 @@ class LlavaTester(FamilyTester):
 
     def pictures(self) -> list[Image.Image]:
         return random_pictures(0, [(52 + 7 * i, 60) for i in range(4)])
+
+    def vllm_build(self, path: Path) -> Path:
+        # The layout of zooprune.tiny's LLaVA with a language model vLLM's CPU attention
+        # runs (head dim 32).
+        processor = tiny_llava_processor()
+        config = llava_layout_config(
+            image_size=48,
+            patch_size=6,
+            vision=(32, 2, 4, 64),
+            text=(64, 2, 2, 2, 128),
+            vocab_size=len(processor.tokenizer),
+            image_token_id=IMAGE,
+        )
+        model = LlavaForConditionalGeneration(config).eval()
+        model.generation_config.pad_token_id = 0
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+        return path
 
 
 class TestLlava(AdapterConformance):

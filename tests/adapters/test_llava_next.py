@@ -166,17 +166,20 @@ class AnyResTester(FamilyTester):
     def __init__(self, family: str) -> None:
         self.name = family
         self.family = family
+        self.model_class = (
+            LlavaNextForConditionalGeneration
+            if family == "llava-next"
+            else LlavaOnevisionForConditionalGeneration
+        )
 
     def build(self, path):
         return build("onevision" if self.family == "onevision-shrunk" else self.family, path)
 
     def load(self, path, **config):
-        if self.family == "llava-next":
-            return LlavaNextForConditionalGeneration.from_pretrained(path, **config).eval()
         # The config change makes the model shrink large sub-crop grids.
         if self.family == "onevision-shrunk":
             config = {"vision_aspect_ratio": "anyres_max_1"} | config
-        return LlavaOnevisionForConditionalGeneration.from_pretrained(path, **config).eval()
+        return super().load(path, **config)
 
     def processor(self):
         return processor_for(self.family)
@@ -184,6 +187,37 @@ class AnyResTester(FamilyTester):
     def pictures(self):
         # Wide, tall, square and very wide: different pinpoints, crops and unpadding.
         return random_pictures(1, [(40, 60), (50, 30), (36, 36), (30, 80)])
+
+    @property
+    def vllm_images_alone(self):
+        if self.family == "llava-next":
+            return ""
+        return (
+            "transformers' OneVision gives each image of a several-image prompt its base "
+            "crop only (batch_num_images); vLLM's gives it every crop, as to one image alone"
+        )
+
+    def vllm_build(self, path):
+        build(self.family, path, text_width=64, text_heads=2)
+        if self.family == "llava-next":
+            processor_for(self.family).save_pretrained(path)
+            return path
+        # OneVision: the stock processor, videos and all (vLLM loads it; its video
+        # processor needs torchvision, there in vLLM's environment only).
+        from transformers.models.llava_onevision.video_processing_llava_onevision import (
+            LlavaOnevisionVideoProcessor,
+        )
+
+        LlavaOnevisionProcessor(
+            image_processor=processor_for(self.family).image_processor,
+            tokenizer=tokenizer(),
+            video_processor=LlavaOnevisionVideoProcessor(size={"height": CROP, "width": CROP}),
+            num_image_tokens=SIDE * SIDE,
+            vision_feature_select_strategy="full",
+            image_token="<image>",
+            video_token="<video>",
+        ).save_pretrained(path)
+        return path
 
 
 class AnyResSpecifics(AdapterConformance):

@@ -291,6 +291,23 @@ class QwenTester(FamilyTester):
 
     vllm_picture_size = (24, 32)
 
+    def vllm_processor(self) -> Any:
+        """The stock processor vLLM loads, over Qwen's marker names, with its video
+        processor (which needs torchvision: there in vLLM's environment only)."""
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+        video = Qwen2VLVideoProcessor(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2)
+        return named_processor(Qwen2VLProcessor, video)
+
+    def vllm_model(self, path) -> None:
+        """Save the family's tiny model with a language model vLLM's CPU build runs."""
+        build(self.name, path, text_width=64)
+
+    def vllm_build(self, path):
+        self.vllm_model(path)
+        self.vllm_processor().save_pretrained(path)
+        return path
+
     @property
     def vllm_prompt(self):
         return f"<s> user {NAMED_RUN} what is in the image ?"

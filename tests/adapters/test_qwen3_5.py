@@ -30,7 +30,6 @@ from transformers import (
     Qwen3_5MoeConfig,
     Qwen3_5MoeForConditionalGeneration,
     Qwen3_5VisionConfig,
-    Qwen3VLProcessor,
 )
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5VisionPatchMerger
 
@@ -45,7 +44,6 @@ from tests.adapters.test_qwen2_vl import (
     WIDTH,
     QwenConformance,
     masked_reference,
-    named_processor,
 )
 from tests.adapters.test_qwen3_vl import Qwen3VLTester
 from zooprune.adapters import adapter_for
@@ -186,13 +184,8 @@ class Qwen3_5Tester(Qwen3VLTester):
     # vLLM's CPU Gated DeltaNet runs in bfloat16 only: both engines run the family so.
     vllm_dtype = "bfloat16"
 
-    def vllm_build(self, path):
-        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-
+    def vllm_model(self, path):
         build(self.name, path, vllm=True)
-        video = Qwen3VLVideoProcessor(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2)
-        named_processor(Qwen3VLProcessor, video).save_pretrained(path)
-        return path
 
     def masked_reference(self, model, batch, kept, positions):
         # Not the masked model: its linear-attention layers cannot hide a token (see the

@@ -129,14 +129,14 @@ class Qwen3VLTester(QwenTester):
     def processor(self):
         return qwen3_processor()
 
-    def vllm_build(self, path):
-        # The video processor needs torchvision: there in vLLM's environment only.
+    def vllm_model(self, path):
+        build(self.name, path, text_width=64)
+
+    def vllm_processor(self):
         from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-        build(self.name, path, text_width=64)
         video = Qwen3VLVideoProcessor(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2)
-        named_processor(Qwen3VLProcessor, video).save_pretrained(path)
-        return path
+        return named_processor(Qwen3VLProcessor, video)
 
 
 class Qwen3VLSpecifics(QwenConformance):

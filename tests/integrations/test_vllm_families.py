@@ -10,10 +10,33 @@ from tests.adapters.test_gemma3 import Gemma3Tester  # noqa: E402
 from tests.adapters.test_gemma4 import Gemma4Tester  # noqa: E402
 from tests.adapters.test_idefics3 import Idefics3Tester  # noqa: E402
 from tests.adapters.test_internvl import InternVLTester  # noqa: E402
+from tests.adapters.test_llava import LlavaTester  # noqa: E402
+from tests.adapters.test_llava_next import AnyResTester  # noqa: E402
 from tests.adapters.test_mistral3 import Mistral3Tester  # noqa: E402
+from tests.adapters.test_qwen2_vl import QwenTester  # noqa: E402
 from tests.adapters.test_qwen3_5 import Qwen3_5Tester  # noqa: E402
 from tests.adapters.test_qwen3_vl import Qwen3VLTester  # noqa: E402
 from tests.integrations.vllm_parity import VllmParity, VllmTensorParallel  # noqa: E402
+
+
+class TestLlavaOnVllm(VllmParity, VllmTensorParallel):  # an MLP projector
+    tester = LlavaTester()
+
+
+class TestLlavaNextOnVllm(VllmParity):
+    tester = AnyResTester("llava-next")
+
+
+class TestOnevisionOnVllm(VllmParity):
+    tester = AnyResTester("onevision")
+
+
+class TestQwen2VLOnVllm(VllmParity):
+    tester = QwenTester("qwen2-vl")
+
+
+class TestQwen2_5VLOnVllm(VllmParity):
+    tester = QwenTester("qwen2.5-vl")
 
 
 class TestGemma3OnVllm(VllmParity, VllmTensorParallel):  # a pooling projector

@@ -1,7 +1,7 @@
 """``zooprune serve``: vLLM's OpenAI-compatible server, started by the command as a user
 would, answers a chat request with an image on a prompt shortened to K visual tokens, and
 generates what the Hugging Face handle does: one family per projector kind (LLaVA's MLP,
-Qwen3-VL's patch merger, Gemma 3's pooling projector)."""
+Qwen3-VL's patch merger, Gemma 3's pooling projector), each driven by its HF tester."""
 
 import base64
 import io
@@ -18,28 +18,25 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoProcessor
 
 from tests.adapters.conformance import FamilyTester, random_pictures
 from tests.adapters.test_gemma3 import Gemma3Tester
+from tests.adapters.test_llava import LlavaTester
 from tests.adapters.test_qwen3_vl import Qwen3VLTester
-from tests.integrations.test_vllm import KEEP, LLAVA_PROMPT, STEPS
-from tests.integrations.test_vllm import hf_reference as llava_reference
-from tests.integrations.vllm_models import IMAGE, save_llava
-from tests.integrations.vllm_parity import TOP, hf_reference
+from tests.integrations.vllm_parity import KEEP, STEPS, TOP, hf_reference
 
 QUESTION = "what is in the image ?"
-#: projector kind -> its family's tester (None: LLaVA, the tests' own tiny one)
-FAMILIES: dict[str, FamilyTester | None] = {
-    "mlp": None,
+#: projector kind -> its family's tester
+FAMILIES: dict[str, FamilyTester] = {
+    "mlp": LlavaTester(),
     "merger": Qwen3VLTester("qwen3-vl"),
     "pooled": Gemma3Tester(),
 }
 
 
-def prompt_of(tester: FamilyTester | None) -> str:
+def prompt_of(tester: FamilyTester) -> str:
     """The one-image prompt the offline tests use, the question last."""
-    prompt = LLAVA_PROMPT if tester is None else tester.vllm_prompt
+    prompt = tester.vllm_prompt
     assert prompt.endswith(f" {QUESTION}")
     return prompt
 
@@ -76,13 +73,13 @@ def server(request, tmp_path_factory):
     tester = FAMILIES[request.param]
     folder = tmp_path_factory.mktemp(request.param)
     torch.manual_seed(0)  # the parity suite's weights (tests/integrations/vllm_parity.py)
-    path = save_llava(folder) if tester is None else tester.vllm_build(folder)
-    dtype = "float32" if tester is None else tester.vllm_dtype
+    path = tester.vllm_build(folder)
+    dtype = tester.vllm_dtype
     template = path / "template.jinja"
     template.write_text(template_for(prompt_of(tester)))
     port = free_port()
     # The HF reference's settings: the tester's quick zoo options.
-    options = [f"--option={name}={value}" for name, value in getattr(tester, "fast", {}).items()]
+    options = [f"--option={name}={value}" for name, value in tester.fast.items()]
     command = [
         *(sys.executable, "-m", "zooprune.cli", "serve", str(path), "--keep", str(KEEP)),
         *options,
@@ -122,19 +119,17 @@ def server(request, tmp_path_factory):
 def test_the_server_answers_on_a_shortened_prompt_what_the_hf_handle_does(server):
     base, path, tester = server
     prompt = prompt_of(tester)
-    (picture,) = random_pictures(11, [(52, 60) if tester is None else tester.vllm_picture_size])
+    (picture,) = random_pictures(11, [tester.vllm_picture_size])
     png = io.BytesIO()
     picture.save(png, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
-    restricted = {}
-    if tester is not None:
-        # As the HF reference: a placeholder token generated as text would match no image.
-        vocabulary = tester.vllm_hf_processor(path).tokenizer.vocab_size
-        restricted["allowed_token_ids"] = [i for i in range(vocabulary) if i not in tester.banned]
+    # As the HF reference: a placeholder token generated as text would match no image.
+    vocabulary = tester.vllm_hf_processor(path).tokenizer.vocab_size
+    allowed = [i for i in range(vocabulary) if i not in tester.banned]
     answer = call(
         f"{base}/v1/chat/completions",
-        restricted
-        | {
+        {
+            "allowed_token_ids": allowed,
             "model": str(path),
             "messages": [
                 {
@@ -154,16 +149,6 @@ def test_the_server_answers_on_a_shortened_prompt_what_the_hf_handle_does(server
         },
     )
     generated = answer["choices"][0]["token_ids"]
-    if tester is None:
-        processor = AutoProcessor.from_pretrained(path)
-        full = processor(images=[picture], text=[prompt], return_tensors="pt")["input_ids"][0]
-        visual = int((full == IMAGE).sum())
-        assert visual > KEEP
-        assert answer["usage"]["prompt_tokens"] == len(full) - visual + KEEP
-        assert answer["prompt_token_ids"].count(IMAGE) == KEEP
-        ((_, _, tokens),) = llava_reference(path, prompt, [picture])
-        assert generated == tokens
-        return
     hf = (
         tester.load(path, dtype=getattr(torch, tester.vllm_dtype)),
         tester.vllm_hf_processor(path),

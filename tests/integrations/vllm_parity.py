@@ -32,13 +32,17 @@ import torch
 import zooprune
 import zooprune.integrations.vllm as zv
 from tests.adapters.conformance import FamilyTester, random_pictures
+from zooprune import PruneError
 from zooprune.adapters import adapter_for
 from zooprune.integrations.vllm.selection import check_settings
+from zooprune.select.methods import MLP_ESTIMATORS
+from zooprune.select.mlp import as_mlp
 
 KEEP = 5
 STEPS = 4
 #: every method vLLM serves, with options that keep the HF side quick
 SERVED = [
+    ("zoo", {"estimator": "exact"}),
     ("zoo", {"estimator": "jvp", "num_directions": 8}),
     ("zoo", {"estimator": "zo", "num_directions": 8}),
     ("zoo-sum", {"num_directions": 8}),
@@ -139,6 +143,24 @@ def hf_reference(
     return results
 
 
+def hf_projector(model: Any) -> Any:
+    return adapter_for(model).projector(model)
+
+
+def refusal_of(selector: Any) -> Any:
+    """For ``apply_model``: why the variant's scored projector refuses ``selector``'s
+    options ("" where it takes them)."""
+
+    def refusal(model: Any) -> str:
+        try:
+            selector.check_projector(model.scoring_projector)
+        except PruneError as error:
+            return str(error)
+        return ""
+
+    return refusal
+
+
 class VllmParity:
     """What every served family's vLLM variant must do; the class sets ``tester``."""
 
@@ -222,6 +244,15 @@ class VllmParity:
         t = self.tester
         prompt = t.vllm_two_images_prompt
         group = random_pictures(11, [t.vllm_picture_size, t.pictures()[1].size[::-1]])
+        if t.vllm_images_alone:
+            # Each image as if alone (the tester says why): as in a one-image HF prompt.
+            alone = self.reference(hf, t.vllm_prompt, [[picture] for picture in group])
+            (out,) = self.generate(llm, prompt, [group])
+            assert self.kept(llm) == [kept for (kept,), *_ in alone]
+            placeholders = sum(token == t.image_token for token in out.prompt_token_ids)
+            slots = sum(KEEP + t.vllm_separator_slots(separators) for _, separators, *_ in alone)
+            assert placeholders == slots
+            return
         ((kept, _, tokens, pruned),) = self.reference(hf, prompt, [group])
         (out,) = self.generate(llm, prompt, [group])
         assert list(out.prompt_token_ids) == t.vllm_served_prompt(pruned)
@@ -243,11 +274,19 @@ class VllmParity:
     def test_every_served_method_keeps_the_hf_tokens(self, llm, hf, method, options):
         # A picture of its own per case: the encoder cache would serve a seen one unselected.
         t = self.tester
+        settings = {"method": method, "keep": KEEP, **options}
+        selector = check_settings(settings, zv.VARIANTS[t.vllm_architecture])
+        model, _ = hf
+        if options.get("estimator") in MLP_ESTIMATORS and as_mlp(hf_projector(model)) is None:
+            # An estimator only an MLP has: both engines refuse it before any image (the
+            # HF handle at prune(), the variant when it loads its projector).
+            with pytest.raises(PruneError, match="use 'jvp' or 'zo'"):
+                zooprune.prune(model, method, keep=KEEP, **options)
+            assert "use 'jvp' or 'zo'" in llm.apply_model(refusal_of(selector))[0]
+            return
         seed = zlib.crc32(repr((t.name, method, options)).encode())
         picture = random_pictures(seed % 2**31, [t.vllm_picture_size])
         ((kept, _, tokens, _),) = self.reference(hf, t.vllm_prompt, [picture], method, **options)
-        settings = {"method": method, "keep": KEEP, **options}
-        selector = check_settings(settings, zv.VARIANTS[t.vllm_architecture])
         default = llm.apply_model(lambda model: model.selector)[0]
         llm.apply_model(lambda model: object.__setattr__(model, "selector", selector))
         try:
@@ -265,7 +304,7 @@ class VllmParity:
 
     def test_the_scored_projector_is_the_hf_adapters(self, llm, hf):
         model, _ = hf
-        projector = adapter_for(model).projector(model)
+        projector = hf_projector(model)
         x = torch.randn(5, self.tester.vllm_projector_width(model), dtype=model.dtype)
 
         def scored(vllm_model: Any) -> torch.Tensor:

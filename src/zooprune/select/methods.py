@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from zooprune.errors import PruneError
 from zooprune.select.cdpruner import conditional_kernel, greedy_dpp_map, instruction_relevance
@@ -88,6 +89,19 @@ def check_dart_options(options: dict[str, Any], keep: int | None) -> dict[str, A
     }
 
 
+#: the estimators that read the projector's weights in closed form (an MLP's only)
+MLP_ESTIMATORS = ("exact", "lowrank")
+
+
+def check_estimator(estimator: str, projector: nn.Module) -> None:
+    """Refuse an estimator ``projector`` cannot run."""
+    if estimator in MLP_ESTIMATORS and as_mlp(projector) is None:
+        raise PruneError(
+            f"estimator {estimator!r} needs a Linear -> GELU -> Linear projector, not "
+            f"{type(projector).__name__}; use 'jvp' or 'zo'"
+        )
+
+
 @torch.no_grad()  # scores are only ranked: no graph to keep
 def sensitivity_scores(
     tokens: TokenSet,
@@ -107,11 +121,7 @@ def sensitivity_scores(
     mlp = as_mlp(tokens.projector)
     if estimator == "auto":
         estimator = "exact" if mlp is not None else "jvp"
-    if estimator in ("exact", "lowrank") and mlp is None:
-        raise PruneError(
-            f"estimator {estimator!r} needs a Linear -> GELU -> Linear projector, not "
-            f"{type(tokens.projector).__name__}; use 'jvp' or 'zo'"
-        )
+    check_estimator(estimator, tokens.projector)
     x = tokens.features
     if estimator == "exact":
         return exact_sensitivity(tokens.projector, mlp, x), estimator

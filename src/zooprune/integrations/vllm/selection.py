@@ -210,6 +210,7 @@ class PrunedVariant:
         loaded = super().load_weights(self._projector_copy.watch(self.rename_weights(weights)))
         dtype = self.scoring_dtype()
         projector = self.scoring_projector_from(self._projector_copy.tensors, dtype)
+        self.selector.check_projector(projector)  # e.g. an MLP-only estimator: at start
         object.__setattr__(self, "scoring_projector", projector)
         return loaded
 
