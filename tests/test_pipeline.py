@@ -296,6 +296,35 @@ def test_an_estimator_only_an_mlp_has_is_refused_before_any_image(method):
         Selector.build(method, keep=4, options=options).check_projector(normed)
 
 
+def test_an_item_alone_is_every_per_item_quantity_of_that_item():
+    call = encoded([(3, 3), (2, 4), (1, 5)])
+    n = [9, 8, 5]
+    call.cls_attention = [torch.rand(k) for k in n]
+    call.keys = [torch.randn(k, 3) for k in n]
+    call.cls_features = [torch.randn(D_V) for _ in n]
+    call.instruction = [torch.randn(t, D_L) for t in (2, 3, 4)]
+    call.encoder_output = object()
+    call.features[1][2, 1] = float("nan")
+    call.projected[1][0, 0] = float("-inf")
+    fields = ("features", "projected", "cls_attention", "keys", "cls_features", "instruction")
+    one = call.item(1)
+    for name in fields:
+        (value,) = getattr(one, name)
+        assert value is getattr(call, name)[1], name
+    assert one.grids == [(2, 4)] and one.layouts == [call.layouts[1]]
+    assert one.encoder_output is call.encoder_output
+    mended = call.item(1, finite=True)
+    for name in fields:
+        (value,) = getattr(mended, name)
+        given = getattr(call, name)[1]
+        assert bool(torch.isfinite(value).all()), name
+        bad = ~torch.isfinite(given)
+        assert torch.equal(value[~bad], given[~bad]) and bool((value[bad] == 0).all()), name
+    assert bool(torch.isnan(call.features[1]).any())  # the call itself is left as it was
+    none = encoded([(2, 2)]).item(0)
+    assert none.cls_attention is None and none.keys is None and none.instruction is None
+
+
 def video_call(frames=3, grid=(2, 2), images=1):
     """``images`` images of 3 x 3 tokens, then one video of ``frames`` frames on ``grid``."""
     call = encoded([(3, 3)] * images + [(frames * grid[0], grid[1])])

@@ -265,6 +265,28 @@ class EncodedImages:
             layouts=[layout for part in parts for layout in part.layouts],
         )
 
+    def item(self, i: int, finite: bool = False) -> EncodedImages:
+        """Item ``i`` alone (the same call's encoder output); with ``finite``, its NaN and
+        infinite values replaced by zeros."""
+
+        def one(per_item: list[Tensor] | None) -> list[Tensor] | None:
+            if per_item is None:
+                return None
+            value = per_item[i]
+            return [value.nan_to_num(0.0, 0.0, 0.0) if finite else value]
+
+        return EncodedImages(
+            features=one(self.features),
+            projected=one(self.projected),
+            grids=[self.grids[i]],
+            cls_attention=one(self.cls_attention),
+            keys=one(self.keys),
+            encoder_output=self.encoder_output,
+            layouts=[self.layouts[i]],
+            cls_features=one(self.cls_features),
+            instruction=one(self.instruction),
+        )
+
     def __post_init__(self) -> None:
         if self.layouts is None:  # every image one crop of N placeholders on its grid
             self.layouts = [

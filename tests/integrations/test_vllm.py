@@ -9,11 +9,15 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 import zooprune.integrations.vllm as zv  # noqa: E402
+from tests.adapters.conformance import random_pictures  # noqa: E402
 from tests.adapters.test_llava import LlavaTester  # noqa: E402
 from tests.adapters.test_qwen2_vl import QwenTester  # noqa: E402
+from tests.integrations.vllm_parity import KEEP, STEPS, TOP, hf_reference  # noqa: E402
 from zooprune import PruneError, UnsupportedModelError  # noqa: E402
+from zooprune.integrations.vllm.selection import TALLY  # noqa: E402
 
 
 def save_llava(path):
@@ -84,3 +88,53 @@ def test_an_estimator_the_projector_cannot_run_fails_at_engine_start(tmp_path):
             limit_mm_per_prompt={"image": 1, "video": 0},
             **zv.engine_args(path, keep=4, estimator="exact"),
         )
+
+
+def test_a_tower_gone_wrong_costs_its_own_request_only(tmp_path):
+    # A fault planted in the tower: NaN features for a one-colour image. Its request gets
+    # grid's tokens (over zeroed values) instead of stopping the engine for every request;
+    # the request batched with it, and the next one, keep and generate what HF does.
+    from vllm import LLM, SamplingParams
+
+    tester = LlavaTester()
+    path = save_llava(tmp_path / "llava")
+    llm = LLM(
+        model=str(path),
+        enforce_eager=True,
+        dtype="float32",
+        max_model_len=256,
+        **zv.engine_args(path, keep=KEEP, method="divprune"),
+    )
+
+    def plant(model):
+        def fault(module, inputs, output):
+            pixels = inputs[0].flatten(2)  # [B, channels, H * W]
+            flat = (pixels.amax(2) == pixels.amin(2)).all(1)  # one colour
+            return output.masked_fill(flat[:, None, None], float("nan"))
+
+        model.vision_tower.register_forward_hook(fault)
+
+    llm.apply_model(plant)
+    flat = Image.new("RGB", (60, 52), (90, 140, 200))
+    noise, later = random_pictures(3, [(52, 60), (59, 60)])
+    allowed = [i for i in range(llm.get_tokenizer().vocab_size) if i not in tester.banned]
+    prompt = tester.vllm_prompt
+    params = SamplingParams(
+        max_tokens=STEPS, temperature=0, allowed_token_ids=allowed, logprobs=TOP
+    )
+    hf = (tester.load(path), tester.vllm_hf_processor(path))
+    TALLY.reset()
+    outs = llm.generate(
+        [{"prompt": prompt, "multi_modal_data": {"image": p}} for p in (flat, noise)], params
+    )
+    kept = llm.apply_model(lambda model: [k.tolist() for k in model.zooprune_kept])[0]
+    assert TALLY.fallbacks == 1
+    ((grid, *_),) = hf_reference(tester, hf, prompt, [[flat]], "grid")
+    ((divprune, _, tokens, _),) = hf_reference(tester, hf, prompt, [[noise]], "divprune")
+    assert kept == [*grid, *divprune]
+    assert tokens.agrees_with(outs[1].outputs[0])
+    assert len(outs[0].outputs[0].token_ids) == STEPS  # an answer, not an error
+    (out,) = llm.generate({"prompt": prompt, "multi_modal_data": {"image": later}}, params)
+    ((_, _, tokens, _),) = hf_reference(tester, hf, prompt, [[later]], "divprune")
+    assert tokens.agrees_with(out.outputs[0])
+    assert TALLY.fallbacks == 1

@@ -12,8 +12,10 @@ the whole projector and keeps the same tokens.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
+import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -25,8 +27,13 @@ from torch import Tensor, nn
 from zooprune.budget import Budget
 from zooprune.errors import PruneError
 from zooprune.integrations.vllm import SETTINGS, VARIANTS, Variant
-from zooprune.pipeline import EncodedImages, Kept, Selector
+from zooprune.pipeline import EncodedImages, Kept, Selector, item_names
+from zooprune.select import get_method
 from zooprune.settings import LAYOUT_OPTIONS, Settings
+
+logger = logging.getLogger(__name__)
+#: what an item whose selection fails at run time keeps instead (it reads no values)
+FALLBACK = "grid"
 
 
 @dataclass
@@ -35,10 +42,12 @@ class Tally:
 
     images: int = 0
     seconds: float = 0.0
+    #: items whose selection failed at run time and fell back (see select_or_fall_back)
+    fallbacks: int = 0
     synchronize: bool = False  # wait for a GPU's queued work on both sides of the timing
 
     def reset(self) -> None:
-        self.images, self.seconds = 0, 0.0
+        self.images, self.seconds, self.fallbacks = 0, 0.0, 0
 
 
 #: read by the throughput benchmark (its engine runs in the benchmark's process)
@@ -136,6 +145,41 @@ def refuse_embeddings(image_input: dict[str, Any]) -> None:
         raise PruneError("pruning needs pixel values, not precomputed image embeddings")
 
 
+def select_or_fall_back(selector: Selector, encoded: EncodedImages, projector: nn.Module) -> Kept:
+    """``selector``'s choice for every item of an encoder batch, where an item whose
+    selection can only fail once it is encoded (NaN or infinite features or tokens, scores
+    that rank nothing) falls back alone: :data:`FALLBACK` over its values with NaN and inf
+    zeroed, logged and counted in :data:`TALLY`. Inside the engine an exception would stop
+    it for every request; this way a bad image costs its own request's answer only. The
+    other items keep what they keep in the batch (a batch selects as its items alone)."""
+    try:
+        return selector.select(encoded, projector)
+    except PruneError:  # NonFiniteFeaturesError among them: every setting was checked at start
+        pass
+    method = get_method(FALLBACK)
+    fallback = dataclasses.replace(
+        selector, method=method, options=method.resolve_options({}, selector.budget.keep)
+    )
+    names = item_names(encoded.layouts)
+    images, details = [], {}
+    for i in range(len(encoded.layouts)):
+        try:
+            kept = selector.select(encoded.item(i), projector)
+        except PruneError as error:
+            kept = fallback.select(encoded.item(i, finite=True), projector)
+            TALLY.fallbacks += 1
+            logger.warning(
+                "zooprune: %s of an encoder batch of %d keeps %s's tokens instead: %s",
+                names[i],
+                len(names),
+                FALLBACK,
+                error,
+            )
+        images += kept.images
+        details.update(kept.details)
+    return Kept(images, details)
+
+
 class TensorCopy:
     """Collects the checkpoint tensors under some prefixes as vLLM streams the weights in
     (keys relative to the prefix)."""
@@ -219,14 +263,15 @@ class PrunedVariant:
         return next(self.parameters()).dtype
 
     def select(self, encoded: EncodedImages, selector: Selector | None = None) -> Kept:
-        """The pipeline's choice for every image of ``encoded``, timed into :data:`TALLY`."""
+        """The pipeline's choice for every image of ``encoded``, timed into :data:`TALLY`;
+        an image whose selection fails at run time falls back (:func:`select_or_fall_back`)."""
         device = encoded.features[0].device
         projector = self.scoring_projector.to(device)
         synchronize = TALLY.synchronize and device.type == "cuda"
         if synchronize:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        kept = (selector or self.selector).select(encoded, projector)
+        kept = select_or_fall_back(selector or self.selector, encoded, projector)
         if synchronize:
             torch.cuda.synchronize()
         TALLY.seconds += time.perf_counter() - start
