@@ -60,6 +60,8 @@ RUN = "<vision_start><image><vision_end>"
 # Multiples of 8 px: the processor keeps the size, so merged grids are 3x5, 5x3, 4x4, 2x6.
 SHAPES = [(24, 40), (40, 24), (32, 32), (16, 48)]
 TOKENS = [(h // CELL) * (w // CELL) for h, w in SHAPES]
+#: the video processors' pixel range (the image processor's): frames keep their size
+VIDEO_SIZE = {"shortest_edge": CELL * CELL, "longest_edge": 64 * 64}
 CLASSES = {
     "qwen2-vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
     "qwen2.5-vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
@@ -296,7 +298,9 @@ class QwenTester(FamilyTester):
         processor (which needs torchvision: there in vLLM's environment only)."""
         from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-        video = Qwen2VLVideoProcessor(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2)
+        video = Qwen2VLVideoProcessor(
+            patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2, size=VIDEO_SIZE
+        )
         return named_processor(Qwen2VLProcessor, video)
 
     def vllm_model(self, path) -> None:

@@ -30,6 +30,7 @@ from tests.adapters.test_qwen2_vl import (
     MERGE,
     PATCH,
     VIDEO,
+    VIDEO_SIZE,
     VOCAB,
     WIDTH,
     QwenConformance,
@@ -135,7 +136,9 @@ class Qwen3VLTester(QwenTester):
     def vllm_processor(self):
         from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-        video = Qwen3VLVideoProcessor(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2)
+        video = Qwen3VLVideoProcessor(
+            patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2, size=VIDEO_SIZE
+        )
         return named_processor(Qwen3VLProcessor, video)
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zooprune.integrations.vllm.cpu_runner import enable_video_pruning
+
 _MODULE = "zooprune.integrations.vllm"
 
 
@@ -176,11 +178,13 @@ SETTINGS = "zooprune"
 
 
 def register() -> None:
-    """Register the pruned architectures with vLLM (the entry point's target)."""
+    """Register the pruned architectures with vLLM (the entry point's target), and let
+    vLLM's own video pruning run on a CPU (:mod:`.cpu_runner`)."""
     from vllm import ModelRegistry
 
     for variant in VARIANTS.values():
         ModelRegistry.register_model(variant.name, f"{_MODULE}.{variant.path}")
+    enable_video_pruning()
 
 
 def settings(

@@ -226,6 +226,14 @@ class PrunedVariant:
                 "a pruned model cannot run with cudagraph_mm_encoder=True: the encoder's "
                 "CUDA graphs bypass the selection; leave it off"
             )
+        multimodal = vllm_config.model_config.multimodal_config
+        if multimodal is not None and multimodal.is_multimodal_pruning_enabled():
+            # Both would rewrite the same placeholder runs and M-RoPE positions.
+            raise PruneError(
+                "vLLM's own video pruning (video_pruning_rate="
+                f"{multimodal.video_pruning_rate}) cannot run in a zooprune-pruned model: "
+                "serve the model with one of them"
+            )
         self.check_config(config)
         self.selector = self.selector_of(config)  # bad settings fail at engine start
         super().__init__(vllm_config=vllm_config, prefix=prefix)
