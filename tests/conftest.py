@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,18 @@ settings.register_profile("fuzz", max_examples=1000, deadline=None)
 # `make mutate` runs each mutant against the tests that reach it: fewer examples, same seeds.
 settings.register_profile("mutate", max_examples=10, deadline=None, derandomize=True, database=None)
 settings.load_profile("ci")
+
+
+#: fixtures that build, save or load a model: the costly setups of a mutant's tests
+MODEL_FIXTURES = frozenset({"tiny_llava_dir", "model", "next_model", "saved", "vlm", "family"})
+
+
+def pytest_collection_modifyitems(config, items):
+    # mutmut runs a mutant's tests in no particular order (it passes them as a set), and
+    # -x: the tests that build no model go first, so that a mutant one of them catches
+    # fails before any model is built (most do; only survivors run everything).
+    if os.environ.get("MUTANT_UNDER_TEST"):
+        items.sort(key=lambda item: bool(MODEL_FIXTURES.intersection(item.fixturenames)))
 
 
 @pytest.fixture(scope="session")

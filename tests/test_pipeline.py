@@ -362,6 +362,28 @@ def test_a_videos_budget_is_shared_over_its_frames_or_over_the_whole_video(spy):
     assert torch.equal(record.images[1].crops, record.images[1].indices // 4)
 
 
+def test_prompts_of_different_lengths_longer_than_the_tokens_width_select_as_alone():
+    # CDPruner reads each image's prompt: one call pads them to the longest (13 text
+    # tokens, more than the 5 numbers of a token) and must choose as each image alone.
+    call = encoded([(3, 3), (3, 3), (3, 3)])
+    call.instruction = [
+        torch.randn(t, D_L, generator=torch.Generator().manual_seed(t)) for t in (9, 13, 2)
+    ]
+    selector = Selector.build("cdpruner", keep=4)
+    together = selector.select(call, projector()).images
+    for i, image in enumerate(together):
+        alone = selector.select(call.item(i), projector()).images[0]
+        assert torch.equal(image.indices, alone.indices)
+
+
+def test_frames_of_one_token_each_are_units_of_their_own(spy):
+    # 4 frames of a single token: each frame is a unit of one token and keeps it.
+    call = video_call(frames=4, grid=(1, 1), images=0)
+    kept = Selector.build("_spy", keep=3).select(call, projector()).images[0]
+    assert kept.indices.tolist() == [0, 1, 2]  # 3 over 4 frames: 1, 1, 1, 0
+    assert torch.equal(kept.layout.crop[kept.indices], torch.tensor([0, 1, 2]))
+
+
 def test_errors_name_the_video_and_its_frame(spy):
     call = video_call(images=0)
     call.features[0][5, 0] = float("nan")  # frame 1

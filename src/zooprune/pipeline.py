@@ -173,7 +173,7 @@ class ImageLayout:
         else ``(1, N)``.
         """
         n = self.token_slots.numel()
-        counts = torch.bincount(self.crop, minlength=len(self.crop_grids)).tolist()
+        counts = torch.bincount(self.crop).tolist()  # crops without tokens count 0 or not at all
         crops = [c for c, count in enumerate(counts) if count]
         if len(crops) == 1:
             return [(torch.arange(n, device=self.crop.device), self.crop_grids[crops[0]])]

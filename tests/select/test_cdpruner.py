@@ -266,8 +266,11 @@ def test_options_are_checked():
 
 def test_an_engine_without_the_instruction_refuses_it():
     selector = Selector.build("cdpruner", keep=4)
-    with pytest.raises(PruneError, match="needs instruction, which this vLLM model does not"):
+    with pytest.raises(PruneError, match="needs instruction, which this vLLM model does not") as e:
         selector.check_provided(frozenset(), "vLLM model")
+    # Named as usable: every method that needs nothing beyond features, tokens, projector.
+    usable = "dart, divprune, grid, pool, random, sensitivity, zoo, zoo-sum"
+    assert str(e.value).endswith(f"methods that apply: {usable}")
 
 
 def test_a_family_without_prompt_extras_refuses_it(model, monkeypatch):
