@@ -56,7 +56,15 @@ $(VLLM_VENV)/.installed: pyproject.toml tools/torchvision_cpu_ops.py
 demo: install
 	$(VENV)/bin/zooprune demo --out .cache/demo.png
 
-test: test-core test-lmms test-vllm
+# The engines' environments install (mostly network and disk) while the core tests run
+# (CPU): on a fresh machine that hides most of their install time. Then the engines' tests.
+test: install
+	@$(MAKE) --no-print-directory lmms-install vllm-install > .engines-install.log 2>&1 & \
+	installing=$$!; \
+	$(PY) -m pytest; core=$$?; \
+	if ! wait $$installing; then cat .engines-install.log; exit 1; fi; \
+	if [ $$core -ne 0 ]; then exit $$core; fi
+	$(MAKE) --no-print-directory test-lmms test-vllm
 
 test-core: install
 	$(PY) -m pytest
