@@ -306,6 +306,7 @@ def test_an_item_alone_is_every_per_item_quantity_of_that_item():
     call.encoder_output = object()
     call.features[1][2, 1] = float("nan")
     call.projected[1][0, 0] = float("-inf")
+    call.keys[1][3, 1] = float("inf")
     fields = ("features", "projected", "cls_attention", "keys", "cls_features", "instruction")
     one = call.item(1)
     for name in fields:
