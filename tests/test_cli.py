@@ -362,6 +362,12 @@ def test_speed_refuses_what_its_engine_cannot_do(capsys):
     for engine in ("hf", "vllm"):  # before any model is built or vLLM is looked for
         assert main(["speed", "--method", "fastv", "--engine", engine]) == 2
         assert "chooses tokens inside the language model" in capsys.readouterr().out
+    assert main(["speed", "--videos"]) == 2
+    assert "--videos applies to --engine vllm" in capsys.readouterr().out
+    assert main(["speed", "--concurrency", "8"]) == 2
+    assert "--concurrency applies to --engine vllm" in capsys.readouterr().out
     if importlib.util.find_spec("vllm") is None:
         assert main(["speed", "--engine", "vllm"]) == 2
+        assert "make vllm-install" in capsys.readouterr().out
+        assert main(["speed", "--engine", "vllm", "--videos"]) == 2
         assert "make vllm-install" in capsys.readouterr().out

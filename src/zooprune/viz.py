@@ -94,6 +94,40 @@ def plot_serving(result: dict[str, Any], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def plot_video_serving(result: dict[str, Any], path: str | Path) -> Path:
+    """Per concurrency level, each condition's requests per second and time to first
+    token (median, p95 whisker), side by side."""
+    rows = result["rows"]
+    levels = sorted({r["concurrency"] for r in rows})
+    conditions = list(dict.fromkeys((r["by"], r["method"]) for r in rows))
+    names = ["unpruned" if by is None else f"{method} ({by})" for by, method in conditions]
+    colours = plt.get_cmap("tab10").colors
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
+    width = 0.8 / len(conditions)
+    for c, (condition, name) in enumerate(zip(conditions, names, strict=True)):
+        mine = {r["concurrency"]: r for r in rows if (r["by"], r["method"]) == condition}
+        xs = [i + (c - (len(conditions) - 1) / 2) * width for i in range(len(levels))]
+        per_level = [mine[level] for level in levels]
+        left.bar(xs, [r["requests_per_s"] for r in per_level], width, label=name, color=colours[c])
+        medians = [r["ttft_median_s"] * 1e3 for r in per_level]
+        whisker = [(r["ttft_p95_s"] - r["ttft_median_s"]) * 1e3 for r in per_level]
+        right.bar(
+            xs, medians, width, yerr=[[0] * len(levels), whisker], capsize=3, color=colours[c]
+        )
+    for axis in (left, right):
+        axis.set_xticks(range(len(levels)), [f"{level} at once" for level in levels])
+    left.set_ylabel("requests / s")
+    left.set_title(f"throughput; pruned rows keep {result['keep']} of {result['video_tokens']}")
+    left.legend(fontsize=7)
+    right.set_ylabel("ms")
+    right.set_title("time to first token (median; whisker: p95)")
+    fig.suptitle(
+        f"{result['engine']}: {result['model']}\n{result['dtype']}, {result['machine']['cpu']}",
+        fontsize=8,
+    )
+    return _save(fig, path)
+
+
 def processed_image(pixel_values: Any, mean: Any, std: Any) -> Any:
     """The image the model saw, as ``[H, W, 3]`` floats in [0, 1]: normalisation undone.
 

@@ -161,6 +161,9 @@ class FamilyTester:
     #: alone and transformers does not, the reason: the two-image check then compares each
     #: image with the HF handle's one-image prompt (kept tokens and placeholders)
     vllm_images_alone: str = ""
+    #: why the two stock engines place the text after a video at other M-RoPE positions
+    #: ("" where they agree): the video parity suite compares that text up to a shift
+    vllm_text_after_video: str = ""
 
     def vllm_build(self, path: Path) -> Path:
         """Save a tiny model vLLM's CPU build can run (head dim >= 32) with its processor."""
@@ -178,6 +181,20 @@ class FamilyTester:
     @property
     def vllm_two_images_prompt(self) -> str:
         return f"{self.prompts[1]} {self.image_text} and this ?"
+
+    # -- for the video parity suite (vllm_parity.VllmVideoParity), video testers only ------
+
+    #: how many of a video's kept separators are placeholders (OneVision's newline)
+    vllm_video_separators: int = 0
+
+    @property
+    def vllm_video_prompt(self) -> str:
+        """One video (``video_text``), text after it."""
+        return f"<s> user {self.video_text} what is in the image ?"
+
+    @property
+    def vllm_image_and_video_prompt(self) -> str:
+        return f"<s> user {self.image_text} and {self.video_text} describe this picture"
 
     def vllm_hf_processor(self, path: Path) -> Any:
         """The processor the HF reference uses for the model ``vllm_build`` saved."""

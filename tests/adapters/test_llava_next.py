@@ -38,7 +38,7 @@ from tests.adapters.conformance import (
 )
 from zooprune import PruneError
 from zooprune.budget import split_evenly
-from zooprune.tiny import SPECIAL, WORDS, word_level_llava_processor
+from zooprune.tiny import SPECIAL, WORDS, word_tokenizer
 
 CROP, PATCH = 24, 6  # 4 x 4 patches per crop
 SIDE = CROP // PATCH
@@ -49,8 +49,9 @@ POOLED = -(-SIDE // 2)  # a video frame's side after OneVision's pooling
 
 
 def tokenizer():
-    # <video> is a word here so that OneVision's processor finds its video token.
-    return word_level_llava_processor(SPECIAL + ["<video>"] + WORDS, CROP, PATCH).tokenizer
+    # <video> is a special word here, so that OneVision's processor finds its video token
+    # and the run it expands it into splits into one token per placeholder.
+    return word_tokenizer(SPECIAL + ["<video>"] + WORDS, SPECIAL + ["<video>"])
 
 
 def text_config(cls, vocab_size, width=32, heads=4):
@@ -350,6 +351,7 @@ class OnevisionTester(AnyResTester):
     video_token = VIDEO
     video_text = "<video>"
     banned = (IMAGE, VIDEO)
+    vllm_video_separators = 1  # the newline closing a video
     videos = [(3, 0), (3, 1)]
 
     def frames_of(self, spec):

@@ -94,6 +94,7 @@ QWEN_NAMES = {
     "<vision_end>": "<|vision_end|>",
 }
 NAMED_RUN = "<|vision_start|><|image_pad|><|vision_end|>"
+NAMED_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 
 
 def named_processor(processor_class: type, video_processor: Any) -> Any:
@@ -243,6 +244,15 @@ def video_inputs(proc, images, videos, prompts, run_per_frame=False):
     return batch
 
 
+#: Qwen2.5-VL spaces a video's temporal positions by its seconds per frame group: after the
+#: video, transformers 5 goes on from the start plus the grid's larger side, vLLM from its
+#: largest position plus one (they part where the temporal extent is the larger)
+QWEN25_TEXT_AFTER_VIDEO = (
+    "after a video, transformers 5 counts on from max(h, w) past its start, vLLM from its "
+    "largest (time-scaled) position"
+)
+
+
 class QwenTester(FamilyTester):
     """Qwen2-VL / Qwen2.5-VL; the Qwen3-VL and Qwen3.5 testers change the model, the
     processor and how a video is written in the prompt."""
@@ -265,6 +275,8 @@ class QwenTester(FamilyTester):
     def __init__(self, family):
         self.name = family
         self.model_class = self.classes[family][1]
+        if family == "qwen2.5-vl":
+            self.vllm_text_after_video = QWEN25_TEXT_AFTER_VIDEO
 
     def frames_of(self, spec):
         return spec[0]
@@ -319,6 +331,9 @@ class QwenTester(FamilyTester):
     @property
     def vllm_two_images_prompt(self):
         return f"<s> user {NAMED_RUN} and {NAMED_RUN} describe"
+
+    vllm_video_prompt = f"<s> user {NAMED_VIDEO} what is in the video ?"
+    vllm_image_and_video_prompt = f"<s> user {NAMED_RUN} then {NAMED_VIDEO} describe"
 
     def vllm_projector_width(self, model):
         return MERGE * MERGE * WIDTH

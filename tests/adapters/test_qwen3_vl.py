@@ -136,8 +136,16 @@ class Qwen3VLTester(QwenTester):
     def vllm_processor(self):
         from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
+        # The image processor's mean and std, as in the released models: vLLM normalises
+        # every modality's pixels inside the tower with the image processor's.
+        images = processor().image_processor
         video = Qwen3VLVideoProcessor(
-            patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2, size=VIDEO_SIZE
+            patch_size=PATCH,
+            merge_size=MERGE,
+            temporal_patch_size=2,
+            size=VIDEO_SIZE,
+            image_mean=images.image_mean,
+            image_std=images.image_std,
         )
         return named_processor(Qwen3VLProcessor, video)
 

@@ -120,3 +120,55 @@ def test_the_default_speed_model_is_proportioned_like_llava15_7b():
     assert abs(share - seven_b) < 0.01  # ~4.4% against ~4.8%
     head_dim = config.text_config.hidden_size // config.text_config.num_attention_heads
     assert head_dim >= 32  # what vLLM's CPU attention needs
+
+
+def test_video_tower_and_merger_counts_match_the_flop_counter():
+    # A tiny Qwen3-VL: 4 frames of 16 px (2 temporal patches of 4 x 4 patches), 2
+    # DeepStack levels; the tower's attention (SDPA, unseen by the counter) apart.
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = Qwen3VLConfig(
+        vision_config={
+            "patch_size": 4,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "depth": 3,
+            "hidden_size": 16,
+            "intermediate_size": 24,
+            "num_heads": 2,
+            "out_hidden_size": 32,
+            "num_position_embeddings": 16,
+            "deepstack_visual_indexes": [0, 1],
+        },
+        text_config={
+            "vocab_size": 50,
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3]},
+        },
+    )
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    s = flops.QwenVideoShapes.of_qwen3_vl(config)
+    frames, side = 4, 16
+    grid = torch.tensor([[frames // 2, side // 4, side // 4]])
+    pixels = torch.randn(int(grid.prod()), 3 * 2 * 4 * 4)
+    tower = counted(lambda: model.model.visual(pixels, grid_thw=grid))
+    expected = flops.video_tower(s, frames, side) - flops.video_attention(s, frames, side)
+    assert tower == expected + flops.video_mergers(s, frames, side)
+    assert flops.video_tokens(s, frames, side) == 2 * 2 * 2  # 2 x 2 merged per patch
+    # each temporal patch's 16 patches attend to one another: QK^T and AV, d each
+    assert flops.video_attention(s, frames, side) == 3 * 2 * (2 * 2 * 16 * 16 * 16)
+
+
+def test_the_default_video_model_has_qwen3_vl_8b_s_vision_share():
+    from zooprune.integrations.vllm.video_throughput import default_video_config
+
+    mine = flops.QwenVideoShapes.of_qwen3_vl(default_video_config())
+    for frames, side in ((8, 224), (16, 448)):
+        share = flops.video_vision_share(mine, frames, side, 40)
+        assert abs(share - flops.video_vision_share(flops.QWEN3_VL_8B, frames, side, 40)) < 0.04

@@ -11,12 +11,16 @@ from tests.adapters.test_gemma4 import Gemma4Tester  # noqa: E402
 from tests.adapters.test_idefics3 import Idefics3Tester  # noqa: E402
 from tests.adapters.test_internvl import InternVLTester  # noqa: E402
 from tests.adapters.test_llava import LlavaTester  # noqa: E402
-from tests.adapters.test_llava_next import AnyResTester  # noqa: E402
+from tests.adapters.test_llava_next import AnyResTester, OnevisionTester  # noqa: E402
 from tests.adapters.test_mistral3 import Mistral3Tester  # noqa: E402
 from tests.adapters.test_qwen2_vl import QwenTester  # noqa: E402
 from tests.adapters.test_qwen3_5 import Qwen3_5Tester  # noqa: E402
 from tests.adapters.test_qwen3_vl import Qwen3VLTester  # noqa: E402
-from tests.integrations.vllm_parity import VllmParity, VllmTensorParallel  # noqa: E402
+from tests.integrations.vllm_parity import (  # noqa: E402
+    VllmParity,
+    VllmTensorParallel,
+    VllmVideoParity,
+)
 
 
 class TestLlavaOnVllm(VllmParity, VllmTensorParallel):  # an MLP projector
@@ -27,15 +31,15 @@ class TestLlavaNextOnVllm(VllmParity):
     tester = AnyResTester("llava-next")
 
 
-class TestOnevisionOnVllm(VllmParity):
-    tester = AnyResTester("onevision")
+class TestOnevisionOnVllm(VllmVideoParity):
+    tester = OnevisionTester("onevision")
 
 
-class TestQwen2VLOnVllm(VllmParity):
+class TestQwen2VLOnVllm(VllmVideoParity):
     tester = QwenTester("qwen2-vl")
 
 
-class TestQwen2_5VLOnVllm(VllmParity):
+class TestQwen2_5VLOnVllm(VllmVideoParity):
     tester = QwenTester("qwen2.5-vl")
 
 
@@ -43,19 +47,19 @@ class TestGemma3OnVllm(VllmParity, VllmTensorParallel):  # a pooling projector
     tester = Gemma3Tester()
 
 
-class TestQwen3VLOnVllm(VllmParity, VllmTensorParallel):  # a patch merger
+class TestQwen3VLOnVllm(VllmVideoParity, VllmTensorParallel):  # a patch merger
     tester = Qwen3VLTester("qwen3-vl")
 
 
-class TestQwen3VLMoeOnVllm(VllmParity):
+class TestQwen3VLMoeOnVllm(VllmVideoParity):
     tester = Qwen3VLTester("qwen3-vl-moe")
 
 
-class TestQwen3_5OnVllm(VllmParity):
+class TestQwen3_5OnVllm(VllmVideoParity):
     tester = Qwen3_5Tester("qwen3.5")
 
 
-class TestQwen3_5MoeOnVllm(VllmParity):
+class TestQwen3_5MoeOnVllm(VllmVideoParity):
     tester = Qwen3_5Tester("qwen3.5-moe")
 
 

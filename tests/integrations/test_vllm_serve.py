@@ -153,7 +153,7 @@ def test_the_server_answers_on_a_shortened_prompt_what_the_hf_handle_does(server
         tester.load(path, dtype=getattr(torch, tester.vllm_dtype)),
         tester.vllm_hf_processor(path),
     )
-    ((kept, _, tokens, pruned),) = hf_reference(tester, hf, prompt, [[picture]])
+    ((kept, _, tokens, pruned, _),) = hf_reference(tester, hf, prompt, [[picture]])
     assert len(kept[0]) == KEEP
     # The prompt the server ran, and counted, is the one the HF handle pruned.
     assert answer["prompt_token_ids"] == tester.vllm_served_prompt(pruned)

@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tests.adapters.test_qwen2_vl import CELL, VIDEO, QwenTester  # noqa: E402
+from zooprune.integrations.vllm.video_throughput import random_video  # noqa: E402
 
 FRAMES, SIDE = 4, 32  # 4 frames of 32 x 32 px: 2 temporal groups of 4 x 4 merged tokens
 PROMPT = "<s> user <|vision_start|><|video_pad|><|vision_end|> what is in the video ?"
@@ -20,16 +21,7 @@ RATE = 0.5
 
 
 def video():
-    frames = np.random.default_rng(0).integers(0, 256, (FRAMES, SIDE, SIDE, 3), dtype=np.uint8)
-    metadata = {
-        "fps": 2,
-        "duration": FRAMES / 2,
-        "total_num_frames": FRAMES,
-        "frames_indices": list(range(FRAMES)),
-        "video_backend": "opencv",
-        "do_sample_frames": False,
-    }
-    return frames, metadata
+    return random_video(np.random.default_rng(0), FRAMES, (SIDE, SIDE))
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,6 +36,8 @@ from tests.adapters.conformance import FamilyTester, random_pictures
 from zooprune import PruneError
 from zooprune.adapters import adapter_for
 from zooprune.integrations.vllm.selection import check_settings
+from zooprune.integrations.vllm.video_throughput import random_video
+from zooprune.pipeline import VIDEO_BUDGETS
 from zooprune.select.methods import MLP_ESTIMATORS
 from zooprune.select.mlp import as_mlp
 
@@ -100,7 +103,13 @@ class Greedy(list):
 
 
 def greedy_tokens(model: Any, processor: Any, prompt: str, pictures: list, tester: FamilyTester):
-    batch = tester.vllm_hf_inputs(processor(images=[pictures], text=[prompt], return_tensors="pt"))
+    batch = processor(images=[pictures], text=[prompt], return_tensors="pt")
+    return greedy(model, batch, tester)
+
+
+def greedy(model: Any, batch: dict, tester: FamilyTester) -> tuple[Greedy, dict]:
+    """The HF model's greedy tokens on a processor's ``batch``, and the batch it ran."""
+    batch = tester.vllm_hf_inputs(batch)
     dtype = next(model.parameters()).dtype
     batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
     out = model.generate(
@@ -125,8 +134,8 @@ def hf_reference(
     **options: Any,
 ) -> list[tuple]:
     """Per prompt (its pictures): the kept indices of each image, the separators kept,
-    the greedy tokens of the HF model pruned by the same settings, and the pruned prompt it
-    ran (its ``input_ids``)."""
+    the greedy tokens of the HF model pruned by the same settings, the pruned prompt it
+    ran (its ``input_ids``) and its M-RoPE positions (:func:`mrope_rows`)."""
     model, processor = hf
     options = (tester.fast if method in ("zoo",) and not options else {}) | options
     results = []
@@ -138,9 +147,17 @@ def hf_reference(
             separators = sum(
                 0 if image.separators is None else image.separators.numel() for image in images
             )
-            pruned = handle.prepare(dict(batch), for_generate=False)["input_ids"][0].tolist()
-            results.append((kept, separators, tokens, pruned))
+            prepared = handle.prepare(dict(batch), for_generate=False)
+            pruned = prepared["input_ids"][0].tolist()
+            results.append((kept, separators, tokens, pruned, mrope_rows(prepared)))
     return results
+
+
+def mrope_rows(prepared: dict) -> torch.Tensor | None:
+    """``[3, L']`` the M-RoPE positions of a pruned prompt as the HF handle prepared them
+    (its position ids' rows after the first, the 1-D count), or None for 1-D positions."""
+    positions = prepared.get("position_ids")
+    return positions[1:, 0] if positions is not None and positions.ndim == 3 else None
 
 
 def hf_projector(model: Any) -> Any:
@@ -165,6 +182,8 @@ class VllmParity:
     """What every served family's vLLM variant must do; the class sets ``tester``."""
 
     tester: FamilyTester
+    #: how many videos a prompt may carry (the video suite's engines take one)
+    videos_per_prompt = 0
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -183,7 +202,7 @@ class VllmParity:
             enforce_eager=True,
             dtype=t.vllm_dtype,
             max_model_len=1024,
-            limit_mm_per_prompt={"image": 2, "video": 0},
+            limit_mm_per_prompt={"image": 2, "video": cls.videos_per_prompt},
             **zv.engine_args(saved, method="zoo", keep=KEEP, **t.fast),
         )
         yield engine
@@ -224,19 +243,37 @@ class VllmParity:
     def kept(llm: Any) -> list[list[int]]:
         return llm.apply_model(lambda model: [k.tolist() for k in model.zooprune_kept])[0]
 
+    @staticmethod
+    def check_positions(llm: Any, expected: torch.Tensor | None, shifted_from: int = -1) -> None:
+        """The last prompt's M-RoPE positions are the HF handle's (a tiny random language
+        model's answers hardly move with positions: they are compared themselves); from
+        column ``shifted_from`` on (where given), the same up to one constant shift."""
+        if expected is None:
+            return
+        served = llm.apply_model(lambda model: model.zooprune_positions)[0]
+        if shifted_from < 0:
+            assert torch.equal(served, expected), (served, expected)
+            return
+        assert torch.equal(served[:, :shifted_from], expected[:, :shifted_from])
+        shift = served[:, shifted_from:] - expected[:, shifted_from:]
+        assert bool((shift == shift[0, 0]).all()), (served, expected)
+
     # -- the checks -------------------------------------------------------------------------
 
     def test_each_picture_keeps_and_generates_what_the_hf_handle_does(self, llm, hf, vllm_pictures):
         t = self.tester
         groups = [[p] for p in vllm_pictures]
         reference = self.reference(hf, t.vllm_prompt, groups)
-        for group, (kept, separators, tokens, pruned) in zip(groups, reference, strict=True):
+        for group, (kept, separators, tokens, pruned, positions) in zip(
+            groups, reference, strict=True
+        ):
             (out,) = self.generate(llm, t.vllm_prompt, [group])
             placeholders = sum(token == t.image_token for token in out.prompt_token_ids)
             assert placeholders == KEEP * len(kept) + t.vllm_separator_slots(separators)
             # The prompt vLLM runs is the one the HF handle pruned (markers and all).
             assert list(out.prompt_token_ids) == t.vllm_served_prompt(pruned)
             assert self.kept(llm) == kept
+            self.check_positions(llm, positions)
             assert tokens.agrees_with(out.outputs[0])
 
     def test_two_images_in_one_prompt(self, llm, hf):
@@ -253,10 +290,11 @@ class VllmParity:
             slots = sum(KEEP + t.vllm_separator_slots(separators) for _, separators, *_ in alone)
             assert placeholders == slots
             return
-        ((kept, _, tokens, pruned),) = self.reference(hf, prompt, [group])
+        ((kept, _, tokens, pruned, positions),) = self.reference(hf, prompt, [group])
         (out,) = self.generate(llm, prompt, [group])
         assert list(out.prompt_token_ids) == t.vllm_served_prompt(pruned)
-        assert len(kept) == 2 and self.kept(llm) == kept
+        assert len(kept) == 2 and self.kept(llm) == kept, (self.kept(llm), kept)
+        self.check_positions(llm, positions)
         assert tokens.agrees_with(out.outputs[0])
 
     def test_a_batch_and_the_same_image_twice(self, llm, hf, vllm_pictures):
@@ -266,7 +304,7 @@ class VllmParity:
         # Every request at once (vLLM batches them), the first picture again: the encoder
         # cache serves it, and its tokens must not change.
         outs = self.generate(llm, t.vllm_prompt, [*groups, groups[0]])
-        expected = [tokens for _, _, tokens, _ in reference] + [reference[0][2]]
+        expected = [tokens for _, _, tokens, *_ in reference] + [reference[0][2]]
         for out, tokens in zip(outs, expected, strict=True):
             assert tokens.agrees_with(out.outputs[0])
 
@@ -286,7 +324,7 @@ class VllmParity:
             return
         seed = zlib.crc32(repr((t.name, method, options)).encode())
         picture = random_pictures(seed % 2**31, [t.vllm_picture_size])
-        ((kept, _, tokens, _),) = self.reference(hf, t.vllm_prompt, [picture], method, **options)
+        ((kept, _, tokens, *_),) = self.reference(hf, t.vllm_prompt, [picture], method, **options)
         default = llm.apply_model(lambda model: model.selector)[0]
         llm.apply_model(lambda model: object.__setattr__(model, "selector", selector))
         try:
@@ -316,6 +354,141 @@ class VllmParity:
         torch.testing.assert_close(llm.apply_model(scored)[0], expected, rtol=0, atol=1e-5)
 
 
+def video(seed: int, frames: int, size: tuple[int, int]) -> tuple[Any, dict]:
+    """A random video as vLLM takes it (frames and metadata)."""
+    return random_video(np.random.default_rng(seed), frames, size)
+
+
+def record_selections(model: Any) -> None:
+    """For ``apply_model``: from now on, ``model.recorded`` lists the kept indices of every
+    item ``model.select`` chooses, call after call (remove the instance's ``select`` to
+    stop)."""
+    original = model.select
+    recorded: list[list[int]] = []
+
+    def select(*args: Any, **kwargs: Any) -> Any:
+        kept = original(*args, **kwargs)
+        recorded.extend(image.indices.tolist() for image in kept.images)
+        return kept
+
+    object.__setattr__(model, "recorded", recorded)
+    object.__setattr__(model, "select", select)
+
+
+class VllmVideoParity(VllmParity):
+    """The parity suite, and videos (a family whose vLLM variant prunes them): a video
+    alone, a video with an image in one prompt, and each video budget the variant serves
+    (the others refused with the reason) keep the HF handle's tokens in the HF handle's
+    pruned prompt, at its 3-D positions, and generate what it generates. The tester gives
+    ``video_token``, ``vllm_video_prompt`` and ``vllm_image_and_video_prompt``."""
+
+    videos_per_prompt = 1
+
+    def check_video_positions(self, llm: Any, expected: torch.Tensor, prompt: list[int]) -> None:
+        """:meth:`check_positions`, where the tester declares that the two stock engines
+        place the text after a video differently (``vllm_text_after_video``): that text is
+        compared up to one shift."""
+        last = max(i for i, token in enumerate(prompt) if token == self.tester.video_token)
+        self.check_positions(llm, expected, last + 1 if self.tester.vllm_text_after_video else -1)
+
+    #: frames and (h, w) pixels of the test videos (for Qwen: 2 temporal patches of 3 x 5
+    #: and 4 x 3 merged tokens, N = 30 and 24, K = 5 shared as 3 + 2 over the frames)
+    videos = [(4, (24, 40)), (4, (32, 24))]
+
+    def video_reference(self, hf: tuple, prompt: str, pictures: list, clip: tuple, **options):
+        """The HF handle's kept indices per item, greedy tokens, pruned prompt and its
+        M-RoPE positions."""
+        model, processor = hf
+        frames, metadata = clip
+        metadata = {k: v for k, v in metadata.items() if k != "do_sample_frames"}  # vLLM's
+        batch = processor(
+            text=[prompt],
+            images=[pictures] if pictures else None,
+            videos=[frames],
+            video_metadata=[metadata],
+            do_sample_frames=False,
+            return_tensors="pt",
+        )
+        with zooprune.prune(model, "zoo", keep=KEEP, **self.tester.fast, **options) as handle:
+            tokens, batch = greedy(model, batch, self.tester)
+            kept = [image.indices.tolist() for image in handle.selection.images]
+            prepared = handle.prepare(dict(batch), for_generate=False)
+        return kept, tokens, prepared["input_ids"][0].tolist(), mrope_rows(prepared)
+
+    def serve_video(self, llm: Any, prompt: str, pictures: list, clip: tuple) -> Any:
+        from vllm import SamplingParams
+
+        data = {"video": clip} | ({"image": pictures[0]} if pictures else {})
+        vocabulary = llm.get_tokenizer().vocab_size
+        allowed = [i for i in range(vocabulary) if i not in self.tester.banned]
+        params = SamplingParams(
+            max_tokens=STEPS, temperature=0, allowed_token_ids=allowed, logprobs=TOP
+        )
+        (out,) = llm.generate({"prompt": prompt, "multi_modal_data": data}, params)
+        return out
+
+    @pytest.mark.parametrize("which", [0, 1])
+    def test_a_video_keeps_and_generates_what_the_hf_handle_does(self, llm, hf, which):
+        t = self.tester
+        frames, size = self.videos[which]
+        clip = video(20 + which, frames, size)
+        kept, tokens, pruned, positions = self.video_reference(hf, t.vllm_video_prompt, [], clip)
+        out = self.serve_video(llm, t.vllm_video_prompt, [], clip)
+        placeholders = sum(token == t.video_token for token in out.prompt_token_ids)
+        assert placeholders == KEEP + t.vllm_video_separators
+        # The prompt vLLM runs is the HF handle's pruned one: timestamps, markers and all.
+        assert list(out.prompt_token_ids) == pruned
+        assert self.kept(llm) == kept
+        self.check_video_positions(llm, positions, pruned)  # the temporal row included
+        assert tokens.agrees_with(out.outputs[0])
+
+    def test_an_image_and_a_video_in_one_prompt(self, llm, hf):
+        t = self.tester
+        (picture,) = random_pictures(31, [t.vllm_picture_size])
+        clip = video(32, *self.videos[0])
+        prompt = t.vllm_image_and_video_prompt
+        kept, tokens, pruned, positions = self.video_reference(hf, prompt, [picture], clip)
+        # vLLM may encode the image and the video in calls of their own: every selection
+        # of the request is recorded, in order.
+        llm.apply_model(record_selections)
+        try:
+            out = self.serve_video(llm, prompt, [picture], clip)
+            served = llm.apply_model(lambda model: model.recorded)[0]
+        finally:
+            llm.apply_model(lambda model: [model.__dict__.pop(k) for k in ("select", "recorded")])
+        assert list(out.prompt_token_ids) == pruned
+        assert len(kept) == 2 and served == kept
+        self.check_video_positions(llm, positions, pruned)
+        assert tokens.agrees_with(out.outputs[0])
+
+    # The default ("frame") is every other video check's; the others here.
+    @pytest.mark.parametrize("budget", VIDEO_BUDGETS[1:])
+    def test_another_video_budget_is_served_or_refused_with_the_reason(self, llm, hf, budget):
+        t = self.tester
+        settings = {"method": "zoo", "keep": KEEP, "video_budget": budget, **t.fast}
+        variant = zv.VARIANTS[t.vllm_architecture]
+        served = variant.layout.get("video_budget") or VIDEO_BUDGETS
+        if budget not in served:
+            with pytest.raises(PruneError, match=r"video_budget='global' cannot be served"):
+                check_settings(settings, variant)
+            return
+        selector = check_settings(settings, variant)
+        clip = video(40 + VIDEO_BUDGETS.index(budget), *self.videos[1])
+        kept, tokens, pruned, positions = self.video_reference(
+            hf, t.vllm_video_prompt, [], clip, video_budget=budget
+        )
+        default = llm.apply_model(lambda model: model.selector)[0]
+        llm.apply_model(lambda model: object.__setattr__(model, "selector", selector))
+        try:
+            out = self.serve_video(llm, t.vllm_video_prompt, [], clip)
+            assert list(out.prompt_token_ids) == pruned
+            assert self.kept(llm) == kept
+            self.check_video_positions(llm, positions, pruned)
+        finally:
+            llm.apply_model(lambda model: object.__setattr__(model, "selector", default))
+        assert tokens.agrees_with(out.outputs[0])
+
+
 class VllmTensorParallel:
     """Opted into (beside :class:`VllmParity`) by one family per projector kind: under two
     tensor-parallel ranks each holds a shard of the projector's weights, and both must score
@@ -336,7 +509,7 @@ class VllmTensorParallel:
         spec |= {"banned": list(t.banned), "logprobs": TOP}
         served = serve(saved, spec)
         assert len(served) == len(reference)
-        for result, (kept, _, tokens, _) in zip(served, reference, strict=True):
+        for result, (kept, _, tokens, *_) in zip(served, reference, strict=True):
             assert result["kept"] == [kept, kept]  # rank 0, rank 1
             first = {
                 int(k): SimpleNamespace(logprob=v) for k, v in result["first_logprobs"].items()

@@ -21,14 +21,12 @@ from zooprune.adapters.base import (
     SEPARATOR_POLICIES,
     VIDEO_BUDGETS,
     EncodedImages,
-    ImageLayout,
     KeptImage,
     run_capturing,
 )
 from zooprune.adapters.llava import LlavaAdapter
 from zooprune.errors import PruneError
 from zooprune.families import anyres
-from zooprune.families.llava import square_grid
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -120,16 +118,10 @@ class LlavaNextAdapter(LlavaAdapter):
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     """LLaVA-OneVision: the NeXT layout with ``anyres_max`` shrinking; SigLIP tower, no CLS.
 
-    Videos: the model encodes each frame as one crop, projects its tokens and pools the
-    projected grid bilinearly to half its side (``apply_pooling``: 27 x 27 -> 14 x 14 in
-    the released models), then appends one ``image_newline`` after the last frame. A video
-    is one item: N = frames x pooled tokens, each frame a crop of the record (``kind ==
-    "video"``) on the pooled grid; the closing newline is a separator (kept under both
-    policies, since a video always keeps a token). ``video_budget="frame"`` (default)
-    shares K evenly over the frames, ``"global"`` over all the video's tokens. As for
-    shrunk images, the tokens' "projector inputs" for sensitivity are the same bilinear
-    pool of the frames' projector inputs: an approximation, since the model pools after
-    its (non-linear) projector.
+    Videos: each frame is encoded as one crop, its projected tokens pooled and one newline
+    closing the video (:func:`~zooprune.families.anyres.onevision_videos`, shared with
+    vLLM); ``video_budget="frame"`` (default) shares K evenly over the frames, ``"global"``
+    over all the video's tokens.
     """
 
     name = "llava-onevision"
@@ -184,19 +176,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         count, frames = videos.shape[:2]
         # The model's own pooling, on the projector inputs: the candidates' features.
         pooled = model.model.apply_pooling(captured["features"])  # [V*F, T', d_v]
-        per_frame = pooled.shape[1]
-        grid = square_grid(per_frame)
         runs = list(output.pooler_output)  # per video [F*T' + 1, d_l]
-        layouts = [ImageLayout.frames(run, grid, frames, closing=True) for run in runs]
-        return EncodedImages(
-            features=list(pooled.reshape(count, frames * per_frame, -1)),
-            projected=[run[: frames * per_frame] for run in runs],
-            grids=[grid] * count,
-            cls_attention=None,
-            keys=None,
-            encoder_output=output,
-            layouts=layouts,
-        )
+        return anyres.onevision_videos(pooled, runs, [frames] * count, encoder_output=output)
 
     def kind_encoder_output(self, encoded: EncodedImages, kind: str, kept: list[KeptImage]) -> Any:
         if kind != "video":

@@ -128,3 +128,94 @@ def vision_share(s: Shapes, text_tokens: int) -> float:
 def decode_token(s: Shapes, context: int) -> float:
     """One cached decoding step attending over ``context`` tokens."""
     return lm_matmuls(s, 1) + 4.0 * s.text_layers * context * s.text_dim
+
+
+@dataclass(frozen=True)
+class QwenVideoShapes:
+    """What a Qwen3-VL video's prefill FLOPs depend on: the tower (which attends within
+    each temporal patch, ``temporal`` frames of ``patch`` px squares), its mergers (the
+    main one and one per DeepStack level, each ``u*C -> u*C -> out`` with ``u = merge^2``)
+    and the language model (``text``, its vision fields unused)."""
+
+    vision_dim: int
+    vision_layers: int
+    vision_ffn: int
+    patch: int
+    temporal: int
+    merge: int
+    mergers: int
+    text: Shapes
+
+    @classmethod
+    def of_qwen3_vl(cls, config) -> QwenVideoShapes:  # noqa: ANN001 (a Qwen3VLConfig)
+        vision, text = config.vision_config, config.text_config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        return cls(
+            vision_dim=vision.hidden_size,
+            vision_layers=vision.depth,
+            vision_ffn=vision.intermediate_size,
+            patch=vision.patch_size,
+            temporal=vision.temporal_patch_size,
+            merge=vision.spatial_merge_size,
+            mergers=1 + len(getattr(vision, "deepstack_visual_indexes", []) or []),
+            text=language_model(
+                text.hidden_size,
+                text.num_hidden_layers,
+                text.intermediate_size,
+                text.num_key_value_heads * head_dim,
+                text.vocab_size,
+            ),
+        )
+
+
+def language_model(dim: int, layers: int, ffn: int, kv_dim: int, vocab: int) -> Shapes:
+    """A language model's :class:`Shapes` (its vision fields 0)."""
+    return Shapes(0, 0, 0, 0, 0, 0, dim, layers, ffn, kv_dim, vocab)
+
+
+#: Qwen3-VL-8B-Instruct: a 27-layer 1152-wide tower (16 px patches, 2 frames each, 3
+#: DeepStack levels) and a 36-layer 4096-wide language model (8 key/value heads of 128)
+QWEN3_VL_8B = QwenVideoShapes(
+    vision_dim=1152,
+    vision_layers=27,
+    vision_ffn=4304,
+    patch=16,
+    temporal=2,
+    merge=2,
+    mergers=4,
+    text=language_model(4096, 36, 12288, 1024, 151936),
+)
+
+
+def video_tokens(s: QwenVideoShapes, frames: int, side: int) -> int:
+    """The merged tokens of a video of ``frames`` square frames of ``side`` px."""
+    return (frames // s.temporal) * (side // s.patch // s.merge) ** 2
+
+
+def video_tower(s: QwenVideoShapes, frames: int, side: int) -> float:
+    """The tower on a video of ``frames`` square frames of ``side`` px: the patch
+    embedding, every layer's projections and MLP, and its attention (within each temporal
+    patch: :func:`video_attention`)."""
+    patches, d = (frames // s.temporal) * (side // s.patch) ** 2, s.vision_dim
+    embedding = 2.0 * patches * 3 * s.temporal * s.patch**2 * d
+    layers = 2.0 * s.vision_layers * (4 * patches * d * d + 2 * patches * d * s.vision_ffn)
+    return embedding + layers + video_attention(s, frames, side)
+
+
+def video_attention(s: QwenVideoShapes, frames: int, side: int) -> float:
+    """The tower's QK^T and AV products: each temporal patch attends within itself."""
+    groups, per_group = frames // s.temporal, (side // s.patch) ** 2
+    return 2.0 * s.vision_layers * 2 * groups * per_group**2 * s.vision_dim
+
+
+def video_mergers(s: QwenVideoShapes, frames: int, side: int) -> float:
+    """The main merger and the DeepStack ones, each ``u*C -> u*C -> out`` per token."""
+    wide = s.merge**2 * s.vision_dim
+    return s.mergers * 2.0 * video_tokens(s, frames, side) * (wide * wide + wide * s.text.text_dim)
+
+
+def video_vision_share(s: QwenVideoShapes, frames: int, side: int, text_tokens: int) -> float:
+    """The tower's and mergers' part of an unpruned one-video prefill (the share pruning
+    cannot shorten)."""
+    encode = video_tower(s, frames, side) + video_mergers(s, frames, side)
+    return encode / (encode + prefill(s.text, video_tokens(s, frames, side) + text_tokens))

@@ -49,7 +49,34 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--option", action="append", default=[], metavar="NAME=VALUE", help="a method option"
     )
     speed.add_argument(
-        "--concurrency", type=int, default=8, help="vllm: requests submitted at once (R)"
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=None,
+        help="vllm: requests submitted at once (R; default 8); with --videos, one or more "
+        "levels (default 8 32)",
+    )
+    speed.add_argument(
+        "--videos",
+        action="store_true",
+        help="vllm: serve videos: unpruned, zooprune's --video-methods and vLLM's own EVS and "
+        "VidCom2 (where the model has them), all at the video tokens EVS keeps at --rate",
+    )
+    speed.add_argument(
+        "--video-methods",
+        type=_methods,
+        default=("zoo", "divprune", "grid"),
+        help="--videos: zooprune's methods, comma-separated (--option applies to the first)",
+    )
+    speed.add_argument(
+        "--rate",
+        type=float,
+        default=0.5,
+        help="--videos: the share of a video's tokens dropped (vLLM's video_pruning_rate)",
+    )
+    speed.add_argument("--frames", type=int, default=8, help="--videos: frames per video")
+    speed.add_argument(
+        "--frame-size", type=int, default=224, help="--videos: square frames of this many px"
     )
     speed.add_argument(
         "--reference",
@@ -98,8 +125,12 @@ def _speed(args: argparse.Namespace) -> int:
             "times methods that choose before it (its phases and FLOP counts assume a shorter "
             "prompt), and has no timing path for an in-LM method yet"
         )
+    if args.videos and args.engine != "vllm":
+        return fail("--videos applies to --engine vllm")
     if args.engine == "vllm":
-        return _speed_vllm(args)
+        return _speed_videos(args) if args.videos else _speed_vllm(args)
+    if args.concurrency is not None:
+        return fail("--concurrency applies to --engine vllm")
     if args.option:
         return fail("--option applies to --engine vllm (the hf engine times the defaults)")
     from zooprune.bench.speed import SpeedConfig, run_speed_benchmark
@@ -154,6 +185,10 @@ def _reference(value: str) -> str | None:
     return None if value == "none" else method_name(value)
 
 
+def _methods(value: str) -> tuple[str, ...]:
+    return tuple(method_name(name.strip()) for name in value.split(",") if name.strip())
+
+
 def _speed_vllm(args: argparse.Namespace) -> int:
     if (status := vllm_missing("--engine vllm")) is not None:
         return status
@@ -161,7 +196,10 @@ def _speed_vllm(args: argparse.Namespace) -> int:
     from zooprune.integrations.vllm.throughput import ServingConfig, run_serving_benchmark
     from zooprune.viz import plot_serving
 
-    if args.concurrency < 1 or args.repeats < 1 or args.new_tokens < 1:
+    concurrency = args.concurrency or [8]
+    if len(concurrency) != 1:
+        return fail("--concurrency takes one value without --videos")
+    if concurrency[0] < 1 or args.repeats < 1 or args.new_tokens < 1:
         return fail("--concurrency, --repeats and --new-tokens must be at least 1")
     config = ServingConfig(
         model=args.model,
@@ -169,7 +207,7 @@ def _speed_vllm(args: argparse.Namespace) -> int:
         method=args.method,
         options=dict(parse_option(o) for o in args.option),
         dtype=args.dtype,
-        concurrency=args.concurrency,
+        concurrency=concurrency[0],
         reference=args.reference,
         new_tokens=args.new_tokens,
         repeats=args.repeats,
@@ -201,6 +239,124 @@ def _speed_vllm(args: argparse.Namespace) -> int:
     )
     _publish(result, serving_tables(result), notes, Path(args.out) / "serving", plot_serving)
     return 0
+
+
+def _speed_videos(args: argparse.Namespace) -> int:
+    if (status := vllm_missing("--engine vllm --videos")) is not None:
+        return status
+    from zooprune.errors import PruneError
+    from zooprune.integrations.vllm.video_throughput import (
+        VideoServingConfig,
+        run_video_serving_benchmark,
+    )
+    from zooprune.viz import plot_video_serving
+
+    concurrency = tuple(args.concurrency or (8, 32))
+    if min(concurrency) < 1 or args.repeats < 1 or args.new_tokens < 1:
+        return fail("--concurrency, --repeats and --new-tokens must be at least 1")
+    if not 0 < args.rate < 1:
+        return fail(f"--rate must be in (0, 1), got {args.rate}")
+    if args.frames < 2 or args.frame_size < 32:
+        return fail("--frames must be at least 2 and --frame-size at least 32 px")
+    if not args.video_methods:
+        return fail("--video-methods names no method")
+    config = VideoServingConfig(
+        model=args.model,
+        rate=args.rate,
+        methods=args.video_methods,
+        options=dict(parse_option(o) for o in args.option),
+        dtype=args.dtype,
+        concurrency=concurrency,
+        new_tokens=args.new_tokens,
+        frames=args.frames,
+        frame_size=args.frame_size,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        device=args.device,
+    )
+    set_threads(args.threads)
+    try:
+        result = with_progress(
+            "vLLM video serving benchmark",
+            lambda report: run_video_serving_benchmark(config, report),
+        )
+    except PruneError as error:
+        return fail(str(error))
+    notes = []
+    if (share := result["vision_share_of_prefill_flops"]) is not None:
+        notes.append(
+            f"vision tower + mergers: {share:.1%} of the unpruned video prefill's FLOPs "
+            f"(Qwen3-VL-8B on the same video: {result['vision_share_qwen3_vl_8b']:.1%})"
+        )
+    missing = [m for m in ("evs", "vidcom2") if m not in result["vllm_methods_supported"]]
+    if missing:
+        notes.append(f"vLLM's class for this model has no {', '.join(missing)}")
+    notes.append(
+        f"[dim]{result['engine']}, {result['dtype']}; each wave: R requests at once, one "
+        f"video of {config.frames} frames of {config.frame_size} px and "
+        f"{config.text_tokens} words each, {config.new_tokens} output tokens; every pruned "
+        f"row keeps {result['keep']} of {result['video_tokens']} video tokens (EVS's count at "
+        f"rate {config.rate}); medians of {config.repeats} waves after {config.warmup} "
+        f"warm-up (TTFT and latency: of every request in them); KV blocks: the warm-up wave's "
+        f"peak; {machine_line(result)}[/dim]"
+    )
+    _publish(
+        result, video_serving_tables(result), notes, Path(args.out) / "video", plot_video_serving
+    )
+    return 0
+
+
+def video_serving_tables(result: dict) -> list[Table]:
+    """Per concurrency level and condition: throughput, latency, KV cache; and the ratios
+    to unpruned at the same level."""
+    times = Table(title=f"zooprune speed --engine vllm --videos: {result['model']}")
+    ratios = Table(title="over unpruned, at the same R")
+    for column in (
+        "R",
+        "pruned by",
+        "method",
+        "video tokens",
+        "prompt tokens",
+        "requests/s",
+        "TTFT median ms",
+        "TTFT p95 ms",
+        "latency median ms",
+        "latency p95 ms",
+        "KV blocks peak",
+        "selection ms/video",
+    ):
+        times.add_column(column, justify="right")
+    for column in ("R", "pruned by", "method", "throughput x", "TTFT x", "latency x", "KV x"):
+        ratios.add_column(column, justify="right")
+    base = {row["concurrency"]: row for row in result["rows"] if row["by"] is None}
+    for row in sorted(result["rows"], key=lambda r: r["concurrency"]):
+        by, method = row["by"] or "-", row["method"] or "-"
+        selection = row["selection_s_per_video"]
+        times.add_row(
+            str(row["concurrency"]),
+            by,
+            method,
+            f"{row['video_tokens']}",
+            f"{row['prompt_tokens']:.0f}",
+            f"{row['requests_per_s']:.2f}",
+            f"{row['ttft_median_s'] * 1e3:.0f}",
+            f"{row['ttft_p95_s'] * 1e3:.0f}",
+            f"{row['latency_median_s'] * 1e3:.0f}",
+            f"{row['latency_p95_s'] * 1e3:.0f}",
+            f"{row['kv_blocks_peak']} of {row['kv_blocks_total']}",
+            "-" if selection is None else f"{selection * 1e3:.1f}",
+        )
+        unpruned = base[row["concurrency"]]
+        ratios.add_row(
+            str(row["concurrency"]),
+            by,
+            method,
+            f"{row['throughput_x']:.2f}",
+            f"{row['ttft_ratio']:.2f}",
+            f"{row['latency_ratio']:.2f}",
+            f"{row['kv_blocks_peak'] / max(unpruned['kv_blocks_peak'], 1):.2f}",
+        )
+    return [times, ratios]
 
 
 def serving_tables(result: dict) -> list[Table]:

@@ -56,6 +56,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from zooprune.errors import PruneError
+from zooprune.families.llava import square_grid
 from zooprune.pipeline import Box, EncodedImages, ImageLayout
 
 #: ``pack(per_image, newline)``: an engine's packing of each image's crop tokens
@@ -311,3 +312,38 @@ def _image_grid(layout: ImageLayout) -> tuple[int, int]:
     if used.numel() == 1:
         return layout.crop_grids[int(used[0])]
     return (1, layout.token_slots.numel())
+
+
+def onevision_videos(
+    pooled: Tensor, runs: list[Tensor], frames: list[int], *, encoder_output: Any = None
+) -> EncodedImages:
+    """OneVision's videos as items: each frame is one crop, its projected tokens pooled
+    bilinearly to half the side (the model's ``apply_pooling``), and one ``image_newline``
+    closes the video's run (a separator, always kept). A video's N is frames x the pooled
+    grid; ``video_budget`` shares its K over the frames or over all of them.
+
+    The tokens' "projector inputs" for sensitivity are the same bilinear pool of the
+    frames' projector inputs: an approximation, since the model pools after its
+    (non-linear) projector.
+
+    Args:
+        pooled: ``[sum(frames), T', d_v]`` each frame's projector inputs, pooled.
+        runs: per video ``[frames_i * T' + 1, d_l]`` the run the model fills: its pooled
+            tokens, frame after frame, then the newline.
+        frames: each video's frame count.
+    """
+    per_frame = pooled.shape[1]
+    grid = square_grid(per_frame)
+    counts = [f * per_frame for f in frames]
+    return EncodedImages(
+        features=[v.reshape(n, -1) for v, n in zip(pooled.split(frames), counts, strict=True)],
+        projected=[run[:n] for run, n in zip(runs, counts, strict=True)],
+        grids=[grid] * len(runs),
+        cls_attention=None,
+        keys=None,
+        encoder_output=encoder_output,
+        layouts=[
+            ImageLayout.frames(run, grid, f, closing=True)
+            for run, f in zip(runs, frames, strict=True)
+        ],
+    )

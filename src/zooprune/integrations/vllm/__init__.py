@@ -66,6 +66,15 @@ _CROPS_BETWEEN_MARKERS_WHY = {
     "crop_budget": f"{_COUNTED_FIRST}, each crop's run between its own text markers, and "
     "how many tokens a 'global' selection keeps in each crop depends on the kept tokens"
 }
+#: Qwen2-VL, Qwen2.5-VL and OneVision write a video as one run: both video budgets
+_ONE_RUN_VIDEOS = {"video_budget": None}
+#: Qwen3-VL / Qwen3.5 write each frame as its own run between its timestamp and markers
+_RUN_PER_FRAME = {"video_budget": ("frame",)}
+_RUN_PER_FRAME_WHY = {
+    "video_budget": "vLLM counts a video's placeholders before it encodes the video, each "
+    "frame's run between its own timestamp and markers, and how many tokens a 'global' "
+    "selection keeps in each frame depends on the kept tokens"
+}
 #: HF architecture -> its pruned variant
 VARIANTS: dict[str, Variant] = {
     "LlavaForConditionalGeneration": Variant(
@@ -80,7 +89,7 @@ VARIANTS: dict[str, Variant] = {
     "LlavaOnevisionForConditionalGeneration": Variant(
         "ZoopruneLlavaOnevisionForConditionalGeneration",
         "llava:ZoopruneLlavaOnevision",
-        _ANYRES,
+        {**_ANYRES, **_ONE_RUN_VIDEOS},
         why=_ROWS_WHY,
     ),
     "Gemma3ForConditionalGeneration": Variant(
@@ -113,28 +122,44 @@ VARIANTS: dict[str, Variant] = {
         why=_CROPS_BETWEEN_MARKERS_WHY,
     ),
     "Qwen2VLForConditionalGeneration": Variant(
-        "ZoopruneQwen2VLForConditionalGeneration", "qwen:ZoopruneQwen2VL", positions="original"
+        "ZoopruneQwen2VLForConditionalGeneration",
+        "qwen:ZoopruneQwen2VL",
+        _ONE_RUN_VIDEOS,
+        positions="original",
     ),
     "Qwen2_5_VLForConditionalGeneration": Variant(
         "ZoopruneQwen2_5_VLForConditionalGeneration",
         "qwen:ZoopruneQwen2_5_VL",
+        _ONE_RUN_VIDEOS,
         positions="original",
     ),
     "Qwen3VLForConditionalGeneration": Variant(
-        "ZoopruneQwen3VLForConditionalGeneration", "qwen:ZoopruneQwen3VL", positions="original"
+        "ZoopruneQwen3VLForConditionalGeneration",
+        "qwen:ZoopruneQwen3VL",
+        _RUN_PER_FRAME,
+        positions="original",
+        why=_RUN_PER_FRAME_WHY,
     ),
     "Qwen3VLMoeForConditionalGeneration": Variant(
         "ZoopruneQwen3VLMoeForConditionalGeneration",
         "qwen:ZoopruneQwen3VLMoe",
+        _RUN_PER_FRAME,
         positions="original",
+        why=_RUN_PER_FRAME_WHY,
     ),
     "Qwen3_5ForConditionalGeneration": Variant(
-        "ZoopruneQwen3_5ForConditionalGeneration", "qwen:ZoopruneQwen3_5", positions="original"
+        "ZoopruneQwen3_5ForConditionalGeneration",
+        "qwen:ZoopruneQwen3_5",
+        _RUN_PER_FRAME,
+        positions="original",
+        why=_RUN_PER_FRAME_WHY,
     ),
     "Qwen3_5MoeForConditionalGeneration": Variant(
         "ZoopruneQwen3_5MoeForConditionalGeneration",
         "qwen:ZoopruneQwen3_5Moe",
+        _RUN_PER_FRAME,
         positions="original",
+        why=_RUN_PER_FRAME_WHY,
     ),
 }
 #: HF architecture -> its pruned variant's name

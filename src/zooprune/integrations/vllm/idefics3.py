@@ -40,6 +40,7 @@ from zooprune.integrations.vllm.selection import (
     cut_runs,
     input_of,
     refuse_embeddings,
+    run_lengths,
 )
 
 
@@ -67,12 +68,9 @@ class ZoopruneIdefics3MultiModalProcessor(Idefics3MultiModalProcessor):
 
 
 def _kept_runs(token: int, budget: Budget, details: PromptUpdateDetails) -> PromptUpdateDetails:
-    n = sum(value == token for value in details.full)
-    runs = sum(
-        value == token and (i == 0 or details.full[i - 1] != token)
-        for i, value in enumerate(details.full)
-    )
-    kept = idefics3.kept_per_run(budget.tokens_for(n), runs, n // runs)
+    sizes = run_lengths(details.full, token)
+    n = sum(sizes)
+    kept = idefics3.kept_per_run(budget.tokens_for(n), len(sizes), n // len(sizes))
     return PromptUpdateDetails.select_token_id(cut_runs(details.full, token, kept), token)
 
 

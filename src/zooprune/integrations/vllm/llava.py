@@ -16,6 +16,7 @@ encoded; under ``"all"`` the newlines count is a function of the image's size).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -41,9 +42,11 @@ from vllm.model_executor.models.llava_onevision import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from zooprune.budget import Budget
 from zooprune.errors import PruneError
 from zooprune.families import anyres, llava
 from zooprune.integrations.vllm.checkpoint import hub_key
+from zooprune.integrations.vllm.prompts import rewrite_updates
 from zooprune.integrations.vllm.selection import PrunedVariant, budget_of, refuse_embeddings
 from zooprune.pipeline import EncodedImages
 
@@ -202,13 +205,29 @@ class ZoopruneLlavaNext(_PrunedAnyRes, LlavaNextForConditionalGeneration):
             del self.__dict__["image_newline"]
 
 
+class ZoopruneLlavaOnevisionMultiModalProcessor(LlavaOnevisionMultiModalProcessor):
+    """A video's run of N pooled tokens and its closing newline cut to K and the newline."""
+
+    def _get_prompt_updates(self, *args: Any, **kwargs: Any) -> list[Any]:
+        rewrite = functools.partial(_video_run, budget_of(self.info.get_hf_config()))
+        return rewrite_updates(super()._get_prompt_updates(*args, **kwargs), {"video": rewrite})
+
+
+def _video_run(budget: Budget, tokens: list[int]) -> list[int]:
+    # One token per placeholder, the newline last: K of the N before it, then it. (The
+    # count stays vLLM's N + 1 in the processing info, which sizes the profiling video by
+    # adding frames until the count outgrows the model length: a fixed K never would.)
+    return tokens[: budget.tokens_for(len(tokens) - 1) + 1]
+
+
 @MULTIMODAL_REGISTRY.register_processor(
-    LlavaOnevisionMultiModalProcessor,
+    ZoopruneLlavaOnevisionMultiModalProcessor,
     info=ZoopruneLlavaOnevisionProcessingInfo,
     dummy_inputs=LlavaOnevisionDummyInputsBuilder,
 )
 class ZoopruneLlavaOnevision(_PrunedAnyRes, LlavaOnevisionForConditionalGeneration):
-    """vLLM's LLaVA-OneVision, pruned; its images (not its videos, which pass unpruned)."""
+    """vLLM's LLaVA-OneVision, its images and videos pruned (a video: K of its pooled
+    tokens, shared per frame or global, and its closing newline)."""
 
     architecture = "LlavaOnevisionForConditionalGeneration"
 
@@ -221,3 +240,18 @@ class ZoopruneLlavaOnevision(_PrunedAnyRes, LlavaOnevisionForConditionalGenerati
             image_newline=self.image_newline if newline is None else newline,
             strategy="spatial_unpad",
         )
+
+    def _process_video_pixels(self, inputs: Any) -> list[Tensor]:
+        """Every video of the batch: its frames encoded as crops, projected and pooled as
+        vLLM does, laid out by the family (:func:`~zooprune.families.anyres.onevision_videos`)
+        and selected; each video's run is its kept tokens and its newline."""
+        videos = list(inputs["pixel_values_videos"])  # [V, F, ...] or V of [F_i, ...]
+        frames = [len(video) for video in videos]
+        features = self.vision_tower(
+            torch.cat(videos), feature_select_strategy=self.config.vision_feature_select_strategy
+        )
+        tokens = self.apply_pooling(self.multi_modal_projector(features))
+        newline = self.image_newline[None, :].to(tokens.dtype)
+        runs = [torch.cat([video.flatten(0, 1), newline]) for video in tokens.split(frames)]
+        encoded = anyres.onevision_videos(self.apply_pooling(features), runs, frames)
+        return [image.run for image in self.select(encoded).images]

@@ -1,30 +1,40 @@
-"""How a pruned variant's processor writes an image's K placeholders: vLLM's prompt update
-for the image, its replacement passed through the family's rewrite of it."""
+"""How a pruned variant's processor writes an item's K placeholders: vLLM's prompt update
+for the image (or video), its replacement passed through the family's rewrite of it."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
-from zooprune.budget import Budget
-from zooprune.integrations.vllm.selection import shorten_runs
+from zooprune.budget import Budget, split_evenly
+from zooprune.integrations.vllm.selection import cut_runs, run_lengths, shorten_runs
 
 
 def rewrite_image_updates(updates: Iterable[Any], rewrite: Callable[[Any], Any]) -> list[Any]:
     """A processor's prompt ``updates``, each image's replacement passed through
-    ``rewrite`` (what vLLM's replacement gives for the item: its tokens, or their
-    ``PromptUpdateDetails``). ``rewrite`` is a module-level function or a partial of one:
-    vLLM may pickle it."""
+    ``rewrite`` (:func:`rewrite_updates` for images alone)."""
+    return rewrite_updates(updates, {"image": rewrite})
+
+
+def rewrite_updates(
+    updates: Iterable[Any], rewrites: Mapping[str, Callable[[Any], Any]]
+) -> list[Any]:
+    """A processor's prompt ``updates``, each item's replacement passed through the
+    ``rewrites`` of its modality (what vLLM's replacement gives for the item: its tokens,
+    or their ``PromptUpdateDetails``); a modality without one is left alone. A rewrite is
+    a module-level function or a partial of one: vLLM may pickle it."""
     return [
         PromptReplacement(
-            modality="image",
+            modality=update.modality,
             target=update.target,
-            replacement=functools.partial(_rewritten, update.replacement, rewrite),
+            replacement=functools.partial(
+                _rewritten, update.replacement, rewrites[update.modality]
+            ),
         )
-        if update.modality == "image"
+        if update.modality in rewrites
         else update
         for update in updates
     ]
@@ -40,3 +50,16 @@ def kept_run(token: int, budget: Budget, details: PromptUpdateDetails) -> Prompt
     n = sum(value == token for value in details.full)
     tokens = shorten_runs(details.full, token, budget.tokens_for(n))
     return PromptUpdateDetails.select_token_id(tokens, token)
+
+
+def even_runs(token: int, budget: Budget, replacement: Any) -> Any:
+    """An item's replacement with each of its runs of ``token`` cut to its even share
+    (:func:`~zooprune.budget.split_evenly`) of the budget's K of all its N placeholders, the
+    text around them unchanged: one run for an image, one per frame for a video written
+    frame by frame (the pipeline's ``video_budget="frame"`` shares). The replacement's
+    type is kept (tokens, or ``PromptUpdateDetails`` embedding only ``token``)."""
+    details = isinstance(replacement, PromptUpdateDetails)
+    tokens = list(replacement.full if details else replacement)
+    sizes = run_lengths(tokens, token)
+    cut = cut_runs(tokens, token, split_evenly(budget.tokens_for(sum(sizes)), sizes))
+    return PromptUpdateDetails.select_token_id(cut, token) if details else cut

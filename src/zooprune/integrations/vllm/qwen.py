@@ -1,15 +1,20 @@
 """The Qwen vision families on vLLM, pruned: Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense and
 MoE, DeepStack) and Qwen3.5 (dense and MoE); the kept tokens keep their 3-D positions.
 
-An image gets K placeholders (the budget of its N merged tokens). Its kept tokens must
-keep their original M-RoPE positions, and which tokens are kept depends on the image: so
-the positions vLLM asks for when it admits a request (``get_mrope_input_positions``) come
-from the selection itself. The variant runs the tower and the selection for the request's
-images there, keeps the result (keyed by the image's pixels), and hands it over when vLLM
-encodes the images: one encoding per image, as unpruned. The positions are vLLM's own
-rule applied to the unpruned prompt (each image's run grown back to its N placeholders),
-less the dropped tokens' columns: text keeps its unpruned positions too, and videos, which
-pass through unpruned on vLLM (the Hugging Face adapter prunes them), keep theirs.
+An image or a video (an *item*) gets K placeholders (the budget of its N merged tokens; a
+video's N is all its frames' tokens). Its kept tokens must keep their original M-RoPE
+positions, and which tokens are kept depends on the item: so the positions vLLM asks for
+when it admits a request (``get_mrope_input_positions``) come from the selection itself.
+The variant runs the tower and the selection for the request's items there, keeps the
+result (keyed by the item's pixels), and hands it over when vLLM encodes them: one
+encoding per item, as unpruned. The positions are vLLM's own rule applied to the unpruned
+prompt (each item's runs grown back to their N placeholders), less the dropped tokens'
+columns: text keeps its unpruned positions too, a video's temporal row included.
+
+Videos as on Hugging Face: ``video_budget="frame"`` shares K evenly over the frames,
+``"global"`` lets all of them compete. Qwen2-VL and Qwen2.5-VL write a video as one run,
+so both are served; Qwen3-VL and Qwen3.5 write each frame as its own run between its
+timestamp and markers, whose count vLLM must know before encoding: ``"frame"`` only.
 
 The layout, the merger the methods score and its order are the family's
 (:mod:`zooprune.families.qwen`). Qwen3-VL's tower returns each token with its DeepStack
@@ -58,10 +63,9 @@ from vllm.model_executor.models.qwen3_vl_moe import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from zooprune.budget import Budget
 from zooprune.families import qwen
 from zooprune.integrations.vllm.checkpoint import transformers5_experts
-from zooprune.integrations.vllm.prompts import rewrite_image_updates
+from zooprune.integrations.vllm.prompts import even_runs, rewrite_updates
 from zooprune.integrations.vllm.selection import PrunedVariant, budget_of, refuse_embeddings
 from zooprune.pipeline import Kept
 
@@ -71,7 +75,9 @@ _PENDING = 256
 
 
 class _Count:
-    """K placeholders per image: the budget of its N merged tokens."""
+    """K placeholders per image: the budget of its N merged tokens. A video's count stays
+    vLLM's N: vLLM sizes its profiling video by adding frames until that count outgrows the
+    model length, which a fixed ``keep`` never would (and N covers every K <= N)."""
 
     def get_num_image_tokens(self, **kwargs: Any) -> int:
         n = super().get_num_image_tokens(**kwargs)
@@ -79,16 +85,17 @@ class _Count:
 
 
 class _ShortPrompt:
-    """The prompt update that gives an image its N placeholders, cut to the budget's K."""
+    """The prompt updates that give an image or a video its N placeholders, cut to the
+    budget's K (a video written frame by frame: each frame's run to its even share)."""
 
     def _get_prompt_updates(self, *args: Any, **kwargs: Any) -> list[Any]:
-        budget = budget_of(self.info.get_hf_config())
-        updates = super()._get_prompt_updates(*args, **kwargs)
-        return rewrite_image_updates(updates, functools.partial(_first_k, budget))
-
-
-def _first_k(budget: Budget, tokens: list[int]) -> list[int]:
-    return tokens[: budget.tokens_for(len(tokens))]
+        config = self.info.get_hf_config()
+        budget = budget_of(config)
+        rewrites = {
+            kind: functools.partial(even_runs, getattr(config, f"{kind}_token_id"), budget)
+            for kind in ("image", "video")
+        }
+        return rewrite_updates(super()._get_prompt_updates(*args, **kwargs), rewrites)
 
 
 class _PrunedQwen(PrunedVariant):
@@ -112,16 +119,18 @@ class _PrunedQwen(PrunedVariant):
     def scoring_dtype(self) -> torch.dtype:
         return self.visual.dtype
 
-    # -- the selection, once per image ----------------------------------------------------
+    # -- the selection, once per item ------------------------------------------------------
 
-    def _kept(self, pixel_values: Tensor, grid_thw: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """Per image of a batch: ``(kept indices, kept run)``, from the pending ones where
-        the positions asked for them first, else selected now."""
+    def _kept(
+        self, pixel_values: Tensor, grid_thw: Tensor, kind: str = "image"
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Per item of a batch of one ``kind``: ``(kept indices, kept run)``, from the
+        pending ones where the positions asked for them first, else selected now."""
         sizes = grid_thw.prod(-1).tolist()
-        keys = [_key(p, g) for p, g in zip(pixel_values.split(sizes), grid_thw, strict=True)]
+        keys = [_key(kind, p, g) for p, g in zip(pixel_values.split(sizes), grid_thw, strict=True)]
         if all(key in self._pending for key in keys):
             return [self._pending.pop(key) for key in keys]
-        kept, tokens = self._select(pixel_values, grid_thw)
+        kept, tokens = self._select(pixel_values, grid_thw, kind)
         for key in keys:
             self._pending.pop(key, None)
         return [
@@ -129,8 +138,10 @@ class _PrunedQwen(PrunedVariant):
             for image, full in zip(kept.images, tokens, strict=True)
         ]
 
-    def _select(self, pixel_values: Tensor, grid_thw: Tensor) -> tuple[Kept, list[Tensor]]:
-        """Encode the images once, capturing the merger's input, and select."""
+    def _select(
+        self, pixel_values: Tensor, grid_thw: Tensor, kind: str
+    ) -> tuple[Kept, list[Tensor]]:
+        """Encode the items once, capturing the merger's input, and select."""
         visual = self.visual
         with _captured(visual.merger) as captured:
             output = visual(pixel_values, grid_thw=grid_thw.tolist())
@@ -144,7 +155,7 @@ class _PrunedQwen(PrunedVariant):
             grid_thw,
             merge,
             qwen.raster_order(self.config.vision_config, merge, grid_thw),
-            "image",
+            kind,
             engine=type(self).__name__,
         )
         return self.select(encoded), tokens
@@ -162,62 +173,99 @@ class _PrunedQwen(PrunedVariant):
         grid_thw = image_input["image_grid_thw"]
         return tuple(run for _, run in self._kept(image_input["pixel_values"], grid_thw))
 
+    def _process_video_input(self, video_input: Any) -> tuple[Tensor, ...]:
+        refuse_embeddings(video_input)
+        pixels, grid_thw = video_input["pixel_values_videos"], video_input["video_grid_thw"]
+        return tuple(run for _, run in self._kept(pixels, grid_thw, "video"))
+
     # -- positions --------------------------------------------------------------------------
 
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list[Any]
     ) -> tuple[Tensor, int]:
         """The 3-D positions of the pruned prompt: vLLM's own rule on the unpruned prompt
-        (every image's run grown back to N placeholders), less the dropped tokens."""
-        image_token = self.config.image_token_id
+        (every item's runs grown back to their N placeholders), less the dropped tokens."""
         grown, keep, features, request = [], [], [], []
         cursor = shift = 0
         for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
-            offset = feature.mm_position.offset
-            grown += input_tokens[cursor:offset]
-            keep += [True] * (offset - cursor)
-            cursor = offset
-            if feature.modality == "image":
-                kept = self._admit(feature)
-                request.append(kept.cpu())
-                n = _image_tokens(feature, self.visual.spatial_merge_size)
-                mask = torch.zeros(n, dtype=torch.bool)
-                mask[kept] = True
-                grown += [image_token] * n
-                keep += mask.tolist()
-                cursor = offset + kept.numel()
-                position = dataclasses.replace(feature.mm_position, offset=offset + shift, length=n)
-                shift += n - kept.numel()
-            else:  # passed unpruned: its placeholders are copied as they stand
-                position = dataclasses.replace(feature.mm_position, offset=offset + shift)
+            where = feature.mm_position
+            grown += input_tokens[cursor : where.offset]
+            keep += [True] * (where.offset - cursor)
+            kept = self._admit(feature)
+            request.append(kept.cpu())
+            span = input_tokens[where.offset : where.offset + where.length]
+            token = getattr(self.config, f"{feature.modality}_token_id")
+            full, mask = self._grown(span, token, kept, _item_tokens(feature, self.visual))
+            grown += full
+            keep += mask
+            cursor = where.offset + where.length
+            is_embed = None if where.is_embed is None else torch.tensor(full) == token
+            position = dataclasses.replace(
+                where, offset=where.offset + shift, length=len(full), is_embed=is_embed
+            )
+            shift += len(full) - len(span)
             features.append(dataclasses.replace(feature, mm_position=position))
         grown += input_tokens[cursor:]
         keep += [True] * (len(input_tokens) - cursor)
         positions, _ = super().get_mrope_input_positions(grown, features)
         positions = positions[:, torch.tensor(keep)]
-        if request:  # the request's images, for inspection (selected one by one above)
+        # For inspection: the request's items (selected one by one above), its positions.
+        if request:
             object.__setattr__(self, "zooprune_kept", request)
+        object.__setattr__(self, "zooprune_positions", positions)
         return positions, int(positions.max()) + 1 - len(input_tokens)
 
+    def _grown(
+        self, span: list[int], token: int, kept: Tensor, n: int
+    ) -> tuple[list[int], list[bool]]:
+        """An item's placeholder ``span`` in the pruned prompt grown back to its ``n``
+        placeholders, with the mask of the kept ones (``kept``: indices among the ``n``).
+        A span with vision-start markers (a Qwen3 video) holds one run per frame, each
+        between its markers and grown to ``n / frames``; else the span is the one run."""
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[kept] = True
+        start = self.config.vision_start_token_id
+        if start not in span:
+            return [token] * n, mask.tolist()
+        frames = span.count(start)
+        per_frame, pieces = n // frames, mask.split(n // frames)
+        full, keep, frame = [], [], 0
+        for value in span:
+            if value == token:
+                continue  # each frame's run is written out whole at its start marker
+            full.append(value)
+            keep.append(True)
+            if value == start:
+                full += [token] * per_frame
+                keep += pieces[frame].tolist()
+                frame += 1
+        return full, keep
+
     def _admit(self, feature: Any) -> Tensor:
-        """Select an admitted request's image now; its tokens wait for the encoder."""
-        data = feature.data
-        pixels = data["pixel_values"].data
-        grid = data["image_grid_thw"].data.reshape(1, 3)
-        key = _key(pixels, grid[0])
+        """Select an admitted request's image or video now; its tokens wait for the
+        encoder."""
+        kind, data = feature.modality, feature.data
+        pixels = data[_PIXELS[kind]].data
+        grid = data[f"{kind}_grid_thw"].data.reshape(1, 3)
+        key = _key(kind, pixels, grid[0])
         if key not in self._pending:
             device = next(self.visual.parameters()).device
             with torch.inference_mode():
-                indices, run = self._kept(pixels.to(device), grid.to(device))[0]
+                indices, run = self._kept(pixels.to(device), grid.to(device), kind)[0]
             self._pending[key] = (indices, run)
             while len(self._pending) > _PENDING:
                 self._pending.popitem(last=False)
         return self._pending[key][0]
 
 
-def _image_tokens(feature: Any, merge: int) -> int:
-    t, h, w = feature.data["image_grid_thw"].data.tolist()
-    return int(t * h * w) // (merge * merge)
+#: where a feature's pixels are, per kind
+_PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
+
+
+def _item_tokens(feature: Any, visual: nn.Module) -> int:
+    """An item's N: its merged tokens, all frames of a video."""
+    t, h, w = feature.data[f"{feature.modality}_grid_thw"].data.tolist()
+    return int(t * h * w) // visual.spatial_merge_size**2
 
 
 @contextlib.contextmanager
@@ -241,10 +289,10 @@ def _captured(module: nn.Module) -> Iterator[dict[str, Tensor]]:
         del module.forward
 
 
-def _key(pixels: Tensor, grid: Tensor) -> str:
-    """An image's identity: its pixels and grid (the selection is a function of them)."""
+def _key(kind: str, pixels: Tensor, grid: Tensor) -> str:
+    """An item's identity: its kind, pixels and grid (the selection is a function of them)."""
     digest = hashlib.sha1(pixels.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(bytes(str(grid.tolist()), "ascii"))
+    digest.update(bytes(f"{kind} {grid.tolist()}", "ascii"))
     return digest.hexdigest()
 
 

@@ -318,6 +318,20 @@ def shorten_runs(tokens: list[int], token: int, kept: int) -> list[int]:
     return shortened
 
 
+def run_lengths(tokens: list[int], token: int) -> list[int]:
+    """The length of every maximal run of ``token`` in ``tokens``, in order."""
+    lengths: list[int] = []
+    previous = None
+    for value in tokens:
+        if value == token:
+            if previous == token:
+                lengths[-1] += 1
+            else:
+                lengths.append(1)
+        previous = value
+    return lengths
+
+
 def cut_runs(tokens: list[int], token: int, kept: list[int]) -> list[int]:
     """``tokens`` with the r-th maximal run of ``token`` cut to its first ``kept[r]``
     (one count per run: an image's crops, each with its own share of K)."""

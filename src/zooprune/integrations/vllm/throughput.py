@@ -97,11 +97,20 @@ def _kv_blocks_in_use(engine: Any, total: int) -> int:
     return 0
 
 
-def _wave(
-    engine: Any, requests: list[dict], params: Any, name: str, blocks: int | None
+def serve_wave(
+    engine: Any,
+    requests: list[dict],
+    params: Any,
+    name: str,
+    blocks: int | None,
+    count: int | None = None,
 ) -> dict[str, Any]:
-    """Submit every request at once and step the engine until all are done."""
+    """Submit every request at once and step the engine until all are done. With
+    ``blocks`` (the engine's total), the peak of KV blocks in use is read at every step;
+    with ``count`` (a token id), ``counted`` is how often it is in the first answered
+    request's prompt."""
     start = time.perf_counter()
+    counted = None
     for i, request in enumerate(requests):
         engine.add_request(f"{name}-{i}", request, params)
     first: dict[str, float] = {}
@@ -118,6 +127,8 @@ def _wave(
             if out.finished:
                 last[out.request_id] = now
                 prompt_tokens[out.request_id] = len(out.prompt_token_ids)
+                if count is not None and counted is None:
+                    counted = sum(token == count for token in out.prompt_token_ids)
                 output_tokens[out.request_id] = len(out.outputs[0].token_ids)
         if blocks is not None:  # the warm-up wave only: reading metrics costs time
             peak = max(peak, _kv_blocks_in_use(engine, blocks))
@@ -129,6 +140,7 @@ def _wave(
         "prompt_tokens": statistics.median(prompt_tokens.values()),
         "output_tokens": sum(output_tokens.values()),
         "kv_blocks_peak": peak,
+        "counted": counted,
     }
 
 
@@ -176,7 +188,7 @@ def _condition(
             {"prompt": prompt, "multi_modal_data": {"image": image}}
             for image in _images(config, wave)
         ]
-        result = _wave(engine, requests, params, f"{label}-{wave}", None if timed else blocks)
+        result = serve_wave(engine, requests, params, f"{label}-{wave}", None if timed else blocks)
         if timed:
             waves.append(result)
         else:
