@@ -6,13 +6,21 @@ handle) does; bad settings stop the run before an engine starts."""
 import json
 import os
 
-import pytest
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from tests.integrations.test_lmms_eval import N_PER_FAMILY, OFFLINE, QUESTIONS, evaluate
-from zooprune.bench.accuracy import jsonl_items, run_accuracy
-from zooprune.integrations.lmms_eval.model import EvaluationAborted, create_pruned
-from zooprune.integrations.lmms_eval.task import TASK, write_testbed_task
-from zooprune.testbed.model import bundled_path, load_testbed
+import pytest  # noqa: E402
+
+# offline and task: lmms-eval's suite's fixtures (hub access off, the exported task)
+from tests.integrations.test_lmms_eval import (  # noqa: E402, F401
+    QUESTIONS,
+    evaluate,
+    offline,
+    task,
+)
+from zooprune.bench.accuracy import jsonl_items, run_accuracy  # noqa: E402
+from zooprune.integrations.lmms_eval.model import EvaluationAborted, create_pruned  # noqa: E402
+from zooprune.integrations.lmms_eval.task import TASK  # noqa: E402
+from zooprune.testbed.model import bundled_path, load_testbed  # noqa: E402
 
 # 56 of 256 tokens, as a fraction lmms-eval parses to the float bench gets
 RATIO_TEXT, RATIO = "0.2222222222", 2 / 9
@@ -20,26 +28,7 @@ RATIO_TEXT, RATIO = "0.2222222222", 2 / 9
 ENGINE = "max_new_tokens=1,dtype=float32,enforce_eager=True,max_model_len=1024,seed=0"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline():
-    saved = {key: os.environ.get(key) for key in OFFLINE}
-    os.environ.update(OFFLINE | {"VLLM_CPU_KVCACHE_SPACE": "1"})
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("task")
-    write_testbed_task(folder, n_per_family=N_PER_FAMILY)
-    return folder
-
-
-def test_the_vllm_base_answers_every_question_as_zooprune_bench_does(task, tmp_path):
+def test_the_vllm_base_answers_every_question_as_zooprune_bench_does(task, tmp_path):  # noqa: F811
     args = f"base=vllm,model={bundled_path()},method=zoo,ratio={RATIO_TEXT},{ENGINE}"
     results = evaluate(task, "zooprune", args)
     model, processor = load_testbed()

@@ -178,44 +178,81 @@ def _condition(
     params = SamplingParams(
         max_tokens=config.new_tokens, temperature=0, ignore_eos=True, detokenize=False
     )
-    waves = []
-    for wave in range(config.warmup + config.repeats):
-        timed = wave >= config.warmup
-        progress(f"{label}: wave {wave + 1} of {config.warmup + config.repeats}")
-        if wave == config.warmup:
-            TALLY.reset()
-        requests = [
+    waves, kv_peak = serve_waves(
+        engine,
+        lambda wave: [
             {"prompt": prompt, "multi_modal_data": {"image": image}}
             for image in _images(config, wave)
-        ]
-        result = serve_wave(engine, requests, params, f"{label}-{wave}", None if timed else blocks)
-        if timed:
-            waves.append(result)
-        else:
-            kv_peak = result["kv_blocks_peak"]
+        ],
+        params,
+        label,
+        blocks,
+        config,
+        progress,
+    )
     selection = TALLY.seconds / TALLY.images if keep is not None and TALLY.images else None
     block_size = engine.vllm_config.cache_config.block_size
     del llm, engine
     gc.collect()
-    walls = [w["wall_s"] for w in waves]
-    ttft = [t for w in waves for t in w["ttft_s"]]
-    latency = [t for w in waves for t in w["latency_s"]]
     return {
         "keep": keep,
         "pruned": keep is not None,
         "method": None if keep is None else method,
+        **summary(waves, config.concurrency),
+        "kv_blocks_peak": kv_peak,
+        "kv_blocks_total": blocks,
+        "kv_block_size": block_size,
+        "selection_s_per_image": selection,
+    }
+
+
+def serve_waves(
+    engine: Any,
+    requests: Callable[[int], list[dict]],
+    params: Any,
+    label: str,
+    blocks: int,
+    config: Any,
+    progress: Callable[[str], None],
+    count: int | None = None,
+) -> tuple[list[dict[str, Any]], int]:
+    """``config.warmup`` waves, then ``config.repeats`` timed ones (:func:`serve_wave`,
+    ``requests(wave)`` each): the timed waves, and the KV blocks in use at the warm-up's
+    peak. The selection tally is reset before the first timed wave."""
+    from zooprune.integrations.vllm.selection import TALLY
+
+    waves, kv_peak = [], 0
+    total = config.warmup + config.repeats
+    for wave in range(total):
+        timed = wave >= config.warmup
+        progress(f"{label}: wave {wave + 1} of {total}")
+        if wave == config.warmup:
+            TALLY.reset()
+        result = serve_wave(
+            engine, requests(wave), params, f"{label}-{wave}", None if timed else blocks, count
+        )
+        if timed:
+            waves.append(result)
+        else:
+            kv_peak = result["kv_blocks_peak"]
+    return waves, kv_peak
+
+
+def summary(waves: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:
+    """The timed waves' medians: requests/s and output tokens/s per wave, TTFT and latency
+    (median, p95) over every request in them."""
+    walls = [w["wall_s"] for w in waves]
+    ttft = [t for w in waves for t in w["ttft_s"]]
+    latency = [t for w in waves for t in w["latency_s"]]
+    return {
         "prompt_tokens": waves[0]["prompt_tokens"],
-        "requests_per_s": statistics.median(config.concurrency / w for w in walls),
+        "requests_per_s": statistics.median(concurrency / w for w in walls),
         "output_tokens_per_s": statistics.median(w["output_tokens"] / w["wall_s"] for w in waves),
         "ttft_median_s": statistics.median(ttft),
         "ttft_p95_s": percentile(ttft, 0.95),
         "latency_median_s": statistics.median(latency),
         "latency_p95_s": percentile(latency, 0.95),
         "wave_s": walls,
-        "kv_blocks_peak": kv_peak,
-        "kv_blocks_total": blocks,
-        "kv_block_size": block_size,
-        "selection_s_per_image": selection,
     }
 
 

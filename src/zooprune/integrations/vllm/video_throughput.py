@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import os
-import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 from zooprune.bench import flops
 from zooprune.bench.speed import DTYPES, default_prompt_words
 from zooprune.bench.timing import fast_dtype, machine
-from zooprune.integrations.vllm.throughput import percentile, serve_wave
+from zooprune.integrations.vllm.throughput import serve_waves, summary
 
 #: vLLM's own video pruning methods (``video_pruning_method``)
 VLLM_METHODS = ("evs", "vidcom2")
@@ -198,7 +197,7 @@ def _condition(
     prompt: str,
     label: str,
     engine_args: dict[str, Any],
-    video_token: int,
+    token: int,
     progress: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """One engine, a row per concurrency level."""
@@ -226,54 +225,29 @@ def _condition(
     )
     rows = []
     for level in config.concurrency:
-        waves, kv_peak = [], 0
-        for wave in range(config.warmup + config.repeats):
-            timed = wave >= config.warmup
-            progress(
-                f"{label}, {level} at once: wave {wave + 1} of {config.warmup + config.repeats}"
-            )
-            if wave == config.warmup:
-                TALLY.reset()
+
+        def requests(wave: int, level: int = level) -> list[dict[str, Any]]:
             rng = np.random.default_rng([config.seed, level, wave])
-            requests = [
+            size = (config.frame_size,) * 2
+            return [
                 {
                     "prompt": prompt,
-                    "multi_modal_data": {
-                        "video": random_video(rng, config.frames, (config.frame_size,) * 2)
-                    },
+                    "multi_modal_data": {"video": random_video(rng, config.frames, size)},
                 }
                 for _ in range(level)
             ]
-            result = serve_wave(
-                engine,
-                requests,
-                params,
-                f"{label}-{level}-{wave}",
-                None if timed else blocks,
-                count=video_token,
-            )
-            if timed:
-                waves.append(result)
-            else:
-                kv_peak = result["kv_blocks_peak"]
-        walls = [w["wall_s"] for w in waves]
-        ttft = [t for w in waves for t in w["ttft_s"]]
-        latency = [t for w in waves for t in w["latency_s"]]
-        selection = TALLY.seconds / TALLY.images if TALLY.images else None
+
+        waves, kv_peak = serve_waves(
+            engine, requests, params, f"{label}, {level} at once", blocks, config, progress, token
+        )
         rows.append(
             {
                 "concurrency": level,
-                "prompt_tokens": waves[0]["prompt_tokens"],
+                **summary(waves, level),
                 "video_tokens": waves[0]["counted"],
-                "requests_per_s": statistics.median(level / w for w in walls),
-                "ttft_median_s": statistics.median(ttft),
-                "ttft_p95_s": percentile(ttft, 0.95),
-                "latency_median_s": statistics.median(latency),
-                "latency_p95_s": percentile(latency, 0.95),
-                "wave_s": walls,
                 "kv_blocks_peak": kv_peak,
                 "kv_blocks_total": blocks,
-                "selection_s_per_video": selection,
+                "selection_s_per_video": TALLY.seconds / TALLY.images if TALLY.images else None,
             }
         )
     del llm, engine
