@@ -161,6 +161,8 @@ def test_video_tower_and_merger_counts_match_the_flop_counter():
     expected = flops.video_tower(s, frames, side) - flops.video_attention(s, frames, side)
     assert tower == expected + flops.video_mergers(s, frames, side)
     assert flops.video_tokens(s, frames, side) == 2 * 2 * 2  # 2 x 2 merged per patch
+    # an odd frame count is padded to whole temporal patches, as the processors do
+    assert flops.video_tokens(s, 3, side) == flops.video_tokens(s, 4, side)
     # each temporal patch's 16 patches attend to one another: QK^T and AV, d each
     assert flops.video_attention(s, frames, side) == 3 * 2 * (2 * 2 * 16 * 16 * 16)
 

@@ -224,13 +224,19 @@ class VllmParity:
     def reference(self, hf: tuple, prompt: str, groups: list[list], method: str = "zoo", **options):
         return hf_reference(self.tester, hf, prompt, groups, method, **options)
 
-    def generate(self, llm: Any, prompt: str, groups: list[list]) -> list:
+    def generate(
+        self, llm: Any, prompt: str, groups: list[list], uuids: dict[int, str] | None = None
+    ) -> list:
+        """Greedy answers, one request per group of pictures; ``uuids``: a request's image
+        under a cache key of its own (by request index)."""
         from vllm import SamplingParams
 
         requests = [
             {"prompt": prompt, "multi_modal_data": {"image": g if len(g) > 1 else g[0]}}
             for g in groups
         ]
+        for index, uuid in (uuids or {}).items():
+            requests[index]["multi_modal_uuids"] = {"image": [uuid]}
         # As the HF side: a placeholder token generated as text would not match any image.
         vocabulary = llm.get_tokenizer().vocab_size
         allowed = [i for i in range(vocabulary) if i not in self.tester.banned]
@@ -302,9 +308,11 @@ class VllmParity:
         groups = [[p] for p in vllm_pictures]
         reference = self.reference(hf, t.vllm_prompt, groups)
         # Every request at once (vLLM batches them), the first picture again: the encoder
-        # cache serves it, and its tokens must not change.
-        outs = self.generate(llm, t.vllm_prompt, [*groups, groups[0]])
-        expected = [tokens for _, _, tokens, *_ in reference] + [reference[0][2]]
+        # cache serves it, and its tokens must not change; and once more under a cache key
+        # of its own, so that the same pixels are encoded twice in one batch.
+        batch = [*groups, groups[0], groups[0]]
+        outs = self.generate(llm, t.vllm_prompt, batch, uuids={len(batch) - 1: "again"})
+        expected = [tokens for _, _, tokens, *_ in reference] + [reference[0][2]] * 2
         for out, tokens in zip(outs, expected, strict=True):
             assert tokens.agrees_with(out.outputs[0])
 

@@ -187,16 +187,21 @@ QWEN3_VL_8B = QwenVideoShapes(
 )
 
 
+def temporal_patches(s: QwenVideoShapes, frames: int) -> int:
+    """A video's temporal patches: its processor pads an odd frame count to whole ones."""
+    return -(-frames // s.temporal)
+
+
 def video_tokens(s: QwenVideoShapes, frames: int, side: int) -> int:
     """The merged tokens of a video of ``frames`` square frames of ``side`` px."""
-    return (frames // s.temporal) * (side // s.patch // s.merge) ** 2
+    return temporal_patches(s, frames) * (side // s.patch // s.merge) ** 2
 
 
 def video_tower(s: QwenVideoShapes, frames: int, side: int) -> float:
     """The tower on a video of ``frames`` square frames of ``side`` px: the patch
     embedding, every layer's projections and MLP, and its attention (within each temporal
     patch: :func:`video_attention`)."""
-    patches, d = (frames // s.temporal) * (side // s.patch) ** 2, s.vision_dim
+    patches, d = temporal_patches(s, frames) * (side // s.patch) ** 2, s.vision_dim
     embedding = 2.0 * patches * 3 * s.temporal * s.patch**2 * d
     layers = 2.0 * s.vision_layers * (4 * patches * d * d + 2 * patches * d * s.vision_ffn)
     return embedding + layers + video_attention(s, frames, side)
@@ -204,7 +209,7 @@ def video_tower(s: QwenVideoShapes, frames: int, side: int) -> float:
 
 def video_attention(s: QwenVideoShapes, frames: int, side: int) -> float:
     """The tower's QK^T and AV products: each temporal patch attends within itself."""
-    groups, per_group = frames // s.temporal, (side // s.patch) ** 2
+    groups, per_group = temporal_patches(s, frames), (side // s.patch) ** 2
     return 2.0 * s.vision_layers * 2 * groups * per_group**2 * s.vision_dim
 
 

@@ -125,18 +125,24 @@ class _PrunedQwen(PrunedVariant):
         self, pixel_values: Tensor, grid_thw: Tensor, kind: str = "image"
     ) -> list[tuple[Tensor, Tensor]]:
         """Per item of a batch of one ``kind``: ``(kept indices, kept run)``, from the
-        pending ones where the positions asked for them first, else selected now."""
+        pending ones where the positions asked for them first (their selection is the one
+        the positions were made from), the others selected now. An item may come twice
+        (the same pixels under two cache keys): both take its one result."""
         sizes = grid_thw.prod(-1).tolist()
-        keys = [_key(kind, p, g) for p, g in zip(pixel_values.split(sizes), grid_thw, strict=True)]
-        if all(key in self._pending for key in keys):
-            return [self._pending.pop(key) for key in keys]
-        kept, tokens = self._select(pixel_values, grid_thw, kind)
-        for key in keys:
+        pixels = pixel_values.split(sizes)
+        keys = [_key(kind, p, g) for p, g in zip(pixels, grid_thw, strict=True)]
+        found = {key: self._pending[key] for key in keys if key in self._pending}
+        missing = list(dict.fromkeys(key for key in keys if key not in found))
+        if missing:
+            first = [keys.index(key) for key in missing]
+            kept, tokens = self._select(
+                torch.cat([pixels[i] for i in first]), grid_thw[first], kind
+            )
+            for key, image, full in zip(missing, kept.images, tokens, strict=True):
+                found[key] = (image.indices, self._run(image, full))
+        for key in found:
             self._pending.pop(key, None)
-        return [
-            (image.indices, self._run(image, full))
-            for image, full in zip(kept.images, tokens, strict=True)
-        ]
+        return [found[key] for key in keys]
 
     def _select(
         self, pixel_values: Tensor, grid_thw: Tensor, kind: str

@@ -292,7 +292,8 @@ def run_video_serving_benchmark(
 
     unpruned = run("unpruned", {})
     n = unpruned[0]["video_tokens"]
-    groups = config.frames // hf_config.vision_config.temporal_patch_size
+    # the processors pad an odd frame count to whole temporal patches
+    groups = -(-config.frames // hf_config.vision_config.temporal_patch_size)
     from vllm.multimodal.video_prune.evs import compute_retained_tokens_count
 
     keep = compute_retained_tokens_count(n // groups, groups, config.rate)
