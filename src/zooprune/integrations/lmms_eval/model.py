@@ -125,16 +125,8 @@ def _served(base: type, settings: Settings, args: dict[str, Any], extra: dict[st
             "settings as model_args (method, keep or ratio, options) instead"
         )
     model = args.get("model", inspect.signature(base.__init__).parameters["model"].default)
-    general = {"positions": settings.positions} if settings.positions else {}
     try:
-        pruning = zv.engine_args(
-            model,
-            settings.method,
-            keep=settings.keep,
-            ratio=settings.ratio,
-            **general,
-            **settings.options,
-        )
+        pruning = zv.engine_args(model, **settings.kwargs())
     except zooprune.PruneError as error:
         raise EvaluationAborted(str(error)) from None
     return base(**args, **pruning, **extra)

@@ -36,7 +36,7 @@ from vllm.multimodal.processing import PromptUpdateDetails
 
 from zooprune.families import gemma3, gemma4
 from zooprune.integrations.vllm.checkpoint import hub_key
-from zooprune.integrations.vllm.prompts import kept_run
+from zooprune.integrations.vllm.prompts import even_runs
 from zooprune.integrations.vllm.selection import (
     PrunedVariant,
     budget_of,
@@ -110,7 +110,7 @@ class ZoopruneGemma4ProcessingInfo(Gemma4ProcessingInfo):
         details = super().get_image_repl(**kwargs)
         processor = kwargs.get("processor") or self.get_hf_processor()
         # boi, K image tokens, eoi
-        return kept_run(processor.image_token_id, budget_of(self.get_hf_config()), details)
+        return even_runs(processor.image_token_id, budget_of(self.get_hf_config()), details)
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -33,7 +33,7 @@ from vllm.multimodal.processing import PromptUpdateDetails
 
 from zooprune.budget import Budget
 from zooprune.families import idefics3
-from zooprune.integrations.vllm.prompts import rewrite_image_updates
+from zooprune.integrations.vllm.prompts import rewrite_updates
 from zooprune.integrations.vllm.selection import (
     PrunedVariant,
     budget_of,
@@ -64,7 +64,7 @@ class ZoopruneIdefics3MultiModalProcessor(Idefics3MultiModalProcessor):
     def _get_prompt_updates(self, *args: Any, **kwargs: Any) -> list[Any]:
         config = self.info.get_hf_config()
         rewrite = functools.partial(_kept_runs, config.image_token_id, budget_of(config))
-        return rewrite_image_updates(super()._get_prompt_updates(*args, **kwargs), rewrite)
+        return rewrite_updates(super()._get_prompt_updates(*args, **kwargs), {"image": rewrite})
 
 
 def _kept_runs(token: int, budget: Budget, details: PromptUpdateDetails) -> PromptUpdateDetails:

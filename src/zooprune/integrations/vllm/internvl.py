@@ -24,7 +24,7 @@ from vllm.model_executor.models.interns1 import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from zooprune.families import internvl
-from zooprune.integrations.vllm.prompts import kept_run, rewrite_image_updates
+from zooprune.integrations.vllm.prompts import even_runs, rewrite_updates
 from zooprune.integrations.vllm.selection import (
     PrunedVariant,
     budget_of,
@@ -46,8 +46,8 @@ class ZoopruneInternVLMultiModalProcessor(InternS1MultiModalProcessor):
 
     def _get_prompt_updates(self, *args: Any, **kwargs: Any) -> list[Any]:
         config = self.info.get_hf_config()
-        rewrite = functools.partial(kept_run, config.image_token_id, budget_of(config))
-        return rewrite_image_updates(super()._get_prompt_updates(*args, **kwargs), rewrite)
+        rewrite = functools.partial(even_runs, config.image_token_id, budget_of(config))
+        return rewrite_updates(super()._get_prompt_updates(*args, **kwargs), {"image": rewrite})
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -31,7 +31,7 @@ from vllm.tokenizers import cached_tokenizer_from_config
 from zooprune.budget import Budget
 from zooprune.errors import PruneError
 from zooprune.families import mistral3
-from zooprune.integrations.vllm.prompts import rewrite_image_updates
+from zooprune.integrations.vllm.prompts import rewrite_updates
 from zooprune.integrations.vllm.selection import PrunedVariant, budget_of, refuse_embeddings
 
 #: the text token between an image's rows (every Mistral 3 / Pixtral tokenizer's)
@@ -57,7 +57,7 @@ class ZoopruneMistral3MultiModalProcessor(Mistral3MultiModalProcessor):
     def _get_prompt_updates(self, *args: Any, **kwargs: Any) -> list[Any]:
         config = self.info.get_hf_config()
         rewrite = functools.partial(_kept_run, config.image_token_index, budget_of(config))
-        return rewrite_image_updates(super()._get_prompt_updates(*args, **kwargs), rewrite)
+        return rewrite_updates(super()._get_prompt_updates(*args, **kwargs), {"image": rewrite})
 
 
 def _kept_run(token: int, budget: Budget, details: PromptUpdateDetails) -> PromptUpdateDetails:

@@ -10,13 +10,7 @@ from typing import Any
 from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
 from zooprune.budget import Budget, split_evenly
-from zooprune.integrations.vllm.selection import cut_runs, run_lengths, shorten_runs
-
-
-def rewrite_image_updates(updates: Iterable[Any], rewrite: Callable[[Any], Any]) -> list[Any]:
-    """A processor's prompt ``updates``, each image's replacement passed through
-    ``rewrite`` (:func:`rewrite_updates` for images alone)."""
-    return rewrite_updates(updates, {"image": rewrite})
+from zooprune.integrations.vllm.selection import cut_runs, run_lengths
 
 
 def rewrite_updates(
@@ -42,14 +36,6 @@ def rewrite_updates(
 
 def _rewritten(replacement: Callable[[int], Any], rewrite: Callable[[Any], Any], item: int) -> Any:
     return rewrite(replacement(item))
-
-
-def kept_run(token: int, budget: Budget, details: PromptUpdateDetails) -> PromptUpdateDetails:
-    """An image's replacement with its run of N ``token`` placeholders cut to the budget's
-    K, the text around it (markers) unchanged."""
-    n = sum(value == token for value in details.full)
-    tokens = shorten_runs(details.full, token, budget.tokens_for(n))
-    return PromptUpdateDetails.select_token_id(tokens, token)
 
 
 def even_runs(token: int, budget: Budget, replacement: Any) -> Any:
