@@ -15,7 +15,7 @@ import zooprune.integrations.vllm as zv  # noqa: E402
 from tests.adapters.conformance import random_pictures  # noqa: E402
 from tests.adapters.test_llava import LlavaTester  # noqa: E402
 from tests.adapters.test_qwen2_vl import QwenTester  # noqa: E402
-from tests.integrations.vllm_parity import KEEP, STEPS, TOP, hf_reference  # noqa: E402
+from tests.integrations.vllm_parity import KEEP, STEPS, greedy_params, hf_reference  # noqa: E402
 from zooprune import PruneError, UnsupportedModelError  # noqa: E402
 from zooprune.integrations.vllm.selection import TALLY  # noqa: E402
 
@@ -94,7 +94,7 @@ def test_a_tower_gone_wrong_costs_its_own_request_only(tmp_path):
     # A fault planted in the tower: NaN features for a one-colour image. Its request gets
     # grid's tokens (over zeroed values) instead of stopping the engine for every request;
     # the request batched with it, and the next one, keep and generate what HF does.
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     tester = LlavaTester()
     path = save_llava(tmp_path / "llava")
@@ -117,11 +117,8 @@ def test_a_tower_gone_wrong_costs_its_own_request_only(tmp_path):
     llm.apply_model(plant)
     flat = Image.new("RGB", (60, 52), (90, 140, 200))
     noise, later = random_pictures(3, [(52, 60), (59, 60)])
-    allowed = [i for i in range(llm.get_tokenizer().vocab_size) if i not in tester.banned]
     prompt = tester.vllm_prompt
-    params = SamplingParams(
-        max_tokens=STEPS, temperature=0, allowed_token_ids=allowed, logprobs=TOP
-    )
+    params = greedy_params(llm, tester)
     hf = (tester.load(path), tester.vllm_hf_processor(path))
     TALLY.reset()
     outs = llm.generate(

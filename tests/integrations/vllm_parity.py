@@ -160,6 +160,17 @@ def mrope_rows(prepared: dict) -> torch.Tensor | None:
     return positions[1:, 0] if positions is not None and positions.ndim == 3 else None
 
 
+def greedy_params(llm: Any, tester: FamilyTester) -> Any:
+    """vLLM's sampling for the comparison: greedy, STEPS tokens, the first TOP log-probs,
+    and, as on the HF side, no placeholder token (one generated as text would not match
+    any image)."""
+    from vllm import SamplingParams
+
+    vocabulary = llm.get_tokenizer().vocab_size
+    allowed = [i for i in range(vocabulary) if i not in tester.banned]
+    return SamplingParams(max_tokens=STEPS, temperature=0, allowed_token_ids=allowed, logprobs=TOP)
+
+
 def hf_projector(model: Any) -> Any:
     return adapter_for(model).projector(model)
 
@@ -229,21 +240,13 @@ class VllmParity:
     ) -> list:
         """Greedy answers, one request per group of pictures; ``uuids``: a request's image
         under a cache key of its own (by request index)."""
-        from vllm import SamplingParams
-
         requests = [
             {"prompt": prompt, "multi_modal_data": {"image": g if len(g) > 1 else g[0]}}
             for g in groups
         ]
         for index, uuid in (uuids or {}).items():
             requests[index]["multi_modal_uuids"] = {"image": [uuid]}
-        # As the HF side: a placeholder token generated as text would not match any image.
-        vocabulary = llm.get_tokenizer().vocab_size
-        allowed = [i for i in range(vocabulary) if i not in self.tester.banned]
-        params = SamplingParams(
-            max_tokens=STEPS, temperature=0, allowed_token_ids=allowed, logprobs=TOP
-        )
-        return llm.generate(requests, params)
+        return llm.generate(requests, greedy_params(llm, self.tester))
 
     @staticmethod
     def kept(llm: Any) -> list[list[int]]:
@@ -424,15 +427,9 @@ class VllmVideoParity(VllmParity):
         return kept, tokens, prepared["input_ids"][0].tolist(), mrope_rows(prepared)
 
     def serve_video(self, llm: Any, prompt: str, pictures: list, clip: tuple) -> Any:
-        from vllm import SamplingParams
-
         data = {"video": clip} | ({"image": pictures[0]} if pictures else {})
-        vocabulary = llm.get_tokenizer().vocab_size
-        allowed = [i for i in range(vocabulary) if i not in self.tester.banned]
-        params = SamplingParams(
-            max_tokens=STEPS, temperature=0, allowed_token_ids=allowed, logprobs=TOP
-        )
-        (out,) = llm.generate({"prompt": prompt, "multi_modal_data": data}, params)
+        request = {"prompt": prompt, "multi_modal_data": data}
+        (out,) = llm.generate(request, greedy_params(llm, self.tester))
         return out
 
     @pytest.mark.parametrize("which", [0, 1])
