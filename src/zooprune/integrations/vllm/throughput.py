@@ -152,8 +152,6 @@ def _condition(
     method: str,
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
-    from vllm import LLM, SamplingParams
-
     import zooprune.integrations.vllm as zv
     from zooprune.integrations.vllm.selection import TALLY
 
@@ -162,22 +160,9 @@ def _condition(
     progress(f"{label}: starting the engine")
     options = config.options if method == config.method else {}
     pruning = {} if keep is None else zv.engine_args(path, method, keep=keep, **options)
-    llm = LLM(
-        model=str(path),
-        dtype=config.dtype,
-        max_model_len=2048,
-        max_num_seqs=max(config.concurrency, 1),
-        limit_mm_per_prompt={"image": 1},
-        enforce_eager=config.device == "cpu",  # no graph capture or compilation on a CPU
-        disable_log_stats=False,  # the KV-cache usage gauge
-        seed=config.seed,
-        **pruning,
-    )
+    llm, params = start_engine(path, config, 2048, config.concurrency, {"image": 1}, pruning)
     engine = llm.llm_engine
     blocks = engine.vllm_config.cache_config.num_gpu_blocks
-    params = SamplingParams(
-        max_tokens=config.new_tokens, temperature=0, ignore_eos=True, detokenize=False
-    )
     waves, kv_peak = serve_waves(
         engine,
         lambda wave: [
@@ -204,6 +189,36 @@ def _condition(
         "kv_block_size": block_size,
         "selection_s_per_image": selection,
     }
+
+
+def start_engine(
+    path: Path,
+    config: Any,
+    max_model_len: int,
+    max_num_seqs: int,
+    limit_mm_per_prompt: dict[str, int],
+    engine_args: dict[str, Any],
+) -> tuple[Any, Any]:
+    """A benchmark's engine for one condition (``engine_args``: its pruning), in this
+    process, and the sampling every request gets: ``config.new_tokens`` greedy tokens,
+    EOS ignored, not detokenized."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=str(path),
+        dtype=config.dtype,
+        max_model_len=max_model_len,
+        max_num_seqs=max(max_num_seqs, 1),
+        limit_mm_per_prompt=limit_mm_per_prompt,
+        enforce_eager=config.device == "cpu",  # no graph capture or compilation on a CPU
+        disable_log_stats=False,  # the KV-cache usage gauge
+        seed=config.seed,
+        **engine_args,
+    )
+    params = SamplingParams(
+        max_tokens=config.new_tokens, temperature=0, ignore_eos=True, detokenize=False
+    )
+    return llm, params
 
 
 def serve_waves(

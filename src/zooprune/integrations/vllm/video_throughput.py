@@ -28,7 +28,7 @@ import numpy as np
 from zooprune.bench import flops
 from zooprune.bench.speed import DTYPES, default_prompt_words
 from zooprune.bench.timing import fast_dtype, machine
-from zooprune.integrations.vllm.throughput import serve_waves, summary
+from zooprune.integrations.vllm.throughput import serve_waves, start_engine, summary
 
 #: vLLM's own video pruning methods (``video_pruning_method``)
 VLLM_METHODS = ("evs", "vidcom2")
@@ -201,28 +201,14 @@ def _condition(
     progress: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """One engine, a row per concurrency level."""
-    from vllm import LLM, SamplingParams
-
     from zooprune.integrations.vllm.selection import TALLY
 
     progress(f"{label}: starting the engine")
-    top = max(config.concurrency)
-    llm = LLM(
-        model=str(path),
-        dtype=config.dtype,
-        max_model_len=4096,
-        max_num_seqs=top,
-        limit_mm_per_prompt={"image": 0, "video": 1},
-        enforce_eager=config.device == "cpu",
-        disable_log_stats=False,  # the KV-cache usage gauge
-        seed=config.seed,
-        **engine_args,
+    llm, params = start_engine(
+        path, config, 4096, max(config.concurrency), {"image": 0, "video": 1}, engine_args
     )
     engine = llm.llm_engine
     blocks = engine.vllm_config.cache_config.num_gpu_blocks
-    params = SamplingParams(
-        max_tokens=config.new_tokens, temperature=0, ignore_eos=True, detokenize=False
-    )
     rows = []
     for level in config.concurrency:
 
