@@ -253,6 +253,15 @@ def serve_waves(
     return waves, kv_peak
 
 
+def ratios(row: dict[str, Any], unpruned: dict[str, Any]) -> dict[str, float]:
+    """A condition's requests/s, median TTFT and median latency over the unpruned row's."""
+    return {
+        "throughput_x": row["requests_per_s"] / unpruned["requests_per_s"],
+        "ttft_ratio": row["ttft_median_s"] / unpruned["ttft_median_s"],
+        "latency_ratio": row["latency_median_s"] / unpruned["latency_median_s"],
+    }
+
+
 def summary(waves: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:
     """The timed waves' medians: requests/s and output tokens/s per wave, TTFT and latency
     (median, p95) over every request in them."""
@@ -309,9 +318,7 @@ def run_serving_benchmark(
     rows = [_condition(config, path, prompt, keep, m, progress) for keep, m in conditions]
     base = rows[0]
     for row in rows:
-        row["throughput_x"] = row["requests_per_s"] / base["requests_per_s"]
-        row["ttft_ratio"] = row["ttft_median_s"] / base["ttft_median_s"]
-        row["latency_ratio"] = row["latency_median_s"] / base["latency_median_s"]
+        row |= ratios(row, base)
     reference = None
     if with_reference:
         limit = rows[-1]

@@ -28,7 +28,7 @@ import numpy as np
 from zooprune.bench import flops
 from zooprune.bench.speed import DTYPES, default_prompt_words
 from zooprune.bench.timing import fast_dtype, machine
-from zooprune.integrations.vllm.throughput import serve_waves, start_engine, summary
+from zooprune.integrations.vllm.throughput import ratios, serve_waves, start_engine, summary
 
 #: vLLM's own video pruning methods (``video_pruning_method``)
 VLLM_METHODS = ("evs", "vidcom2")
@@ -297,10 +297,7 @@ def run_video_serving_benchmark(
         rows += [{"by": by, "method": method, **row} for row in run(f"{method} ({by})", args)]
     base = {row["concurrency"]: row for row in rows if row["by"] is None}
     for row in rows:
-        ref = base[row["concurrency"]]
-        row["throughput_x"] = row["requests_per_s"] / ref["requests_per_s"]
-        row["ttft_ratio"] = row["ttft_median_s"] / ref["ttft_median_s"]
-        row["latency_ratio"] = row["latency_median_s"] / ref["latency_median_s"]
+        row |= ratios(row, base[row["concurrency"]])
     import vllm
 
     shapes = (
