@@ -336,6 +336,10 @@ def test_serve_builds_the_vllm_command_and_refuses_bad_settings_before_it(tmp_pa
     command = shlex.split(capsys.readouterr().out.strip())
     settings = json.loads(command[command.index("--hf-overrides") + 1])["zooprune"]
     assert settings == {"method": "zoo", "keep": 64, "ratio": None, "estimator": "jvp"}
+    assert "--trust-request-mm-kwargs" not in command
+    # requests' own settings: vLLM takes a request's processor kwargs only with its flag
+    assert main([*base, "--per-request-settings"]) == 0
+    assert "--trust-request-mm-kwargs" in shlex.split(capsys.readouterr().out.strip())
 
     assert main([*base, "--keep", "0"]) == 2
     assert "keep" in capsys.readouterr().out

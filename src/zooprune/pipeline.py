@@ -268,23 +268,28 @@ class EncodedImages:
     def item(self, i: int, finite: bool = False) -> EncodedImages:
         """Item ``i`` alone (the same call's encoder output); with ``finite``, its NaN and
         infinite values replaced by zeros."""
+        return self.items([i], finite)
 
-        def one(per_item: list[Tensor] | None) -> list[Tensor] | None:
+    def items(self, indices: list[int], finite: bool = False) -> EncodedImages:
+        """The items at ``indices``, in that order (the same call's encoder output); with
+        ``finite``, their NaN and infinite values replaced by zeros."""
+
+        def some(per_item: list[Tensor] | None) -> list[Tensor] | None:
             if per_item is None:
                 return None
-            value = per_item[i]
-            return [value.nan_to_num(0.0, 0.0, 0.0) if finite else value]
+            values = [per_item[i] for i in indices]
+            return [v.nan_to_num(0.0, 0.0, 0.0) for v in values] if finite else values
 
         return EncodedImages(
-            features=one(self.features),
-            projected=one(self.projected),
-            grids=[self.grids[i]],
-            cls_attention=one(self.cls_attention),
-            keys=one(self.keys),
+            features=some(self.features),
+            projected=some(self.projected),
+            grids=[self.grids[i] for i in indices],
+            cls_attention=some(self.cls_attention),
+            keys=some(self.keys),
             encoder_output=self.encoder_output,
-            layouts=[self.layouts[i]],
-            cls_features=one(self.cls_features),
-            instruction=one(self.instruction),
+            layouts=[self.layouts[i] for i in indices],
+            cls_features=some(self.cls_features),
+            instruction=some(self.instruction),
         )
 
     def __post_init__(self) -> None:

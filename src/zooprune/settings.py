@@ -74,6 +74,31 @@ class Settings:
             general["positions"] = self.positions
         return general | self.options
 
+    def overridden_by(self, request: Mapping[str, Any]) -> Settings:
+        """These settings (a server's) with one request's own over them: the request's
+        budget (``keep`` or ``ratio``) replaces the whole budget, its method the method (the
+        server's method options then go: they are another method's), and its options and
+        layout options are added over the rest.
+
+        Raises:
+            PruneError: ``request`` is not a mapping.
+        """
+        if not isinstance(request, Mapping):
+            raise PruneError(f"the zooprune settings must be a dict, got {request!r}")
+        given = dict(request)
+        method = given.pop("method", self.method)
+        if "keep" in given or "ratio" in given:
+            keep, ratio = given.pop("keep", None), given.pop("ratio", None)
+        else:
+            keep, ratio = self.keep, self.ratio
+        positions = given.pop("positions", self.positions)
+        kept = {
+            name: value
+            for name, value in self.options.items()
+            if name in LAYOUT_OPTIONS or method == self.method
+        }
+        return Settings(method, keep, ratio, positions, kept | given)
+
     def selector(self, layout_options: Mapping[str, tuple[str, ...]] = LAYOUT_OPTIONS) -> Selector:
         """The :class:`~zooprune.pipeline.Selector` these settings describe, every value
         checked, for a family accepting ``layout_options``.

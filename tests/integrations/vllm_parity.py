@@ -58,6 +58,22 @@ SERVED = [
 ]
 
 
+#: the per-request settings checked, by name: the HF method and budget, and (in OWN) what
+#: a request to a server started with keep=KEEP sends for them (None: nothing)
+PER_REQUEST = [
+    ("server's", "zoo", {"keep": KEEP}),
+    ("keep 3", "zoo", {"keep": 3}),
+    ("grid keep 7", "grid", {"keep": 7}),
+    ("unpruned", "zoo", {"ratio": 1.0}),
+]
+OWN = {
+    "server's": None,
+    "keep 3": {"keep": 3},
+    "grid keep 7": {"method": "grid", "keep": 7},
+    "unpruned": {"ratio": 1.0},
+}
+
+
 #: a top-2 logit gap below this (relative to the logit's size) is a tie at the dtype's
 #: precision: two engines that round differently may take either token there
 TIES = {"float32": 1e-5, "bfloat16": 2.0**-6}
@@ -131,15 +147,17 @@ def hf_reference(
     prompt: str,
     groups: list[list],
     method: str = "zoo",
+    budget: dict[str, Any] | None = None,
     **options: Any,
 ) -> list[tuple]:
     """Per prompt (its pictures): the kept indices of each image, the separators kept,
-    the greedy tokens of the HF model pruned by the same settings, the pruned prompt it
-    ran (its ``input_ids``) and its M-RoPE positions (:func:`mrope_rows`)."""
+    the greedy tokens of the HF model pruned by the same settings (``budget``: keep=KEEP
+    by default), the pruned prompt it ran (its ``input_ids``) and its M-RoPE positions
+    (:func:`mrope_rows`)."""
     model, processor = hf
     options = (tester.fast if method in ("zoo",) and not options else {}) | options
     results = []
-    with zooprune.prune(model, method, keep=KEEP, **options) as handle:
+    with zooprune.prune(model, method, **(budget or {"keep": KEEP}), **options) as handle:
         for pictures in groups:
             tokens, batch = greedy_tokens(model, processor, prompt, pictures, tester)
             images = handle.selection.images
@@ -232,20 +250,37 @@ class VllmParity:
     def vllm_pictures(cls) -> list:
         return cls.tester.pictures()[:3]
 
-    def reference(self, hf: tuple, prompt: str, groups: list[list], method: str = "zoo", **options):
-        return hf_reference(self.tester, hf, prompt, groups, method, **options)
+    def reference(
+        self,
+        hf: tuple,
+        prompt: str,
+        groups: list[list],
+        method: str = "zoo",
+        budget: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> list[tuple]:
+        return hf_reference(self.tester, hf, prompt, groups, method, budget, **options)
 
     def generate(
-        self, llm: Any, prompt: str, groups: list[list], uuids: dict[int, str] | None = None
+        self,
+        llm: Any,
+        prompt: str,
+        groups: list[list],
+        uuids: dict[int, str] | None = None,
+        settings: list[dict | None] | None = None,
     ) -> list:
         """Greedy answers, one request per group of pictures; ``uuids``: a request's image
-        under a cache key of its own (by request index)."""
+        under a cache key of its own (by request index); ``settings``: each request's own
+        zooprune settings (None: the server's)."""
         requests = [
             {"prompt": prompt, "multi_modal_data": {"image": g if len(g) > 1 else g[0]}}
             for g in groups
         ]
         for index, uuid in (uuids or {}).items():
             requests[index]["multi_modal_uuids"] = {"image": [uuid]}
+        for request, own in zip(requests, settings or [None] * len(requests), strict=True):
+            if own is not None:
+                request["mm_processor_kwargs"] = {zv.SETTINGS: own}
         return llm.generate(requests, greedy_params(llm, self.tester))
 
     @staticmethod
@@ -259,7 +294,7 @@ class VllmParity:
         column ``shifted_from`` on (where given), the same up to one constant shift."""
         if expected is None:
             return
-        served = llm.apply_model(lambda model: model.zooprune_positions)[0]
+        served = VllmParity.positions(llm)
         if shifted_from < 0:
             assert torch.equal(served, expected), (served, expected)
             return
@@ -319,6 +354,57 @@ class VllmParity:
         for out, tokens in zip(outs, expected, strict=True):
             assert tokens.agrees_with(out.outputs[0])
 
+    def test_the_same_prompt_again_from_the_prefix_cache(self, llm):
+        # A prompt whose text after the image fills whole KV blocks: the second time,
+        # vLLM's prefix cache covers the image, and it sends the model the image's grid but
+        # not its pixels (an M-RoPE variant's positions once read them: the engine died).
+        t = self.tester
+        filler = " and then a few more words"
+        words = len(llm.get_tokenizer().encode(filler, add_special_tokens=False))
+        prompt = t.vllm_prompt + filler * (400 // words)
+        picture = random_pictures(23, [t.vllm_picture_size])
+        (first,) = self.generate(llm, prompt, [picture])
+        positions = self.positions(llm)
+        (again,) = self.generate(llm, prompt, [picture])
+        last = max(i for i, token in enumerate(again.prompt_token_ids) if token == t.image_token)
+        assert again.num_cached_tokens > last  # the image was served from the cache
+        assert again.outputs[0].token_ids == first.outputs[0].token_ids
+        if positions is not None:  # every position computed again is the first time's
+            assert torch.equal(self.positions(llm)[:, last + 1 :], positions[:, last + 1 :])
+
+    def test_each_request_prunes_by_its_own_settings(self, llm, hf):
+        # Three K (the server's 5, and two of the request's own, one with another
+        # method), and no pruning (ratio 1.0): each as the HF handle with those settings.
+        t = self.tester
+        picture, fresh = random_pictures(61, [t.vllm_picture_size] * 2)
+        reference = {
+            name: (self.reference(hf, t.vllm_prompt, [[picture], [fresh]], method, budget))
+            for name, method, budget in PER_REQUEST
+        }
+        # One request at a time: the prompt, the kept tokens, the positions, the answers.
+        for name, *_ in PER_REQUEST:
+            (out,) = self.generate(llm, t.vllm_prompt, [[picture]], settings=[OWN[name]])
+            kept, _, tokens, pruned, positions = reference[name][0]
+            assert list(out.prompt_token_ids) == t.vllm_served_prompt(pruned), name
+            assert self.kept(llm) == kept, name
+            self.check_positions(llm, positions)
+            assert tokens.agrees_with(out.outputs[0]), name
+        # All at once, a fresh picture at every setting (one encoder batch mixing them)
+        # and the first again (the encoder cache holds it once per setting: each request
+        # must get its own length's tokens back).
+        names = [name for name, *_ in PER_REQUEST]
+        groups = [[fresh]] * len(names) + [[picture]] * len(names)
+        outs = self.generate(llm, t.vllm_prompt, groups, settings=[OWN[n] for n in names] * 2)
+        expected = [reference[n][1] for n in names] + [reference[n][0] for n in names]
+        for out, (_, _, tokens, pruned, _) in zip(outs, expected, strict=True):
+            assert list(out.prompt_token_ids) == t.vllm_served_prompt(pruned)
+            assert tokens.agrees_with(out.outputs[0])
+
+    @staticmethod
+    def positions(llm: Any) -> torch.Tensor | None:
+        """The last prompt's M-RoPE positions as the variant made them (None: 1-D)."""
+        return llm.apply_model(lambda model: getattr(model, "zooprune_positions", None))[0]
+
     @pytest.mark.parametrize(("method", "options"), SERVED, ids=lambda v: str(v))
     def test_every_served_method_keeps_the_hf_tokens(self, llm, hf, method, options):
         # A picture of its own per case: the encoder cache would serve a seen one unselected.
@@ -332,17 +418,15 @@ class VllmParity:
             with pytest.raises(PruneError, match="use 'jvp' or 'zo'"):
                 zooprune.prune(model, method, keep=KEEP, **options)
             assert "use 'jvp' or 'zo'" in llm.apply_model(refusal_of(selector))[0]
+            with pytest.raises(PruneError, match="use 'jvp' or 'zo'"):  # and its request
+                self.generate(llm, t.vllm_prompt, [[t.pictures()[0]]], settings=[settings])
             return
         seed = zlib.crc32(repr((t.name, method, options)).encode())
         picture = random_pictures(seed % 2**31, [t.vllm_picture_size])
         ((kept, _, tokens, *_),) = self.reference(hf, t.vllm_prompt, [picture], method, **options)
-        default = llm.apply_model(lambda model: model.selector)[0]
-        llm.apply_model(lambda model: object.__setattr__(model, "selector", selector))
-        try:
-            (out,) = self.generate(llm, t.vllm_prompt, [picture])
-            served = self.kept(llm)
-        finally:
-            llm.apply_model(lambda model: object.__setattr__(model, "selector", default))
+        # Served to a request of its own settings, on a server started with zoo.
+        (out,) = self.generate(llm, t.vllm_prompt, [picture], settings=[settings])
+        served = self.kept(llm)
         if (method, options.get("estimator", "")) in t.vllm_rounding_ranked:
             # Ranked by rounding (the tester says why): the same count, any tokens.
             assert [len(k) for k in served] == [len(k) for k in kept]
@@ -426,9 +510,15 @@ class VllmVideoParity(VllmParity):
             prepared = handle.prepare(dict(batch), for_generate=False)
         return kept, tokens, prepared["input_ids"][0].tolist(), mrope_rows(prepared)
 
-    def serve_video(self, llm: Any, prompt: str, pictures: list, clip: tuple) -> Any:
+    def serve_video(
+        self, llm: Any, prompt: str, pictures: list, clip: tuple, own: dict | None = None
+    ) -> Any:
+        """The greedy answer to one request with a video (and a picture); ``own``: the
+        request's own zooprune settings."""
         data = {"video": clip} | ({"image": pictures[0]} if pictures else {})
         request = {"prompt": prompt, "multi_modal_data": data}
+        if own is not None:
+            request["mm_processor_kwargs"] = {zv.SETTINGS: own}
         (out,) = llm.generate(request, greedy_params(llm, self.tester))
         return out
 
@@ -462,7 +552,7 @@ class VllmVideoParity(VllmParity):
         finally:
             llm.apply_model(lambda model: [model.__dict__.pop(k) for k in ("select", "recorded")])
         assert list(out.prompt_token_ids) == pruned
-        assert len(kept) == 2 and served == kept
+        assert len(kept) == 2 and served == kept, (served, kept)
         self.check_video_positions(llm, positions, pruned)
         assert tokens.agrees_with(out.outputs[0])
 
@@ -473,24 +563,22 @@ class VllmVideoParity(VllmParity):
         settings = {"method": "zoo", "keep": KEEP, "video_budget": budget, **t.fast}
         variant = zv.VARIANTS[t.vllm_architecture]
         served = variant.layout.get("video_budget") or VIDEO_BUDGETS
-        if budget not in served:
-            with pytest.raises(PruneError, match=r"video_budget='global' cannot be served"):
-                check_settings(settings, variant)
-            return
-        selector = check_settings(settings, variant)
         clip = video(40 + VIDEO_BUDGETS.index(budget), *self.videos[1])
+        own = {"video_budget": budget}  # a request's own, over the server's "frame"
+        if budget not in served:
+            refusal = r"video_budget='global' cannot be served"
+            with pytest.raises(PruneError, match=refusal):
+                check_settings(settings, variant)  # a server's
+            with pytest.raises(PruneError, match=refusal):
+                self.serve_video(llm, t.vllm_video_prompt, [], clip, own)  # a request's
+            return
         kept, tokens, pruned, positions = self.video_reference(
             hf, t.vllm_video_prompt, [], clip, video_budget=budget
         )
-        default = llm.apply_model(lambda model: model.selector)[0]
-        llm.apply_model(lambda model: object.__setattr__(model, "selector", selector))
-        try:
-            out = self.serve_video(llm, t.vllm_video_prompt, [], clip)
-            assert list(out.prompt_token_ids) == pruned
-            assert self.kept(llm) == kept
-            self.check_video_positions(llm, positions, pruned)
-        finally:
-            llm.apply_model(lambda model: object.__setattr__(model, "selector", default))
+        out = self.serve_video(llm, t.vllm_video_prompt, [], clip, own)
+        assert list(out.prompt_token_ids) == pruned
+        assert self.kept(llm) == kept
+        self.check_video_positions(llm, positions, pruned)
         assert tokens.agrees_with(out.outputs[0])
 
 

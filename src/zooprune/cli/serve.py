@@ -4,6 +4,11 @@ The command checks the settings and the model's architecture first (a typo fails
 second, not after the engine has loaded), then replaces itself with vLLM's server, whose
 ``--hf-overrides`` name the pruned architecture and carry the settings. Everything after
 ``--`` goes to vLLM unchanged.
+
+With ``--per-request-settings`` a request may carry settings of its own over the server's
+(``mm_processor_kwargs={"zooprune": {...}}``, the OpenAI client's ``extra_body``): the flag
+passes vLLM's ``--trust-request-mm-kwargs``, without which vLLM refuses any request's
+processor kwargs.
 """
 
 from __future__ import annotations
@@ -24,10 +29,19 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Serve MODEL with vLLM's OpenAI-compatible server, its visual tokens "
         "pruned at every request. Arguments after -- go to vLLM unchanged.",
         epilog="example: zooprune serve llava-hf/llava-1.5-7b-hf --method zoo --keep 64 "
-        "-- --port 8000 --max-model-len 4096",
+        "--per-request-settings -- --port 8000 --max-model-len 4096",
     )
     serve.add_argument("model", help="a local folder or hub id of a model vLLM serves")
     add_method_and_budget(serve)
+    serve.add_argument(
+        "--per-request-settings",
+        action="store_true",
+        help="let each request carry its own settings over these, as extra_body="
+        "{'mm_processor_kwargs': {'zooprune': {'keep': 16}}} (any of method, keep, ratio and "
+        "options; {'ratio': 1.0} keeps every token). This passes vLLM's "
+        "--trust-request-mm-kwargs, which vLLM requires for any request's processor kwargs "
+        "and which lets clients set all of them: for trusted clients",
+    )
     serve.add_argument(
         "--print-command", action="store_true", help="print the vLLM command line and exit"
     )
@@ -48,6 +62,7 @@ def server_command(args: argparse.Namespace) -> list[str]:
         str(args.model),
         "--hf-overrides",
         json.dumps(overrides["hf_overrides"], separators=(",", ":")),
+        *(["--trust-request-mm-kwargs"] if args.per_request_settings else []),
         *args.passthrough,
     ]
 

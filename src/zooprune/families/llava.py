@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from zooprune.errors import PruneError
+from zooprune.select.mlp import as_mlp
 
 #: where the projector's tensors live in a checkpoint (transformers 5, and the hub's)
 PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
@@ -19,6 +20,16 @@ def square_grid(num_tokens: int) -> tuple[int, int]:
     """``(s, s)`` when ``num_tokens == s * s``, else ``(1, num_tokens)``."""
     side = int(round(num_tokens**0.5))
     return (side, side) if side * side == num_tokens else (1, num_tokens)
+
+
+def is_gelu_mlp(activation_name: str) -> bool:
+    """Whether a projector ``linear_1 -> act -> linear_2`` with this activation is the
+    Linear -> GELU -> Linear the MLP-only estimators need (known from the config alone)."""
+    try:
+        act = activation(activation_name)
+    except PruneError:
+        return False
+    return as_mlp(nn.Sequential(nn.Linear(1, 1), act, nn.Linear(1, 1))) is not None
 
 
 def activation(name: str) -> nn.Module:

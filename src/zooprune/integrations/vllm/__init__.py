@@ -164,6 +164,18 @@ VARIANTS: dict[str, Variant] = {
 }
 #: HF architecture -> its pruned variant's name
 ARCHITECTURES = {architecture: variant.name for architecture, variant in VARIANTS.items()}
+
+
+def architecture_served(config: Any) -> str:
+    """The HF architecture a pruned variant's HF ``config`` is served as (the one whose
+    variant it names)."""
+    named = set(getattr(config, "architectures", None) or ())
+    for architecture, variant in VARIANTS.items():
+        if variant.name in named:
+            return architecture
+    raise ValueError(f"no pruned variant among the architectures {sorted(named)}")
+
+
 #: what stock vLLM 0.32 needs changed in a transformers 5 config before it serves the model
 #: (see ``shared/design/vllm-notes.md``): Qwen3-VL-MoE's config lacks ``norm_topk_prob``,
 #: which transformers applies always (its experts' weights are renormalised)

@@ -14,6 +14,7 @@ projector (``embed_vision``) and the layout are :mod:`zooprune.families.gemma4`'
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -34,39 +35,38 @@ from vllm.model_executor.models.gemma4_mm import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptUpdateDetails
 
+from zooprune.budget import Budget
 from zooprune.families import gemma3, gemma4
 from zooprune.integrations.vllm.checkpoint import hub_key
-from zooprune.integrations.vllm.prompts import even_runs
+from zooprune.integrations.vllm.prompts import PrunedProcessor, even_runs
 from zooprune.integrations.vllm.selection import (
     PrunedVariant,
-    budget_of,
+    cut_runs,
     input_of,
     refuse_embeddings,
-    shorten_runs,
+    run_lengths,
 )
 
 
-class ZoopruneGemma3ProcessingInfo(Gemma3ProcessingInfo):
-    """K placeholders per crop: the budget of its ``mm_tokens_per_image``."""
+class ZoopruneGemma3MultiModalProcessor(PrunedProcessor, Gemma3MultiModalProcessor):
+    """Each crop's run of ``mm_tokens_per_image`` placeholders cut to the request's K (a
+    pan-and-scan crop counts as an image); the markers around it stay."""
 
-    def _kept(self, processor: Any) -> int:
-        return budget_of(self.get_hf_config()).tokens_for(processor.image_seq_length)
+    def prompt_rewrites(self, budget: Budget, mm_items: Any) -> dict[str, Any]:
+        tokenizer = self.info.get_hf_processor().tokenizer
+        token = tokenizer.convert_tokens_to_ids(tokenizer.image_token)
+        return {"image": functools.partial(_crop_runs, token, budget)}
 
-    def get_num_image_tokens(self, *, processor: Any, **kwargs: Any) -> int:
-        n = super().get_num_image_tokens(processor=processor, **kwargs)
-        return n // processor.image_seq_length * self._kept(processor)
 
-    def get_image_repl(self, *, processor: Any, **kwargs: Any) -> PromptUpdateDetails:
-        details = super().get_image_repl(processor=processor, **kwargs)
-        # Each crop's run of image tokens, cut to K: the markers around it stay.
-        image_token = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.image_token)
-        tokens = shorten_runs(details.full, image_token, self._kept(processor))
-        return PromptUpdateDetails.select_token_id(tokens, image_token)
+def _crop_runs(token: int, budget: Budget, details: PromptUpdateDetails) -> PromptUpdateDetails:
+    sizes = run_lengths(details.full, token)
+    cut = cut_runs(details.full, token, [budget.tokens_for(size) for size in sizes])
+    return PromptUpdateDetails.select_token_id(cut, token)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    Gemma3MultiModalProcessor,
-    info=ZoopruneGemma3ProcessingInfo,
+    ZoopruneGemma3MultiModalProcessor,
+    info=Gemma3ProcessingInfo,
     dummy_inputs=Gemma3DummyInputsBuilder,
 )
 class ZoopruneGemma3(PrunedVariant, Gemma3ForConditionalGeneration):
@@ -94,8 +94,11 @@ class ZoopruneGemma3(PrunedVariant, Gemma3ForConditionalGeneration):
         encoded = gemma3.encoded(
             captured["x"], tokens, projector.tokens_per_side, engine=type(self).__name__
         )
-        runs = [image.run for image in self.select(encoded).images]
         crops = image_input["num_patches"].tolist()
+        # A crop is selected as an image, with the settings of the image it belongs to.
+        per_image = self.item_selectors(len(crops))
+        selectors = [s for s, n in zip(per_image, crops, strict=True) for _ in range(n)]
+        runs = [image.run for image in self.select(encoded, selectors).images]
         starts = [sum(crops[:i]) for i in range(len(crops))]
         return [torch.cat(runs[s : s + n]) for s, n in zip(starts, crops, strict=True)]
 
@@ -103,19 +106,18 @@ class ZoopruneGemma3(PrunedVariant, Gemma3ForConditionalGeneration):
 # -- Gemma 4 -------------------------------------------------------------------------------
 
 
-class ZoopruneGemma4ProcessingInfo(Gemma4ProcessingInfo):
-    """K placeholders per image: the budget of its pooled grid's N soft tokens."""
+class ZoopruneGemma4MultiModalProcessor(PrunedProcessor, Gemma4MultiModalProcessor):
+    """An image's run between its markers cut to the request's K of its pooled grid's N
+    soft tokens (videos and audio unchanged)."""
 
-    def get_image_repl(self, **kwargs: Any) -> PromptUpdateDetails:
-        details = super().get_image_repl(**kwargs)
-        processor = kwargs.get("processor") or self.get_hf_processor()
-        # boi, K image tokens, eoi
-        return even_runs(processor.image_token_id, budget_of(self.get_hf_config()), details)
+    def prompt_rewrites(self, budget: Budget, mm_items: Any) -> dict[str, Any]:
+        token = self.info.get_hf_processor().image_token_id
+        return {"image": functools.partial(even_runs, token, budget)}
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    Gemma4MultiModalProcessor,
-    info=ZoopruneGemma4ProcessingInfo,
+    ZoopruneGemma4MultiModalProcessor,
+    info=Gemma4ProcessingInfo,
     dummy_inputs=Gemma4DummyInputsBuilder,
 )
 class ZoopruneGemma4(PrunedVariant, Gemma4ForConditionalGeneration):

@@ -33,10 +33,9 @@ from vllm.multimodal.processing import PromptUpdateDetails
 
 from zooprune.budget import Budget
 from zooprune.families import idefics3
-from zooprune.integrations.vllm.prompts import rewrite_updates
+from zooprune.integrations.vllm.prompts import PrunedProcessor
 from zooprune.integrations.vllm.selection import (
     PrunedVariant,
-    budget_of,
     cut_runs,
     input_of,
     refuse_embeddings,
@@ -44,27 +43,12 @@ from zooprune.integrations.vllm.selection import (
 )
 
 
-class ZoopruneIdefics3ProcessingInfo(Idefics3ProcessingInfo):
-    """K placeholders per image: the budget of its N = crops x S tokens."""
+class ZoopruneIdefics3MultiModalProcessor(PrunedProcessor, Idefics3MultiModalProcessor):
+    """Each crop's run of S placeholders cut to its share of the request's K."""
 
-    def get_num_image_tokens(self, **kwargs: Any) -> int:
-        return budget_of(self.get_hf_config()).tokens_for(super().get_num_image_tokens(**kwargs))
-
-
-class ZoopruneSmolVLMProcessingInfo(SmolVLMProcessingInfo):
-    """K placeholders per image: the budget of its N = crops x S tokens."""
-
-    def get_num_image_tokens(self, **kwargs: Any) -> int:
-        return budget_of(self.get_hf_config()).tokens_for(super().get_num_image_tokens(**kwargs))
-
-
-class ZoopruneIdefics3MultiModalProcessor(Idefics3MultiModalProcessor):
-    """Each crop's run of S placeholders cut to its share of the image's K."""
-
-    def _get_prompt_updates(self, *args: Any, **kwargs: Any) -> list[Any]:
-        config = self.info.get_hf_config()
-        rewrite = functools.partial(_kept_runs, config.image_token_id, budget_of(config))
-        return rewrite_updates(super()._get_prompt_updates(*args, **kwargs), {"image": rewrite})
+    def prompt_rewrites(self, budget: Budget, mm_items: Any) -> dict[str, Any]:
+        token = self.info.get_hf_config().image_token_id
+        return {"image": functools.partial(_kept_runs, token, budget)}
 
 
 def _kept_runs(token: int, budget: Budget, details: PromptUpdateDetails) -> PromptUpdateDetails:
@@ -96,7 +80,7 @@ class _PrunedIdefics3(PrunedVariant):
 
 @MULTIMODAL_REGISTRY.register_processor(
     ZoopruneIdefics3MultiModalProcessor,
-    info=ZoopruneIdefics3ProcessingInfo,
+    info=Idefics3ProcessingInfo,
     dummy_inputs=Idefics3DummyInputsBuilder,
 )
 class ZoopruneIdefics3(_PrunedIdefics3, Idefics3ForConditionalGeneration):
@@ -107,7 +91,7 @@ class ZoopruneIdefics3(_PrunedIdefics3, Idefics3ForConditionalGeneration):
 
 @MULTIMODAL_REGISTRY.register_processor(
     ZoopruneIdefics3MultiModalProcessor,
-    info=ZoopruneSmolVLMProcessingInfo,
+    info=SmolVLMProcessingInfo,
     dummy_inputs=Idefics3DummyInputsBuilder,
 )
 class ZoopruneSmolVLM(_PrunedIdefics3, SmolVLMForConditionalGeneration):

@@ -23,36 +23,23 @@ from vllm.model_executor.models.interns1 import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from zooprune.budget import Budget
 from zooprune.families import internvl
-from zooprune.integrations.vllm.prompts import even_runs, rewrite_updates
-from zooprune.integrations.vllm.selection import (
-    PrunedVariant,
-    budget_of,
-    input_of,
-    refuse_embeddings,
-)
+from zooprune.integrations.vllm.prompts import PrunedProcessor, even_runs
+from zooprune.integrations.vllm.selection import PrunedVariant, input_of, refuse_embeddings
 
 
-class ZoopruneInternVLProcessingInfo(InternS1ProcessingInfo):
-    """K placeholders per image: the budget of its N = tiles x T tokens."""
+class ZoopruneInternVLMultiModalProcessor(PrunedProcessor, InternS1MultiModalProcessor):
+    """An image's run of N placeholders, cut to the request's K."""
 
-    def get_num_image_tokens(self, **kwargs: Any) -> int:
-        n = super().get_num_image_tokens(**kwargs)
-        return budget_of(self.get_hf_config()).tokens_for(n)
-
-
-class ZoopruneInternVLMultiModalProcessor(InternS1MultiModalProcessor):
-    """An image's run of N placeholders, cut to the budget's K."""
-
-    def _get_prompt_updates(self, *args: Any, **kwargs: Any) -> list[Any]:
-        config = self.info.get_hf_config()
-        rewrite = functools.partial(even_runs, config.image_token_id, budget_of(config))
-        return rewrite_updates(super()._get_prompt_updates(*args, **kwargs), {"image": rewrite})
+    def prompt_rewrites(self, budget: Budget, mm_items: Any) -> dict[str, Any]:
+        token = self.info.get_hf_config().image_token_id
+        return {"image": functools.partial(even_runs, token, budget)}
 
 
 @MULTIMODAL_REGISTRY.register_processor(
     ZoopruneInternVLMultiModalProcessor,
-    info=ZoopruneInternVLProcessingInfo,
+    info=InternS1ProcessingInfo,
     dummy_inputs=InternS1DummyInputsBuilder,
 )
 class ZoopruneInternVL(PrunedVariant, InternS1ForConditionalGeneration):

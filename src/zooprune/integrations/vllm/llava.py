@@ -1,12 +1,12 @@
 """The LLaVA family on vLLM: pruned variants of vLLM's LLaVA, LLaVA-NeXT and OneVision.
 
-Each is vLLM's own class with two changes: an image gets K placeholders instead of N (plus
-its row newlines, for AnyRes), the processing info's count being the budget's pure function
-of the image's N as in the Hugging Face path; and its tokens are the K the selection
-pipeline keeps of the N vLLM's tower and projector made. For AnyRes the layout (crops,
-cells, newlines) is the family's (:mod:`zooprune.families.anyres`), fed with vLLM's own
-packing, so the two engines keep the same tokens. Checkpoints saved by transformers 5
-(tower keys without ``vision_model``) load too.
+Each is vLLM's own class with two changes: its processor writes an image's K placeholders
+instead of N (plus its row newlines, for AnyRes; K the budget's pure function of the image's
+N, the request's own budget or the server's, as in the Hugging Face path); and its tokens
+are the K the selection pipeline keeps of the N vLLM's tower and projector made. For AnyRes
+the layout (crops, cells, newlines) is the family's (:mod:`zooprune.families.anyres`), fed
+with vLLM's own packing, so the two engines keep the same tokens. Checkpoints saved by
+transformers 5 (tower keys without ``vision_model``) load too.
 
 What vLLM cannot give is refused at engine start, naming what applies: ``visionzip``
 (vLLM's tower fuses q/k/v, so the CLS attention is not reachable) and
@@ -41,13 +41,14 @@ from vllm.model_executor.models.llava_onevision import (
     LlavaOnevisionProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.parse import ImageProcessorItems
 
 from zooprune.budget import Budget
 from zooprune.errors import PruneError
 from zooprune.families import anyres, llava
 from zooprune.integrations.vllm.checkpoint import hub_key
-from zooprune.integrations.vllm.prompts import rewrite_updates
-from zooprune.integrations.vllm.selection import PrunedVariant, budget_of, refuse_embeddings
+from zooprune.integrations.vllm.prompts import PrunedProcessor, even_runs, first_tokens
+from zooprune.integrations.vllm.selection import PrunedVariant, refuse_embeddings
 from zooprune.pipeline import EncodedImages
 
 _TOWERS = ("clip_vision_model", "siglip_vision_model")
@@ -80,17 +81,24 @@ class _PrunedLlava(PrunedVariant):
 # -- LLaVA-1.5 ---------------------------------------------------------------------------
 
 
-class ZoopruneLlavaProcessingInfo(LlavaProcessingInfo):
-    """K placeholders per image: the budget of the image's N visual tokens."""
+class _LlavaProcessor(PrunedProcessor):
+    """A LLaVA-family processor: its model scores the MLP projector."""
 
-    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        return budget_of(self.get_hf_config()).tokens_for(n)
+    def scores_mlp(self, config: Any) -> bool:
+        return llava.is_gelu_mlp(config.projector_hidden_act)
+
+
+class ZoopruneLlavaMultiModalProcessor(_LlavaProcessor, LlavaMultiModalProcessor):
+    """An image's run of N placeholders cut to the request's K."""
+
+    def prompt_rewrites(self, budget: Budget, mm_items: Any) -> dict[str, Any]:
+        token = self.info.get_hf_config().image_token_index
+        return {"image": functools.partial(even_runs, token, budget)}
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    LlavaMultiModalProcessor,
-    info=ZoopruneLlavaProcessingInfo,
+    ZoopruneLlavaMultiModalProcessor,
+    info=LlavaProcessingInfo,
     dummy_inputs=LlavaDummyInputsBuilder,
 )
 class ZoopruneLlava(_PrunedLlava, LlavaForConditionalGeneration):
@@ -112,10 +120,11 @@ class ZoopruneLlava(_PrunedLlava, LlavaForConditionalGeneration):
 
 
 class _AnyResCount:
-    """K + the image's row newlines: the newline count is a function of its size."""
+    """An AnyRes image's run at a budget: K of its N tokens and all its row newlines (their
+    count is a function of its size)."""
 
-    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        total = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+    def kept_tokens(self, *, image_width: int, image_height: int, budget: Budget) -> int:
+        total = self.get_num_image_tokens(image_width=image_width, image_height=image_height)
         config = self.get_hf_config()
         encoder = self.get_vision_encoder_info()
         rows, cols = get_anyres_image_grid_shape(
@@ -130,7 +139,7 @@ class _AnyResCount:
             num_patch_height=rows,
             num_patch_width=cols,
         )
-        return budget_of(config).tokens_for(total - newlines) + newlines
+        return budget.tokens_for(total - newlines) + newlines
 
 
 class ZoopruneLlavaNextProcessingInfo(_AnyResCount, LlavaNextProcessingInfo):
@@ -139,6 +148,31 @@ class ZoopruneLlavaNextProcessingInfo(_AnyResCount, LlavaNextProcessingInfo):
 
 class ZoopruneLlavaOnevisionProcessingInfo(_AnyResCount, LlavaOnevisionProcessingInfo):
     pass
+
+
+def anyres_rewrites(info: Any, budget: Budget, mm_items: Any) -> dict[str, Any]:
+    """Each image's run of placeholders (its tokens and newlines) cut to its count at the
+    budget (:meth:`_AnyResCount.kept_tokens`)."""
+    if "image" not in mm_items:
+        return {}
+    images = mm_items.get_items("image", ImageProcessorItems)
+    sizes = [images.get_image_size(i) for i in range(len(images))]
+    return {
+        "image": [
+            functools.partial(
+                first_tokens,
+                info.kept_tokens(image_width=size.width, image_height=size.height, budget=budget),
+            )
+            for size in sizes
+        ]
+    }
+
+
+class ZoopruneLlavaNextMultiModalProcessor(_LlavaProcessor, LlavaNextMultiModalProcessor):
+    """Each image's run cut to K tokens and its newlines."""
+
+    def prompt_rewrites(self, budget: Budget, mm_items: Any) -> dict[str, Any]:
+        return anyres_rewrites(self.info, budget, mm_items)
 
 
 class _PrunedAnyRes(_PrunedLlava):
@@ -184,7 +218,7 @@ class _PrunedAnyRes(_PrunedLlava):
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    LlavaNextMultiModalProcessor,
+    ZoopruneLlavaNextMultiModalProcessor,
     info=ZoopruneLlavaNextProcessingInfo,
     dummy_inputs=LlavaDummyInputsBuilder,
 )
@@ -205,12 +239,15 @@ class ZoopruneLlavaNext(_PrunedAnyRes, LlavaNextForConditionalGeneration):
             del self.__dict__["image_newline"]
 
 
-class ZoopruneLlavaOnevisionMultiModalProcessor(LlavaOnevisionMultiModalProcessor):
-    """A video's run of N pooled tokens and its closing newline cut to K and the newline."""
+class ZoopruneLlavaOnevisionMultiModalProcessor(_LlavaProcessor, LlavaOnevisionMultiModalProcessor):
+    """Each image's run cut to K tokens and its newlines; a video's run of N pooled tokens
+    and its closing newline cut to K and the newline."""
 
-    def _get_prompt_updates(self, *args: Any, **kwargs: Any) -> list[Any]:
-        rewrite = functools.partial(_video_run, budget_of(self.info.get_hf_config()))
-        return rewrite_updates(super()._get_prompt_updates(*args, **kwargs), {"video": rewrite})
+    def prompt_rewrites(self, budget: Budget, mm_items: Any) -> dict[str, Any]:
+        return {
+            **anyres_rewrites(self.info, budget, mm_items),
+            "video": functools.partial(_video_run, budget),
+        }
 
 
 def _video_run(budget: Budget, tokens: list[int]) -> list[int]:

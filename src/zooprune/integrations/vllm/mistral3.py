@@ -31,33 +31,20 @@ from vllm.tokenizers import cached_tokenizer_from_config
 from zooprune.budget import Budget
 from zooprune.errors import PruneError
 from zooprune.families import mistral3
-from zooprune.integrations.vllm.prompts import rewrite_updates
-from zooprune.integrations.vllm.selection import PrunedVariant, budget_of, refuse_embeddings
+from zooprune.integrations.vllm.prompts import PrunedProcessor
+from zooprune.integrations.vllm.selection import PrunedVariant, refuse_embeddings
 
 #: the text token between an image's rows (every Mistral 3 / Pixtral tokenizer's)
 IMAGE_BREAK = "[IMG_BREAK]"
 
 
-class ZoopruneMistral3ProcessingInfo(Mistral3ProcessingInfo):
-    """An image's run: K tokens and its rows' breaks, as placeholders."""
-
-    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        grid = self.get_vision_encoder_info().get_patch_grid_size(
-            image_width=image_width, image_height=image_height
-        )
-        columns, rows = grid
-        kept = budget_of(self.get_hf_config()).tokens_for(columns * rows)
-        return mistral3.run_length(kept, rows)
-
-
-class ZoopruneMistral3MultiModalProcessor(Mistral3MultiModalProcessor):
+class ZoopruneMistral3MultiModalProcessor(PrunedProcessor, Mistral3MultiModalProcessor):
     """An image's rows of placeholders and breaks become K + rows - 1 placeholders, then
     ``[IMG_END]``."""
 
-    def _get_prompt_updates(self, *args: Any, **kwargs: Any) -> list[Any]:
-        config = self.info.get_hf_config()
-        rewrite = functools.partial(_kept_run, config.image_token_index, budget_of(config))
-        return rewrite_updates(super()._get_prompt_updates(*args, **kwargs), {"image": rewrite})
+    def prompt_rewrites(self, budget: Budget, mm_items: Any) -> dict[str, Any]:
+        token = self.info.get_hf_config().image_token_index
+        return {"image": functools.partial(_kept_run, token, budget)}
 
 
 def _kept_run(token: int, budget: Budget, details: PromptUpdateDetails) -> PromptUpdateDetails:
@@ -70,7 +57,7 @@ def _kept_run(token: int, budget: Budget, details: PromptUpdateDetails) -> Promp
 
 @MULTIMODAL_REGISTRY.register_processor(
     ZoopruneMistral3MultiModalProcessor,
-    info=ZoopruneMistral3ProcessingInfo,
+    info=Mistral3ProcessingInfo,
     dummy_inputs=Mistral3DummyInputsBuilder,
 )
 class ZoopruneMistral3(PrunedVariant, Mistral3ForConditionalGeneration):

@@ -63,39 +63,34 @@ from vllm.model_executor.models.qwen3_vl_moe import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from zooprune.budget import Budget
 from zooprune.families import qwen
 from zooprune.integrations.vllm.checkpoint import transformers5_experts
-from zooprune.integrations.vllm.prompts import even_runs, rewrite_updates
-from zooprune.integrations.vllm.selection import PrunedVariant, budget_of, refuse_embeddings
-from zooprune.pipeline import Kept
+from zooprune.integrations.vllm.prompts import PrunedProcessor, even_runs
+from zooprune.integrations.vllm.selection import (
+    PrunedVariant,
+    refuse_embeddings,
+    request_field,
+    request_texts,
+    run_lengths,
+)
+from zooprune.pipeline import Kept, Selector
 
 #: images whose selection waits for vLLM to encode them (an image seen again is served by
 #: vLLM's encoder cache and never asks): the oldest are dropped beyond this
 _PENDING = 256
 
 
-class _Count:
-    """K placeholders per image: the budget of its N merged tokens. A video's count stays
-    vLLM's N: vLLM sizes its profiling video by adding frames until that count outgrows the
-    model length, which a fixed ``keep`` never would (and N covers every K <= N)."""
-
-    def get_num_image_tokens(self, **kwargs: Any) -> int:
-        n = super().get_num_image_tokens(**kwargs)
-        return budget_of(self.get_hf_config()).tokens_for(n)
-
-
-class _ShortPrompt:
+class _ShortPrompt(PrunedProcessor):
     """The prompt updates that give an image or a video its N placeholders, cut to the
-    budget's K (a video written frame by frame: each frame's run to its even share)."""
+    request's K (a video written frame by frame: each frame's run to its even share)."""
 
-    def _get_prompt_updates(self, *args: Any, **kwargs: Any) -> list[Any]:
+    def prompt_rewrites(self, budget: Budget, mm_items: Any) -> dict[str, Any]:
         config = self.info.get_hf_config()
-        budget = budget_of(config)
-        rewrites = {
+        return {
             kind: functools.partial(even_runs, getattr(config, f"{kind}_token_id"), budget)
             for kind in ("image", "video")
         }
-        return rewrite_updates(super()._get_prompt_updates(*args, **kwargs), rewrites)
 
 
 class _PrunedQwen(PrunedVariant):
@@ -122,21 +117,29 @@ class _PrunedQwen(PrunedVariant):
     # -- the selection, once per item ------------------------------------------------------
 
     def _kept(
-        self, pixel_values: Tensor, grid_thw: Tensor, kind: str = "image"
+        self,
+        pixel_values: Tensor,
+        grid_thw: Tensor,
+        kind: str,
+        requested: list[str | None],
     ) -> list[tuple[Tensor, Tensor]]:
-        """Per item of a batch of one ``kind``: ``(kept indices, kept run)``, from the
-        pending ones where the positions asked for them first (their selection is the one
-        the positions were made from), the others selected now. An item may come twice
-        (the same pixels under two cache keys): both take its one result."""
+        """Per item of a batch of one ``kind``, with its request's settings text (None:
+        the server's): ``(kept indices, kept run)``, from the pending ones where the
+        positions asked for them first (their selection is the one the positions were
+        made from), the others selected now. An item may come twice (the same pixels
+        under two cache keys): both take its one result."""
         sizes = grid_thw.prod(-1).tolist()
         pixels = pixel_values.split(sizes)
-        keys = [_key(kind, p, g) for p, g in zip(pixels, grid_thw, strict=True)]
+        keys = [
+            _key(kind, p, g, text) for p, g, text in zip(pixels, grid_thw, requested, strict=True)
+        ]
         found = {key: self._pending[key] for key in keys if key in self._pending}
         missing = list(dict.fromkeys(key for key in keys if key not in found))
         if missing:
             first = [keys.index(key) for key in missing]
+            selectors = [self.selector_of_request(requested[i]) for i in first]
             kept, tokens = self._select(
-                torch.cat([pixels[i] for i in first]), grid_thw[first], kind
+                torch.cat([pixels[i] for i in first]), grid_thw[first], kind, selectors
             )
             for key, image, full in zip(missing, kept.images, tokens, strict=True):
                 found[key] = (image.indices, self._run(image, full))
@@ -145,7 +148,7 @@ class _PrunedQwen(PrunedVariant):
         return [found[key] for key in keys]
 
     def _select(
-        self, pixel_values: Tensor, grid_thw: Tensor, kind: str
+        self, pixel_values: Tensor, grid_thw: Tensor, kind: str, selectors: list[Selector]
     ) -> tuple[Kept, list[Tensor]]:
         """Encode the items once, capturing the merger's input, and select."""
         visual = self.visual
@@ -164,7 +167,7 @@ class _PrunedQwen(PrunedVariant):
             kind,
             engine=type(self).__name__,
         )
-        return self.select(encoded), tokens
+        return self.select(encoded, selectors), tokens
 
     def _run(self, image: Any, full: Tensor) -> Tensor:
         """What fills the image's kept placeholders: its kept run, and beside each kept
@@ -176,13 +179,21 @@ class _PrunedQwen(PrunedVariant):
 
     def _process_image_input(self, image_input: Any) -> tuple[Tensor, ...]:
         refuse_embeddings(image_input)
-        grid_thw = image_input["image_grid_thw"]
-        return tuple(run for _, run in self._kept(image_input["pixel_values"], grid_thw))
+        pixels, grid_thw = image_input["pixel_values"], image_input["image_grid_thw"]
+        kept = self._kept(pixels, grid_thw, "image", self._requested_texts(len(grid_thw)))
+        return tuple(run for _, run in kept)
 
     def _process_video_input(self, video_input: Any) -> tuple[Tensor, ...]:
         refuse_embeddings(video_input)
         pixels, grid_thw = video_input["pixel_values_videos"], video_input["video_grid_thw"]
-        return tuple(run for _, run in self._kept(pixels, grid_thw, "video"))
+        kept = self._kept(pixels, grid_thw, "video", self._requested_texts(len(grid_thw)))
+        return tuple(run for _, run in kept)
+
+    def _requested_texts(self, count: int) -> list[str | None]:
+        """The settings text of each item of the encoder call under way (None: the
+        server's)."""
+        requested = getattr(self, "_requested", None)
+        return [None] * count if requested is None else list(requested)
 
     # -- positions --------------------------------------------------------------------------
 
@@ -197,10 +208,13 @@ class _PrunedQwen(PrunedVariant):
             where = feature.mm_position
             grown += input_tokens[cursor : where.offset]
             keep += [True] * (where.offset - cursor)
-            kept = self._admit(feature)
-            request.append(kept.cpu())
             span = input_tokens[where.offset : where.offset + where.length]
             token = getattr(self.config, f"{feature.modality}_token_id")
+            if _PIXELS[feature.modality] in feature.data:
+                kept = self._admit(feature)
+                request.append(kept.cpu())
+            else:
+                kept = _first_of_each_run(span, token, _item_tokens(feature, self.visual))
             full, mask = self._grown(span, token, kept, _item_tokens(feature, self.visual))
             grown += full
             keep += mask
@@ -253,11 +267,13 @@ class _PrunedQwen(PrunedVariant):
         kind, data = feature.modality, feature.data
         pixels = data[_PIXELS[kind]].data
         grid = data[f"{kind}_grid_thw"].data.reshape(1, 3)
-        key = _key(kind, pixels, grid[0])
+        field = data.get(request_field(kind))
+        text = None if field is None else request_texts([field.data])[0]
+        key = _key(kind, pixels, grid[0], text)
         if key not in self._pending:
             device = next(self.visual.parameters()).device
             with torch.inference_mode():
-                indices, run = self._kept(pixels.to(device), grid.to(device), kind)[0]
+                indices, run = self._kept(pixels.to(device), grid.to(device), kind, [text])[0]
             self._pending[key] = (indices, run)
             while len(self._pending) > _PENDING:
                 self._pending.popitem(last=False)
@@ -266,6 +282,18 @@ class _PrunedQwen(PrunedVariant):
 
 #: where a feature's pixels are, per kind
 _PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
+
+
+def _first_of_each_run(span: list[int], token: int, n: int) -> Tensor:
+    """Stand-in kept indices for an item whose pixels vLLM no longer sends: its whole run
+    lies in the prefix cache (vLLM then keeps only the grid). Each run's first tokens of
+    its share of the ``n``: the count per run is the prompt's, so the grown prompt and
+    every later position are the true ones (text after an item starts past the item's
+    largest position, whichever tokens it kept); only the cached item's own columns,
+    never computed again, may differ."""
+    runs = run_lengths(span, token)
+    share = n // len(runs)
+    return torch.cat([torch.arange(kept) + r * share for r, kept in enumerate(runs)])
 
 
 def _item_tokens(feature: Any, visual: nn.Module) -> int:
@@ -295,22 +323,15 @@ def _captured(module: nn.Module) -> Iterator[dict[str, Tensor]]:
         del module.forward
 
 
-def _key(kind: str, pixels: Tensor, grid: Tensor) -> str:
-    """An item's identity: its kind, pixels and grid (the selection is a function of them)."""
+def _key(kind: str, pixels: Tensor, grid: Tensor, requested: str | None) -> str:
+    """An item's identity: its kind, pixels, grid and its request's settings (the
+    selection is a function of them)."""
     digest = hashlib.sha1(pixels.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(bytes(f"{kind} {grid.tolist()}", "ascii"))
+    digest.update(f"{kind} {grid.tolist()} {requested}".encode())
     return digest.hexdigest()
 
 
 # -- Qwen2-VL and Qwen2.5-VL ---------------------------------------------------------------
-
-
-class ZoopruneQwen2VLProcessingInfo(_Count, Qwen2VLProcessingInfo):
-    pass
-
-
-class ZoopruneQwen2_5_VLProcessingInfo(_Count, Qwen2_5_VLProcessingInfo):
-    pass
 
 
 class ZoopruneQwen2VLMultiModalProcessor(_ShortPrompt, Qwen2VLMultiModalProcessor):
@@ -323,7 +344,7 @@ class ZoopruneQwen2_5_VLMultiModalProcessor(_ShortPrompt, Qwen2_5_VLMultiModalPr
 
 @MULTIMODAL_REGISTRY.register_processor(
     ZoopruneQwen2VLMultiModalProcessor,
-    info=ZoopruneQwen2VLProcessingInfo,
+    info=Qwen2VLProcessingInfo,
     dummy_inputs=Qwen2VLDummyInputsBuilder,
 )
 class ZoopruneQwen2VL(_PrunedQwen, Qwen2VLForConditionalGeneration):
@@ -334,7 +355,7 @@ class ZoopruneQwen2VL(_PrunedQwen, Qwen2VLForConditionalGeneration):
 
 @MULTIMODAL_REGISTRY.register_processor(
     ZoopruneQwen2_5_VLMultiModalProcessor,
-    info=ZoopruneQwen2_5_VLProcessingInfo,
+    info=Qwen2_5_VLProcessingInfo,
     dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
 )
 class ZoopruneQwen2_5_VL(_PrunedQwen, Qwen2_5_VLForConditionalGeneration):
@@ -352,22 +373,6 @@ class ZoopruneQwen3VLMultiModalProcessor(_ShortPrompt, Qwen3VLMultiModalProcesso
     pass
 
 
-class ZoopruneQwen3VLProcessingInfo(_Count, Qwen3VLProcessingInfo):
-    pass
-
-
-class ZoopruneQwen3VLMoeProcessingInfo(_Count, Qwen3VLMoeProcessingInfo):
-    pass
-
-
-class ZoopruneQwen3_5ProcessingInfo(_Count, Qwen3_5ProcessingInfo):
-    pass
-
-
-class ZoopruneQwen3_5MoeProcessingInfo(_Count, Qwen3_5MoeProcessingInfo):
-    pass
-
-
 class _PrunedMoe(_PrunedQwen):
     """transformers 5 saves fused experts transposed against vLLM's reading
     (:func:`~zooprune.integrations.vllm.checkpoint.transformers5_experts`)."""
@@ -378,7 +383,7 @@ class _PrunedMoe(_PrunedQwen):
 
 @MULTIMODAL_REGISTRY.register_processor(
     ZoopruneQwen3VLMultiModalProcessor,
-    info=ZoopruneQwen3VLProcessingInfo,
+    info=Qwen3VLProcessingInfo,
     dummy_inputs=Qwen3VLDummyInputsBuilder,
 )
 class ZoopruneQwen3VL(_PrunedQwen, Qwen3VLForConditionalGeneration):
@@ -389,7 +394,7 @@ class ZoopruneQwen3VL(_PrunedQwen, Qwen3VLForConditionalGeneration):
 
 @MULTIMODAL_REGISTRY.register_processor(
     ZoopruneQwen3VLMultiModalProcessor,
-    info=ZoopruneQwen3VLMoeProcessingInfo,
+    info=Qwen3VLMoeProcessingInfo,
     dummy_inputs=Qwen3VLDummyInputsBuilder,
 )
 class ZoopruneQwen3VLMoe(_PrunedMoe, Qwen3VLMoeForConditionalGeneration):
@@ -400,7 +405,7 @@ class ZoopruneQwen3VLMoe(_PrunedMoe, Qwen3VLMoeForConditionalGeneration):
 
 @MULTIMODAL_REGISTRY.register_processor(
     ZoopruneQwen3VLMultiModalProcessor,
-    info=ZoopruneQwen3_5ProcessingInfo,
+    info=Qwen3_5ProcessingInfo,
     dummy_inputs=Qwen3VLDummyInputsBuilder,
 )
 class ZoopruneQwen3_5(_PrunedQwen, Qwen3_5ForConditionalGeneration):
@@ -411,7 +416,7 @@ class ZoopruneQwen3_5(_PrunedQwen, Qwen3_5ForConditionalGeneration):
 
 @MULTIMODAL_REGISTRY.register_processor(
     ZoopruneQwen3VLMultiModalProcessor,
-    info=ZoopruneQwen3_5MoeProcessingInfo,
+    info=Qwen3_5MoeProcessingInfo,
     dummy_inputs=Qwen3VLDummyInputsBuilder,
 )
 class ZoopruneQwen3_5Moe(_PrunedMoe, Qwen3_5MoeForConditionalGeneration):

@@ -29,11 +29,14 @@ from zooprune.errors import PruneError
 from zooprune.integrations.vllm import SETTINGS, VARIANTS, Variant
 from zooprune.pipeline import EncodedImages, Kept, Selector, item_names
 from zooprune.select import get_method
+from zooprune.select.methods import MLP_ESTIMATORS
 from zooprune.settings import LAYOUT_OPTIONS, Settings
 
 logger = logging.getLogger(__name__)
 #: what an item whose selection fails at run time keeps instead (it reads no values)
 FALLBACK = "grid"
+#: the modalities whose items may carry their request's own settings
+REQUEST_MODALITIES = ("image", "video")
 
 
 @dataclass
@@ -124,6 +127,56 @@ def selector_for(config: Any, architecture: str) -> Selector:
     return _cached(json.dumps(dict(settings), sort_keys=True, default=str), architecture)
 
 
+def requested_settings(
+    config: Any, architecture: str, request: Any, mlp_projector: bool = False
+) -> str:
+    """One request's own settings (``mm_processor_kwargs["zooprune"]``) over those the
+    pruned variant's HF ``config`` carries (:meth:`~zooprune.settings.Settings.overridden_by`),
+    checked as the variant of ``architecture`` checks its own, an estimator only an MLP has
+    refused unless ``mlp_projector`` (the model scores one): the canonical JSON the
+    request's items carry to the model (:func:`request_field`).
+
+    Raises:
+        PruneError subclasses naming ``mm_processor_kwargs['zooprune']`` and what is wrong.
+    """
+    try:
+        merged = Settings.from_mapping(settings_of(config)).overridden_by(request)
+        text = json.dumps(merged.as_dict(), sort_keys=True, default=str)
+        estimator = _cached(text, architecture).options.get("estimator")
+        if estimator in MLP_ESTIMATORS and not mlp_projector:
+            raise PruneError(
+                f"estimator {estimator!r} needs a Linear -> GELU -> Linear projector, which "
+                "this model does not score; use 'jvp' or 'zo'"
+            )
+    except PruneError as error:
+        raise type(error)(f"mm_processor_kwargs[{SETTINGS!r}]: {error}") from None
+    return text
+
+
+def requested_selector(text: str, architecture: str) -> Selector:
+    """The selector of settings :func:`requested_settings` made (built once per text)."""
+    return _cached(text, architecture)
+
+
+def request_field(modality: str) -> str:
+    """The per-item field an item of ``modality`` carries its request's own settings in
+    (present only where the request gave some)."""
+    return f"{SETTINGS}_{modality}"
+
+
+def request_tensor(text: str, items: int) -> Tensor:
+    """``[items, L]``: the settings' text as bytes, one row per item of the request (a
+    field travels as tensors, through the processor cache and into the engine)."""
+    return torch.tensor(list(text.encode()), dtype=torch.uint8).expand(items, -1).clone()
+
+
+def request_texts(value: Tensor | list[Tensor]) -> list[str]:
+    """Each item's settings text from its field, as vLLM batches it (one ``[B, L]``
+    tensor, or a list of rows where their lengths differ)."""
+    rows = value.unbind(0) if isinstance(value, Tensor) else value
+    return [bytes(row.tolist()).decode() for row in rows]
+
+
 def budget_of(config: Any) -> Budget:
     """The budget the settings in a pruned variant's HF ``config`` give: what a processing
     info counts placeholders with (the whole selector is checked at engine start)."""
@@ -176,6 +229,24 @@ def select_or_fall_back(selector: Selector, encoded: EncodedImages, projector: n
                 error,
             )
         images += kept.images
+        details.update(kept.details)
+    return Kept(images, details)
+
+
+def select_each(selectors: list[Selector], encoded: EncodedImages, projector: nn.Module) -> Kept:
+    """Every item of ``encoded`` chosen by its own selector: the items of each selector
+    together (:func:`select_or_fall_back`), the results back in the items' order."""
+    groups: dict[int, list[int]] = {}
+    for i, selector in enumerate(selectors):
+        groups.setdefault(id(selector), []).append(i)
+    if len(groups) == 1:
+        return select_or_fall_back(selectors[0], encoded, projector)
+    images: list[Any] = [None] * len(selectors)
+    details: dict[str, Any] = {}
+    for members in groups.values():
+        kept = select_or_fall_back(selectors[members[0]], encoded.items(members), projector)
+        for i, image in zip(members, kept.images, strict=True):
+            images[i] = image
         details.update(kept.details)
     return Kept(images, details)
 
@@ -270,16 +341,47 @@ class PrunedVariant:
         """The dtype of the projector vLLM runs (the scored copy is cast to it)."""
         return next(self.parameters()).dtype
 
-    def select(self, encoded: EncodedImages, selector: Selector | None = None) -> Kept:
-        """The pipeline's choice for every image of ``encoded``, timed into :data:`TALLY`;
-        an image whose selection fails at run time falls back (:func:`select_or_fall_back`)."""
+    def embed_multimodal(self, **kwargs: Any) -> Any:
+        """vLLM's, the items' own settings taken out of its inputs first: the selections
+        of the call use them (:meth:`item_selectors`)."""
+        requested = None
+        for modality in REQUEST_MODALITIES:
+            value = kwargs.pop(request_field(modality), None)
+            if value is not None:
+                requested = request_texts(value)
+        object.__setattr__(self, "_requested", requested)
+        try:
+            return super().embed_multimodal(**kwargs)
+        finally:
+            object.__setattr__(self, "_requested", None)
+
+    def item_selectors(self, count: int) -> list[Selector]:
+        """The selector of each of the ``count`` items of the encoder call under way: its
+        request's own settings, or the server's (:attr:`selector`) where it gave none."""
+        requested = getattr(self, "_requested", None)
+        if requested is None:
+            return [self.selector] * count
+        if len(requested) != count:
+            raise ValueError(f"{len(requested)} items' settings for {count} items")
+        return [self.selector_of_request(text) for text in requested]
+
+    def selector_of_request(self, text: str | None) -> Selector:
+        """The selector of an item's settings text (None: the server's)."""
+        return self.selector if text is None else requested_selector(text, self.architecture)
+
+    def select(self, encoded: EncodedImages, selectors: list[Selector] | None = None) -> Kept:
+        """The pipeline's choice for every item of ``encoded``, each with its selector
+        (default: :meth:`item_selectors`), timed into :data:`TALLY`; items sharing a
+        selector go through it in one call, and an item whose selection fails at run
+        time falls back (:func:`select_or_fall_back`)."""
         device = encoded.features[0].device
         projector = self.scoring_projector.to(device)
+        selectors = selectors or self.item_selectors(len(encoded.layouts))
         synchronize = TALLY.synchronize and device.type == "cuda"
         if synchronize:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        kept = select_or_fall_back(selector or self.selector, encoded, projector)
+        kept = select_each(selectors, encoded, projector)
         if synchronize:
             torch.cuda.synchronize()
         TALLY.seconds += time.perf_counter() - start
@@ -305,17 +407,6 @@ def input_of(module: nn.Module, name: str | None = None) -> Iterator[dict[str, T
         yield captured
     finally:
         del module.forward
-
-
-def shorten_runs(tokens: list[int], token: int, kept: int) -> list[int]:
-    """``tokens`` with every maximal run of ``token`` cut to its first ``kept``: an image's
-    placeholders, K of its N, the text around them (markers, separators) unchanged."""
-    shortened, run = [], 0
-    for value in tokens:
-        run = run + 1 if value == token else 0
-        if run <= kept:
-            shortened.append(value)
-    return shortened
 
 
 def run_lengths(tokens: list[int], token: int) -> list[int]:
