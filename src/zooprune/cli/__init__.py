@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zooprune.cli import bench, demo, methods, report, run, serve, speed, testbed
+from zooprune.cli import bench, demo, load, methods, report, run, serve, speed, testbed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,7 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zooprune", description="Training-free visual-token pruning for VLMs."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    for group in (run, methods, serve, speed, testbed, bench, demo, report):
+    for group in (run, methods, serve, load, speed, testbed, bench, demo, report):
         group.register(commands)
     return parser
 

@@ -70,33 +70,36 @@ class VideoServingConfig:
     cache: str = ".cache/speed-video-model"
 
 
-def default_video_config(vocab_size: int = 32064) -> Any:
+def default_video_config(
+    vocab_size: int = 32064, tower: tuple[int, int] = (256, 8), lm: tuple[int, int] = (1024, 12)
+) -> Any:
     """Qwen3-VL's layout (16 px patches, 2 frames per temporal patch, 2 x 2 merge, DeepStack
-    after tower layers 2, 4 and 6) at CPU size, with Qwen3-VL-8B's vision share of a video
-    prefill: a 256-wide, 8-layer tower and a 1024-wide, 12-layer language model (head_dim
-    64, 4 key/value heads)."""
+    after three tower layers) at CPU size; by default with Qwen3-VL-8B's vision share of a
+    video prefill: a 256-wide, 8-layer tower (``tower``: width, depth) and a 1024-wide,
+    12-layer language model (``lm``; head_dim 64, 4 key/value heads)."""
     from transformers import Qwen3VLConfig
 
+    (tower_width, depth), (width, layers) = tower, lm
     return Qwen3VLConfig(
         vision_config={
             "patch_size": 16,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
-            "depth": 8,
-            "hidden_size": 256,
-            "intermediate_size": 1024,
+            "depth": depth,
+            "hidden_size": tower_width,
+            "intermediate_size": 4 * tower_width,
             "num_heads": 4,
-            "out_hidden_size": 1024,
+            "out_hidden_size": width,
             "num_position_embeddings": 256,  # a 16 x 16 grid, resampled to each frame's
-            "deepstack_visual_indexes": [2, 4, 6],
+            "deepstack_visual_indexes": [depth // 4, depth // 2, 3 * depth // 4],
         },
         text_config={
             "vocab_size": vocab_size,
-            "hidden_size": 1024,
-            "intermediate_size": 2816,
-            "num_hidden_layers": 12,
-            "num_attention_heads": 16,
-            "num_key_value_heads": 4,
+            "hidden_size": width,
+            "intermediate_size": 11 * width // 4,
+            "num_hidden_layers": layers,
+            "num_attention_heads": width // 64,
+            "num_key_value_heads": min(4, width // 64),
             "head_dim": 64,
             # Qwen3-VL-8B's sections (24, 20, 20 of 64 frequencies) at head_dim 64
             "rope_parameters": {
@@ -115,10 +118,18 @@ def default_video_config(vocab_size: int = 32064) -> Any:
     )
 
 
-def save_default_video_model(path: str | Path, dtype: str, seed: int = 0) -> Path:
-    """The default model (random weights) with a Qwen3-VL processor over a word-level
-    tokenizer, saved once per dtype and seed; later calls find it. Its video processor
-    needs torchvision: vLLM's environment has it."""
+def save_default_video_model(
+    path: str | Path,
+    dtype: str,
+    seed: int = 0,
+    config: Any = None,
+    max_pixels: int = 64 * 448 * 448,
+    min_pixels: int = 32 * 32,
+) -> Path:
+    """The default model (random weights; ``config``: another Qwen3-VL configuration) with
+    a Qwen3-VL processor over a word-level tokenizer (images and frames resized to between
+    ``min_pixels`` and ``max_pixels``), saved once per dtype and seed; later calls find it.
+    Its video processor needs torchvision: vLLM's environment has it."""
     import torch
     from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
@@ -135,12 +146,12 @@ def save_default_video_model(path: str | Path, dtype: str, seed: int = 0) -> Pat
     previous = torch.get_default_dtype()
     torch.set_default_dtype(DTYPES[dtype])
     try:
-        model = Qwen3VLForConditionalGeneration(default_video_config()).eval()
+        model = Qwen3VLForConditionalGeneration(config or default_video_config()).eval()
     finally:
         torch.set_default_dtype(previous)
     model.generation_config.pad_token_id = 0
     model.save_pretrained(path)
-    pixels = {"shortest_edge": 32 * 32, "longest_edge": 64 * 448 * 448}  # sizes kept
+    pixels = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     images = Qwen2VLImageProcessorPil(
         size=pixels, patch_size=16, merge_size=2, temporal_patch_size=2
     )
