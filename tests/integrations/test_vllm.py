@@ -103,6 +103,7 @@ def test_a_tower_gone_wrong_costs_its_own_request_only(tmp_path):
         enforce_eager=True,
         dtype="float32",
         max_model_len=256,
+        enable_mm_embeds=True,  # so that a request may send embeddings (refused below)
         **zv.engine_args(path, keep=KEEP, method="divprune"),
     )
 
@@ -131,6 +132,11 @@ def test_a_tower_gone_wrong_costs_its_own_request_only(tmp_path):
     assert kept == [*grid, *divprune]
     assert tokens.agrees_with(outs[1].outputs[0])
     assert len(outs[0].outputs[0].token_ids) == STEPS  # an answer, not an error
+    # Precomputed embeddings cannot be pruned: refused while the request is processed (in
+    # the engine the variant's refusal would stop it).
+    width = hf[0].config.text_config.hidden_size
+    with pytest.raises(PruneError, match="precomputed image embeddings cannot be pruned"):
+        llm.generate({"prompt": prompt, "multi_modal_data": {"image": torch.randn(1, 9, width)}})
     (out,) = llm.generate({"prompt": prompt, "multi_modal_data": {"image": later}}, params)
     ((_, _, tokens, *_),) = hf_reference(tester, hf, prompt, [[later]], "divprune")
     assert tokens.agrees_with(out.outputs[0])

@@ -1,8 +1,7 @@
 """``zooprune serve``: vLLM's OpenAI-compatible server, started by the command as a user
 would, answers a chat request with an image on a prompt shortened to K visual tokens, and
 generates what the Hugging Face handle does, at the server's settings and at a request's
-own, and answers bad settings with a 400: LLaVA's MLP and Gemma 3's pooling projector, each
-driven by its HF tester."""
+own, and answers bad settings with a 400 (LLaVA, driven by its HF tester)."""
 
 import base64
 import io
@@ -21,19 +20,17 @@ import pytest
 import torch
 
 from tests.adapters.conformance import FamilyTester, random_pictures
-from tests.adapters.test_gemma3 import Gemma3Tester
 from tests.adapters.test_llava import LlavaTester
 from tests.integrations.vllm_parity import KEEP, OWN, PER_REQUEST, STEPS, TOP, hf_reference
 
 QUESTION = "what is in the image ?"
 #: projector kind -> its family's tester
-FAMILIES: dict[str, FamilyTester] = {
-    "mlp": LlavaTester(),
-    "pooled": Gemma3Tester(),
-}
-# Qwen3-VL's patch merger is served over HTTP by the load-and-fault run
-# (test_vllm_load.py): its answers, the requests' own settings among them, are the offline
-# engine's, whose are the HF handle's (the parity suite).
+FAMILIES: dict[str, FamilyTester] = {"mlp": LlavaTester()}
+# The HTTP path is the same for every family (the processor runs in the API server as it
+# runs offline): Qwen3-VL's patch merger is served over HTTP by the load-and-fault run
+# (test_vllm_load.py), whose answers, requests' own settings among them, are the offline
+# engine's; the parity suite compares the offline engine with the HF handle, family by
+# family.
 
 
 def prompt_of(tester: FamilyTester) -> str:

@@ -18,9 +18,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.parse import EmbeddingItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
 from zooprune.budget import Budget, split_evenly
+from zooprune.errors import PruneError
 from zooprune.integrations.vllm import SETTINGS, architecture_served
 from zooprune.integrations.vllm.selection import (
     REQUEST_MODALITIES,
@@ -76,7 +78,14 @@ class PrunedProcessor:
         return requested_selector(text, self.architecture).budget
 
     def apply(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-        self.requested(inputs.hf_processor_mm_kwargs)  # bad settings: before any work
+        # What would fail inside the engine (and stop it) fails here, the request's own.
+        self.requested(inputs.hf_processor_mm_kwargs)  # bad settings
+        for modality in REQUEST_MODALITIES:
+            if isinstance(inputs.mm_data_items.get(modality), EmbeddingItems):
+                raise PruneError(
+                    f"a pruned model selects among its tower's tokens: precomputed {modality} "
+                    "embeddings cannot be pruned; send the pixels"
+                )
         return super().apply(inputs, *args, **kwargs)
 
     def _apply_hf_processor_main(self, mm_items: Any, hf_kwargs: Mapping[str, object]) -> Any:
