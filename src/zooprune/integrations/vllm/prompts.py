@@ -48,8 +48,9 @@ class PrunedProcessor:
         """The HF architecture the variant serves (its declaration in ``VARIANTS``)."""
         return architecture_served(self.info.get_hf_config())
 
-    def prompt_rewrites(self, budget: Budget, mm_items: Any) -> Mapping[str, Callable[[Any], Any]]:
-        """The family's rewrite of an item's replacement, per modality it prunes."""
+    def prompt_rewrites(self, budget: Budget, mm_items: Any) -> Mapping[str, Rewrite]:
+        """The family's rewrite of an item's replacement at ``budget``, per modality it
+        prunes: one for all the request's items of the modality, or one per item."""
         raise NotImplementedError
 
     def requested(self, hf_kwargs: Mapping[str, object]) -> str | None:
