@@ -107,3 +107,13 @@ def test_an_item_kind_without_a_placeholder_token_is_an_adapter_error(qwen, monk
         monkeypatch.setattr(handle.adapter, "video_token_id", lambda model: None)
         with pytest.raises(RuntimeError, match=r"encoded 1 video\(s\) but names no video"):
             model(**image_and_video(qwen))
+
+
+def test_observe_refuses_what_it_cannot_call(qwen):
+    model = qwen[0]
+    with zooprune.prune(model, "grid", keep=3) as handle:
+        for callback in (42, None, "print"):
+            with pytest.raises(PruneError, match="observe takes a callable"):
+                handle.observe(callback)
+        model(**image_and_video(qwen))  # nothing was registered: the call goes on
+    assert untouched(model)

@@ -375,3 +375,27 @@ def test_speed_refuses_what_its_engine_cannot_do(capsys):
         assert "make vllm-install" in capsys.readouterr().out
         assert main(["speed", "--engine", "vllm", "--videos"]) == 2
         assert "make vllm-install" in capsys.readouterr().out
+
+
+def test_testbed_task_refuses_what_would_write_a_wrong_task(tmp_path, capsys):
+    out = str(tmp_path / "task")
+    for flag, value in (
+        ("--n-per-family", "0"),
+        ("--n-per-family", "-3"),
+        ("--max-new-tokens", "0"),
+    ):
+        assert "expected at least 1" in refused(["testbed", "task", out, flag, value], capsys)
+    from zooprune.testbed.scenes import FAMILIES
+
+    twice = f"{FAMILIES[0]},{FAMILIES[1]},{FAMILIES[0]}"
+    message = refused(["testbed", "task", out, "--families", twice], capsys)
+    assert f"{FAMILIES[0]!r} named twice" in message
+    assert not (tmp_path / "task").exists()
+    # an OUT that is a file: refused naming it, the file untouched
+    (tmp_path / "file").write_text("mine")
+    assert main(["testbed", "task", str(tmp_path / "file"), "--n-per-family", "1"]) == 2
+    assert "is a file" in capsys.readouterr().out
+    assert (tmp_path / "file").read_text() == "mine"
+    # and a good one writes what it says it wrote
+    assert main(["testbed", "task", out, "--n-per-family", "2", "--families", FAMILIES[0]]) == 0
+    assert "wrote 2 questions" in capsys.readouterr().out

@@ -414,6 +414,22 @@ def test_several_sequences_per_prompt_are_refused_before_the_vision_encoder(
     assert len(heard) == 1 and heard[0][0] is None and isinstance(heard[0][1], PruneError)
 
 
+@pytest.mark.parametrize(
+    "generation",
+    [{"use_cache": False}, {"generation_config": GenerationConfig(use_cache=False)}],
+    ids=["use_cache", "generation_config"],
+)
+def test_generate_without_the_cache_is_refused_before_the_vision_encoder(family, vlm, generation):
+    # Without the cache, generate() runs the whole prompt again at every step: only the
+    # first step would be pruned, the rest silently the unpruned model's.
+    tester = family[0]
+    batch = one_prompt(family)
+    with zooprune.prune(vlm, "fastv", keep=tester.keep) as handle:
+        with module_calls() as calls, pytest.raises(PruneError, match="use_cache=False"):
+            vlm.generate(**batch, max_new_tokens=2, **generation)
+    assert calls == [] and handle.selection is None and untouched(vlm)
+
+
 def test_positions_other_than_original_are_refused(family, vlm):
     with pytest.raises(PruneError, match="positions='compact' does not apply"):
         zooprune.prune(vlm, "fastv", keep=3, positions="compact")
@@ -465,6 +481,22 @@ def test_a_chunked_prefill_is_refused(family, vlm):
     with zooprune.prune(vlm, "fastv", keep=tester.keep):
         with pytest.raises(PruneError, match=r"got 4 of its \d+ tokens \(chunked prefill\?\)"):
             greedy(vlm, tester, batch, 2, prefill_chunk_size=4)
+
+
+def test_query_at_refuses_columns_that_are_not_one_int_per_prompt(family, vlm):
+    tester, _, proc, pictures = family
+    batch = tester.inputs(
+        proc, [pictures[:1], pictures[3:4]], [tester.prompts[0], tester.prompts[2]]
+    )
+    with zooprune.prune(vlm, "fastv", keep=tester.keep) as handle:
+        for columns in (3.7, [1.0, 2.0], [[1, 2]], True, "3"):
+            with pytest.raises(PruneError, match="query_at takes"):
+                with handle.query_at(columns):
+                    pass
+        with handle.query_at([-1, -1, -1]):  # 3 columns, 2 prompts
+            with pytest.raises(PruneError, match="3 query_at columns for 2 prompts"):
+                vlm(**batch)
+    assert untouched(vlm)
 
 
 def test_query_at_a_padding_column_is_refused(family, vlm):

@@ -124,7 +124,13 @@ class PruneHandle:
         ``callback(None, error)`` when a pruned call is refused (the error is re-raised
         after, unless the callback raises first). For harnesses that must log every call
         or stop on the first refusal even where a caller swallows exceptions. Copies of
-        the model do not carry observers."""
+        the model do not carry observers.
+
+        Raises:
+            PruneError: ``callback`` is not callable (nothing is registered).
+        """
+        if not callable(callback):
+            raise PruneError(f"observe takes a callable (selection, error), got {callback!r}")
         self._observers.append(callback)
 
     @property

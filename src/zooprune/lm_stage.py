@@ -525,7 +525,7 @@ class LMStageHandle(PruneHandle):
         ``generate`` ranks by the last prompt token; to score tokens appended to a prompt
         as it would (or to run its uncached loop), rank by the prompt's last column.
         """
-        self._query = torch.as_tensor(columns, dtype=torch.long)
+        self._query = _query_tensor(columns)
         try:
             yield
         finally:
@@ -613,6 +613,16 @@ class LMStageHandle(PruneHandle):
                         f"language model, so generate() with {option}={value} is refused; "
                         "use greedy or sampled decoding with one sequence per prompt"
                     )
+            # Without the cache every step runs the whole prompt again: only the first
+            # would be pruned, and the rest would silently be the unpruned model's.
+            use_cache = call.get("use_cache")
+            if (getattr(config, "use_cache", True) if use_cache is None else use_cache) is False:
+                raise PruneError(
+                    f"{self.method.name!r} prunes inside the language model once, in the "
+                    "prefill, and decodes from the kept tokens' cache: generate() with "
+                    "use_cache=False would prune its first step only, so it is refused; "
+                    "leave the cache on (the default)"
+                )
 
     def _choose(
         self, encoded: EncodedImages, located: list[Tensor], input_ids: Tensor, mask: Tensor
@@ -653,6 +663,11 @@ class LMStageHandle(PruneHandle):
         if self._query is None:
             columns = torch.arange(length, device=mask.device).expand(batch, -1)
             return columns.masked_fill(mask == 0, -1).amax(dim=-1)
+        if self._query.numel() not in (1, batch):
+            raise PruneError(
+                f"{self._query.numel()} query_at columns for {batch} prompts: give one "
+                "column per prompt, or one for all"
+            )
         query = self._query.to(mask.device).expand(batch).clone()
         query[query < 0] += length
         if bool(((query < 0) | (query >= length)).any()):
@@ -662,6 +677,28 @@ class LMStageHandle(PruneHandle):
         if bool((mask[torch.arange(batch), query] == 0).any()):
             raise PruneError(f"query_at columns {query.tolist()} include a padding token")
         return query
+
+
+def _query_tensor(columns: Any) -> Tensor:
+    """``query_at``'s columns as a 0-D or 1-D long tensor.
+
+    Raises:
+        PruneError: anything but an int or a flat sequence of ints.
+    """
+    try:
+        query = torch.as_tensor(columns)
+    except (TypeError, ValueError, RuntimeError):
+        query = None
+    if (
+        query is None
+        or isinstance(columns, bool)
+        or query.dtype in (torch.bool,)
+        or query.is_floating_point()
+        or query.is_complex()
+        or query.ndim > 1
+    ):
+        raise PruneError(f"query_at takes one int column, or one per prompt, got {columns!r}")
+    return query.long()
 
 
 def _whole(layout: Any, projected: Tensor, grid: tuple[int, int]) -> KeptImage:

@@ -188,6 +188,9 @@ def families(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(
             f"unknown families {unknown}; the test bed has {', '.join(FAMILIES)}"
         )
+    twice = [f for i, f in enumerate(chosen) if f in chosen[:i]]
+    if twice:
+        raise argparse.ArgumentTypeError(f"{twice[0]!r} named twice in {text!r}")
     return chosen
 
 

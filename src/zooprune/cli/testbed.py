@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from zooprune.cli.common import add_out, add_threads, console, families
+from zooprune.cli.common import add_out, add_threads, console, fail, families, positive_int
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -31,9 +31,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="default: all seven, as `zooprune bench` scores",
     )
-    task.add_argument("--n-per-family", type=int, default=100)
+    task.add_argument("--n-per-family", type=positive_int, default=100)
     task.add_argument(
-        "--max-new-tokens", type=int, default=1, help="answer tokens generated (bench: 1)"
+        "--max-new-tokens", type=positive_int, default=1, help="answer tokens generated (bench: 1)"
     )
     task.set_defaults(handler=_testbed_task)
 
@@ -99,6 +99,8 @@ def _testbed_train(args: argparse.Namespace) -> int:
 def _testbed_task(args: argparse.Namespace) -> int:
     from zooprune.integrations.lmms_eval.task import TASK, write_testbed_task
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        return fail(f"{args.out} is a file; the task is written into a folder")
     with console.status(f"writing {args.out}"):
         data = write_testbed_task(
             args.out,
