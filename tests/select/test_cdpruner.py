@@ -253,6 +253,28 @@ def test_method_keeps_k_distinct_ascending_tokens_batch_equals_alone():
             assert together.indices[b].tolist() == sorted(expected)
 
 
+@pytest.mark.parametrize("theta", [0.99, 0.999])
+def test_a_theta_near_1_keeps_what_the_float64_definition_keeps(theta):
+    # exp(alpha r) at alpha = theta / (2 (1 - theta)) overflows float32 near theta = 1
+    # (the kernel holds its square): the greedy once crashed there. Scaling q by a constant
+    # scales every gain det(L_S+j) / det(L_S) by its square, so the picks are the
+    # definition's; at 0.99 the float64 definition itself is finite and is the reference.
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(2, 30, 16, generator=g)
+    text = torch.randn(2, 5, 16, generator=g)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    kept = METHODS["cdpruner"](token_set(z, text, mask), 7, theta=theta).indices
+    for b in range(2):
+        r = reference_relevance(z[b].double(), text[b].double())
+        if theta == 0.99:
+            kernel = reference_kernel(z[b].double(), r, theta)
+            assert bool(torch.isfinite(kernel).all())
+        else:  # past float64 too: the same DPP with q divided by its largest value
+            top = max(r)
+            kernel = reference_kernel(z[b].double(), [v - top for v in r], theta)
+        assert kept[b].tolist() == sorted(reference_greedy_map(kernel, 7))
+
+
 def test_options_are_checked():
     for bad in (0, 1, 1.5, -0.2, "0.5", True, math.nan):
         with pytest.raises(PruneError, match="theta must be None or a number in \\(0, 1\\)"):

@@ -264,13 +264,19 @@ def cdpruner(tokens: TokenSet, k: int, *, theta: float | None = None) -> MethodR
     """CDPruner. The kernel is the cosine similarity of the projected tokens, each row and
     column scaled by the token's relevance to the instruction (mean cosine similarity to
     the instruction's token embeddings, min-max normalised per image; ``theta`` in (0, 1)
-    scales by ``exp(theta / (2 (1 - theta)) r)`` instead), and the kept set is the
-    kernel's greedy MAP (fast incremental Cholesky). Scores: the relevance.
+    scales by ``exp(theta / (2 (1 - theta)) r)`` instead, in float64), and the kept set is
+    the kernel's greedy MAP (fast incremental Cholesky). Scores: the relevance.
     """
     if tokens.instruction is None or tokens.instruction_mask is None:
         raise ValueError("cdpruner needs the instruction's token embeddings")
     relevance = instruction_relevance(tokens.projected, tokens.instruction, tokens.instruction_mask)
-    picks = greedy_dpp_map(conditional_kernel(tokens.projected, relevance, theta), k)
+    projected, weighted = tokens.projected, relevance
+    if theta is not None:
+        # exp(alpha r) leaves float32's range as theta nears 1 (alpha = 49.5 at 0.99):
+        # dividing an image's q by its largest (r less its max) scales every greedy gain
+        # by one constant, the same picks, and float64 keeps the small q's apart.
+        projected, weighted = projected.double(), (relevance - relevance.amax(-1, True)).double()
+    picks = greedy_dpp_map(conditional_kernel(projected, weighted, theta), k)
     return MethodResult(_sorted(picks), scores=relevance)
 
 
