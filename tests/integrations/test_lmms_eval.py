@@ -11,7 +11,12 @@ from importlib.metadata import entry_points
 import pytest
 
 from zooprune.bench.accuracy import jsonl_items, run_accuracy
-from zooprune.integrations.lmms_eval.model import EvaluationAborted, ZoopruneModel, create_pruned
+from zooprune.integrations.lmms_eval.model import (
+    EvaluationAborted,
+    ZoopruneModel,
+    create_pruned,
+    settings_from_model_args,
+)
 from zooprune.integrations.lmms_eval.task import TASK, write_testbed_task
 from zooprune.testbed.model import bundled_path, load_testbed
 
@@ -145,6 +150,22 @@ def test_bad_model_args_are_refused_before_the_model_loads(args, message):
     with pytest.raises(EvaluationAborted, match=message) as error:
         create_pruned({"pretrained": "/no/model/here", **args})
     assert error.value.code.startswith("zooprune: ")
+
+
+def test_model_args_are_read_as_lmms_eval_parses_them():
+    # lmms-eval hands "None" over as a string and "-5" as the float -5.0.
+    from lmms_eval.utils import simple_parse_args_string
+
+    parsed = simple_parse_args_string("base=llava_hf,method=cdpruner,keep=-5,theta=None")
+    with pytest.raises(EvaluationAborted, match=r"keep must be positive, got -5$"):
+        create_pruned({"pretrained": "/no/model/here", **parsed})
+    parsed = simple_parse_args_string("method=cdpruner,keep=4,theta=None,ratio=1.0")
+    assert settings_from_model_args(parsed, "cdpruner") == {
+        "method": "cdpruner",
+        "keep": 4,
+        "theta": None,
+        "ratio": 1,
+    }
 
 
 def test_a_layout_option_the_family_lacks_is_refused_once_it_loads():

@@ -96,7 +96,8 @@ def create_pruned(args: dict[str, Any], extra: dict[str, Any] | None = None) -> 
         ours = Settings.names(method)
     except zooprune.PruneError as error:
         raise EvaluationAborted(str(error)) from None
-    settings = Settings.from_mapping({k: args.pop(k) for k in list(args) if k in ours})
+    settings = Settings.from_mapping(settings_from_model_args(args, method))
+    args = {k: v for k, v in args.items() if k not in ours}
     if base.__module__ in VLLM_BASES:
         return _served(base, settings, args, extra or {})
     takes = _parameters(base)
@@ -113,6 +114,23 @@ def create_pruned(args: dict[str, Any], extra: dict[str, Any] | None = None) -> 
     except zooprune.PruneError as error:
         raise EvaluationAborted(str(error)) from None
     return _pruned_class(base)(zooprune_settings=settings, **args, **(extra or {}))
+
+
+def settings_from_model_args(args: dict[str, Any], method: str) -> dict[str, Any]:
+    """The zooprune settings among ``args`` as lmms-eval parsed ``--model_args``, read back
+    to what was meant: lmms-eval hands ``None`` over as the string ``"None"`` and a
+    negative integer as a float (``keep=-5`` as -5.0); an integral float is read as the
+    int."""
+
+    def meant(value: Any) -> Any:
+        if value == "None":
+            return None
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
+    ours = Settings.names(method)
+    return {name: meant(value) for name, value in args.items() if name in ours}
 
 
 def _served(base: type, settings: Settings, args: dict[str, Any], extra: dict[str, Any]) -> lmms:
