@@ -159,6 +159,13 @@ def test_method_variant_arguments():
         ("zoo[]", "NAME\\[OPTION=VALUE"),
         ("zoo[estimator]", "NAME=VALUE"),
         ("nope[step=1]", "unknown method 'nope'"),
+        # the bench sets the method, the budget and the positions itself
+        ("zoo[ratio=0.5]", "'ratio' is not an option of a method variant"),
+        ("zoo[keep=4]", "'keep' is not an option of a method variant"),
+        ("zoo[method=grid]", "'method' is not an option of a method variant"),
+        ("divprune[positions=compact]", "'positions' is not an option of a method variant"),
+        (",", "no method named in ','"),
+        ("", "no method named in ''"),
     ]:
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             method_specs(text)

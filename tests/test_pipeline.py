@@ -447,3 +447,21 @@ def test_a_unit_that_ranks_nothing_is_named_even_after_a_good_one(spy):
     zero = Selector.build("_spy", keep=2, options={"scores": "zero_second"})
     with pytest.raises(PruneError, match="scored image 1 0 for every token"):
         zero.select(call, projector())
+
+
+def test_items_are_the_chosen_ones_in_the_order_asked_and_left_as_they_are():
+    g = torch.Generator().manual_seed(4)
+    features = [torch.randn(n, D_V, generator=g) for n in (4, 6, 9)]
+    projected = [torch.randn(n, 5, generator=g) for n in (4, 6, 9)]
+    features[2][1, 0] = float("nan")
+    encoded = EncodedImages(features, projected, [(2, 2), (2, 3), (3, 3)], None, None, None)
+    some = encoded.items([2, 0])
+    assert some.grids == [(3, 3), (2, 2)] and some.layouts == [
+        encoded.layouts[2],
+        encoded.layouts[0],
+    ]
+    assert some.features[0] is features[2] and some.projected[1] is projected[0]  # no copy
+    assert some.cls_attention is None and some.instruction is None
+    zeroed = encoded.items([2], finite=True).features[0]
+    assert bool(torch.isfinite(zeroed).all()) and float(zeroed[1, 0]) == 0.0
+    assert torch.equal(zeroed[0], features[2][0])

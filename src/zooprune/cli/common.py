@@ -133,6 +133,8 @@ def method_name(text: str) -> str:
 def method_specs(text: str) -> list[str | tuple[str, dict[str, object]]]:
     """``zoo,zoo[estimator=zo,num_directions=16],divprune`` -> registered method names, and
     ``(name, options)`` for a bracketed variant (values spelled as for ``--option``)."""
+    from zooprune.settings import GENERAL  # here, as method_name's registry: --help stays light
+
     parts, depth, start = [], 0, 0
     for at, char in enumerate(text + ","):
         depth += {"[": 1, "]": -1}.get(char, 0)
@@ -156,7 +158,16 @@ def method_specs(text: str) -> list[str | tuple[str, dict[str, object]]]:
         pairs = [item.split("=", 1) for item in rest[:-1].split(",")]
         if any(len(pair) != 2 or not pair[0] for pair in pairs):
             raise argparse.ArgumentTypeError(f"options in {part!r} take NAME=VALUE")
+        general = [key for key, _ in pairs if key in GENERAL]
+        if general:
+            raise argparse.ArgumentTypeError(
+                f"{part}: {general[0]!r} is not an option of a method variant (the bench sets "
+                "the method, the budgets and the positions; a variant changes its method's "
+                "options)"
+            )
         specs.append((method_name(name), dict(parse_option("=".join(p)) for p in pairs)))
+    if not specs:
+        raise argparse.ArgumentTypeError(f"no method named in {text!r}")
     return specs
 
 
