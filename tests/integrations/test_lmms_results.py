@@ -116,3 +116,24 @@ def test_the_entry_point_module_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split("]")[0] == "["
     assert out.stdout.strip().endswith("zooprune.integrations.lmms_eval.model.ZoopruneModel")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[1, 2]", "is a JSON list, not an lmms-eval results object"),
+        ('{"config": null, "results": {}}', "'config' is None, not an object"),
+        ('{"config": {"model": "x"}, "results": {"pope": 3}}', "task 'pope': its results are 3"),
+        ('{"config": {"model": "x"}, "results": {"po', "is not JSON"),
+        ('{"conditions": [], "comparisons": []}', "no 'results' and 'config': not an lmms-eval"),
+    ],
+    ids=["list", "null config", "number result", "truncated", "bench's own file"],
+)
+def test_report_refuses_a_malformed_file_naming_it(tmp_path, capsys, text, message):
+    path = tmp_path / "broken_results.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as error:
+        read_run(path)
+    assert str(error.value).startswith(f"{path}: ")
+    assert main(["report", str(path)]) == 2
+    assert str(path) in capsys.readouterr().out

@@ -79,8 +79,8 @@ def read_run(path: str | Path, metrics: dict[str, str] | None = None) -> Run:
         metrics: task -> metric name to score it by (default: its first reported metric).
     """
     path = Path(path)
-    data = json.loads(path.read_text())
-    config = data.get("config", {})
+    data = _results_object(path)
+    config = data["config"]
     model = str(config.get("model", "?"))
     args = model_args(str(config.get("model_args") or ""))
     if model == "zooprune":
@@ -113,6 +113,36 @@ def read_run(path: str | Path, metrics: dict[str, str] | None = None) -> Run:
         visual_tokens=per_image("avg_zooprune_visual_tokens"),
         select_ms=None if select is None else 1e3 * select,
     )
+
+
+def _results_object(path: Path) -> dict[str, Any]:
+    """The file's JSON, checked to have an lmms-eval results file's shape: an object with
+    a ``config`` object and ``results``, one object per task.
+
+    Raises:
+        ValueError: naming the file and what is wrong with it.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: is not JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path}: is a JSON {type(data).__name__}, not an lmms-eval results object"
+        )
+    if "results" not in data or "config" not in data:
+        raise ValueError(
+            f"{path}: no 'results' and 'config': not an lmms-eval results file (zooprune "
+            "report reads the *_results.json lmms-eval writes under --output_path)"
+        )
+    if not isinstance(data["config"], dict):
+        raise ValueError(f"{path}: 'config' is {data['config']!r}, not an object")
+    if not isinstance(data["results"], dict):
+        raise ValueError(f"{path}: 'results' is {data['results']!r}, not an object")
+    for task, values in data["results"].items():
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: task {task!r}: its results are {values!r}, not an object")
+    return data
 
 
 def _primary_metric(values: dict[str, Any], wanted: str | None) -> str | None:
