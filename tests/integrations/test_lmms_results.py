@@ -137,3 +137,27 @@ def test_report_refuses_a_malformed_file_naming_it(tmp_path, capsys, text, messa
     assert str(error.value).startswith(f"{path}: ")
     assert main(["report", str(path)]) == 2
     assert str(path) in capsys.readouterr().out
+
+
+def test_runs_over_other_tasks_are_averaged_over_the_tasks_they_share(runs, capsys):
+    # a pruned run that scored pope only, and one without the plugin's record
+    path = results_file(
+        runs / "grid", "zooprune", f"base=llava_hf,{ARGS},method=grid,keep=64", pope=0.7, mme=1
+    )
+    data = json.loads(path.read_text())
+    del data["results"]["mme"]
+    path.write_text(json.dumps(data))
+    ordered = compare([read_run(p) for p in result_files([runs])])
+    for run in ordered:
+        assert run.averaged_over == ["pope"]
+        assert run.average_relative == pytest.approx(run.scores["pope"] / 0.86)
+    assert main(["report", str(runs), "--out", str(runs / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "avg relative over the 1 task every run has (pope); left out: mme" in out
+    grid = next(line for line in out.splitlines() if "grid keep=64" in line)
+    assert "no record" in grid and "all" not in grid
+
+
+def test_a_metric_for_a_task_no_run_has_is_refused(runs, capsys):
+    assert main(["report", str(runs), "--metric", "gqa=exact_match"]) == 2
+    assert "--metric gqa: no run has task 'gqa'; they have mme, pope" in capsys.readouterr().out

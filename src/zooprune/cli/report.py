@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.table import Table
 
 from zooprune.cli.common import add_out, console, fail, write_json
+from zooprune.integrations.lmms_eval.results import UNPRUNED  # pure JSON: light
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -45,6 +46,10 @@ def _report(args: argparse.Namespace) -> int:
         runs = compare([read_run(path, metrics) for path in result_files(args.results)])
     except (OSError, ValueError) as error:
         return fail(str(error))
+    scored = sorted({task for run in runs for task in run.scores})
+    for task in metrics:
+        if task not in scored:
+            return fail(f"--metric {task}: no run has task {task!r}; they have {', '.join(scored)}")
     tasks = list(runs[0].scores)
     header, rows = table_rows(runs, tasks)
     table = Table(title=f"{runs[0].pretrained}: score (relative to unpruned %)")
@@ -58,6 +63,13 @@ def _report(args: argparse.Namespace) -> int:
         + ", ".join(f"{task} {runs[0].metrics[task]}" for task in tasks)
         + "; avg relative: mean over tasks of score / unpruned score[/dim]"
     )
+    shared = runs[0].averaged_over or []
+    if len(shared) < len(scored):
+        left_out = ", ".join(task for task in scored if task not in shared)
+        console.print(
+            f"avg relative over the {len(shared)} task{'s' * (len(shared) != 1)} every run "
+            f"has ({', '.join(shared) or 'none'}); left out: {left_out}"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     markdown = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -95,9 +107,10 @@ def table_rows(runs: list, tasks: list[str]) -> tuple[list[str], list[list[str]]
     header = ["condition", "visual tokens kept", "selection ms / image", *tasks, "avg relative"]
     rows = []
     for run in runs:
-        kept = (
-            "all" if run.kept_tokens is None else f"{run.kept_tokens:.1f} / {run.visual_tokens:.0f}"
-        )
+        if run.kept_tokens is not None:
+            kept = f"{run.kept_tokens:.1f} / {run.visual_tokens:.0f}"
+        else:  # a pruned run without the plugin's record does not say what it kept
+            kept = "all" if run.method == UNPRUNED else "no record"
         select = "" if run.select_ms is None else f"{run.select_ms:.2f}"
         cells = []
         for task in tasks:

@@ -34,6 +34,8 @@ class Run:
     visual_tokens: float | None = None
     select_ms: float | None = None  # mean per image
     relative: dict[str, float] = field(default_factory=dict)
+    #: the tasks its average runs over (every compared run's: see :func:`compare`)
+    averaged_over: list[str] | None = None
 
     @property
     def label(self) -> str:
@@ -47,7 +49,8 @@ class Run:
 
     @property
     def average_relative(self) -> float | None:
-        values = list(self.relative.values())
+        tasks = self.relative if self.averaged_over is None else self.averaged_over
+        values = [self.relative[task] for task in tasks]
         return sum(values) / len(values) if values else None
 
 
@@ -164,8 +167,9 @@ def _primary_metric(values: dict[str, Any], wanted: str | None) -> str | None:
 
 
 def compare(runs: list[Run]) -> list[Run]:
-    """Fill each run's relative accuracy per task against the unpruned run; the unpruned
-    run first, then the others by method and kept tokens (most first).
+    """Fill each run's relative accuracy per task against the unpruned run, its average
+    over the tasks every run has (``averaged_over``); the unpruned run first, then the
+    others by method and kept tokens (most first).
 
     Raises:
         ValueError: without exactly one unpruned run, or runs of different models.
@@ -185,6 +189,10 @@ def compare(runs: list[Run]) -> list[Run]:
             for task, score in run.scores.items()
             if base.scores.get(task)
         }
+    # Averages over the same tasks only: a run missing one would be compared on others.
+    shared = sorted(set.intersection(*(set(run.relative) for run in runs)))
+    for run in runs:
+        run.averaged_over = shared
     pruned = sorted(
         (run for run in runs if run is not base),
         key=lambda run: (run.method, -(run.kept_tokens or 0.0), run.budget),
