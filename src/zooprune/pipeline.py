@@ -31,6 +31,13 @@ SEPARATOR_POLICIES = ("all", "nonempty")
 #: how a video's budget is shared (``Adapter.options["video_budget"]``), first = default:
 #: evenly over its frames, or over all its tokens at once
 VIDEO_BUDGETS = ("frame", "global")
+#: every layout option a family may accept, with its values (a family accepts a subset:
+#: ``Adapter.options``, or what an engine's variant can honour)
+LAYOUT_OPTIONS: dict[str, tuple[str, ...]] = {
+    "crop_budget": CROP_BUDGETS,
+    "separators": SEPARATOR_POLICIES,
+    "video_budget": VIDEO_BUDGETS,
+}
 #: what an item of a call is: an image, or a video whose crops are its frames
 ITEM_KINDS = ("image", "video")
 
@@ -410,6 +417,13 @@ class Selector:
         spec = get_method(method)
         rest = dict(options or {})
         layout = take_layout_options(rest, layout_options or {})
+        stray = [name for name in rest if name in LAYOUT_OPTIONS]
+        if stray:  # the model's, not the method's, to refuse
+            takes = ", ".join(layout_options or {}) or "none"
+            raise PruneError(
+                f"{stray[0]} is a layout option this model's family does not take (the "
+                f"layout options it takes: {takes})"
+            )
         budget = Budget(keep=keep, ratio=ratio)
         return cls(spec, budget, spec.resolve_options(rest, budget.keep), layout)
 

@@ -16,18 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zooprune.errors import PruneError
-from zooprune.pipeline import CROP_BUDGETS, SEPARATOR_POLICIES, VIDEO_BUDGETS, Selector
+from zooprune.pipeline import LAYOUT_OPTIONS, Selector
 from zooprune.select import get_method
 
 #: the settings that are not options: the method, the budget and the position mode
 GENERAL = ("method", "keep", "ratio", "positions")
-#: every layout option a family may accept, with its values (a family accepts a subset:
-#: ``Adapter.options``, or what an engine's variant can honour)
-LAYOUT_OPTIONS: dict[str, tuple[str, ...]] = {
-    "crop_budget": CROP_BUDGETS,
-    "separators": SEPARATOR_POLICIES,
-    "video_budget": VIDEO_BUDGETS,
-}
 
 
 @dataclass(frozen=True)

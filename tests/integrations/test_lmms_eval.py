@@ -169,7 +169,9 @@ def test_model_args_are_read_as_lmms_eval_parses_them():
 
 
 def test_a_layout_option_the_family_lacks_is_refused_once_it_loads():
-    with pytest.raises(EvaluationAborted, match="no option 'crop_budget'"):
+    with pytest.raises(
+        EvaluationAborted, match="crop_budget is a layout option this model's family does not take"
+    ):
         create_pruned(
             {
                 "base": "llava_hf",
