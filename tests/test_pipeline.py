@@ -274,9 +274,18 @@ def test_build_checks_every_value_before_any_call():
             layout_options={"crop_budget": ("split", "global")},
         )
     with pytest.raises(
-        PruneError, match="crop_budget is a layout option this model's family does not take"
+        PruneError,
+        match=r"^crop_budget is a layout option this model's family does not take \(the "
+        r"layout options it takes: none\)$",
     ):
         Selector.build("zoo", keep=4, options={"crop_budget": "split"})
+    with pytest.raises(PruneError, match=r"it takes: crop_budget, video_budget\)$"):
+        Selector.build(
+            "zoo",
+            keep=4,
+            options={"separators": "all"},
+            layout_options={"crop_budget": ("split",), "video_budget": ("frame",)},
+        )
     selector = Selector.build("zoo", ratio=0.5, options={"num_directions": 8})
     assert selector.options == {"num_directions": 8} and selector.layout == {}
     assert selector.needs == frozenset()
