@@ -131,7 +131,6 @@ def save_load_model(folder: str | Path, seed: int = 0) -> Path:
     128-wide, 2-layer language model), random weights, float32, its output layer scaled by
     16 so that a greedy answer hardly ever hinges on float rounding (batches of other
     shapes round otherwise). Saved once."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     path = Path(folder) / f"qwen3-vl-tiny-{seed}"
@@ -146,7 +145,6 @@ def save_load_model(folder: str | Path, seed: int = 0) -> Path:
     head = next(name for name in tensors if name.endswith("lm_head.weight"))
     tensors[head] = tensors[head] * 16
     save_file(tensors, weights, metadata={"format": "pt"})
-    del torch
     return path
 
 

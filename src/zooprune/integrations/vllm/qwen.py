@@ -180,20 +180,14 @@ class _PrunedQwen(PrunedVariant):
     def _process_image_input(self, image_input: Any) -> tuple[Tensor, ...]:
         refuse_embeddings(image_input)
         pixels, grid_thw = image_input["pixel_values"], image_input["image_grid_thw"]
-        kept = self._kept(pixels, grid_thw, "image", self._requested_texts(len(grid_thw)))
+        kept = self._kept(pixels, grid_thw, "image", self.requested_texts(len(grid_thw)))
         return tuple(run for _, run in kept)
 
     def _process_video_input(self, video_input: Any) -> tuple[Tensor, ...]:
         refuse_embeddings(video_input)
         pixels, grid_thw = video_input["pixel_values_videos"], video_input["video_grid_thw"]
-        kept = self._kept(pixels, grid_thw, "video", self._requested_texts(len(grid_thw)))
+        kept = self._kept(pixels, grid_thw, "video", self.requested_texts(len(grid_thw)))
         return tuple(run for _, run in kept)
-
-    def _requested_texts(self, count: int) -> list[str | None]:
-        """The settings text of each item of the encoder call under way (None: the
-        server's)."""
-        requested = getattr(self, "_requested", None)
-        return [None] * count if requested is None else list(requested)
 
     # -- positions --------------------------------------------------------------------------
 

@@ -358,12 +358,17 @@ class PrunedVariant:
     def item_selectors(self, count: int) -> list[Selector]:
         """The selector of each of the ``count`` items of the encoder call under way: its
         request's own settings, or the server's (:attr:`selector`) where it gave none."""
+        return [self.selector_of_request(text) for text in self.requested_texts(count)]
+
+    def requested_texts(self, count: int) -> list[str | None]:
+        """The settings text of each of the ``count`` items of the encoder call under way
+        (None: the server's)."""
         requested = getattr(self, "_requested", None)
         if requested is None:
-            return [self.selector] * count
+            return [None] * count
         if len(requested) != count:
             raise ValueError(f"{len(requested)} items' settings for {count} items")
-        return [self.selector_of_request(text) for text in requested]
+        return list(requested)
 
     def selector_of_request(self, text: str | None) -> Selector:
         """The selector of an item's settings text (None: the server's)."""
