@@ -24,6 +24,7 @@ from zooprune.budget import Budget, split_evenly
 from zooprune.errors import NonFiniteFeaturesError, PlaceholderMismatchError, PruneError
 from zooprune.record import ImageSelection, Selection
 from zooprune.select import METHODS, MethodSpec, TokenSet, check_estimator, get_method
+from zooprune.select.ops import all_finite
 
 #: the layout options a multi-crop family may accept (``Adapter.options``), first = default
 CROP_BUDGETS = ("split", "global")
@@ -530,7 +531,7 @@ class Selector:
         for i, (layout, (kind, index)) in enumerate(zip(layouts, item_keys(layouts), strict=True)):
             name = f"{kind} {index}"
             for what, t in (("features", encoded.features[i]), ("tokens", encoded.projected[i])):
-                if not bool(torch.isfinite(t).all()):
+                if not all_finite(t):
                     raise NonFiniteFeaturesError(f"{name}'s visual {what} contain NaN or inf")
             k = self.budget.tokens_for(encoded.features[i].shape[0], name)
             parts = layout.units(policy[layout.kind])

@@ -6,11 +6,15 @@ proportioned model (4 frames of 64 px)."""
 import statistics
 
 import pytest
+import torch
 
 from zooprune.integrations.vllm.throughput import ServingConfig, run_serving_benchmark
 
 NEW_TOKENS = 2
 CONCURRENCY = 2
+
+
+PROGRESS: list[str] = []
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +27,7 @@ def result(tmp_path_factory):
         warmup=1,
         cache=str(tmp_path_factory.mktemp("model")),
     )
-    return run_serving_benchmark(config)
+    return run_serving_benchmark(config, PROGRESS.append)
 
 
 def test_each_condition_serves_its_prompt_length_and_counts_its_work(result):
@@ -37,7 +41,15 @@ def test_each_condition_serves_its_prompt_length_and_counts_its_work(result):
         "method": "grid",
         "keep": 64,
         "share_of_requests_per_s": pytest.approx(pruned["requests_per_s"] / grid["requests_per_s"]),
+        "ttft_ratio": pytest.approx(pruned["ttft_median_s"] / grid["ttft_median_s"]),
     }
+    # the method at the reference's K and the reference: both engines up, waves in turn
+    waves = [line for line in PROGRESS if "keep 64" in line]
+    assert waves == [
+        "zoo keep 64: starting the engine",
+        "grid keep 64: starting the engine",
+        *(f"{m} keep 64: wave {w} of 3" for w in (1, 2, 3) for m in ("zoo", "grid")),
+    ]
     for row in result["rows"]:
         assert len(row["wave_s"]) == 2
         # every request of a wave answered with all its tokens within the wave's time
@@ -51,9 +63,18 @@ def test_each_condition_serves_its_prompt_length_and_counts_its_work(result):
         assert 0 < row["ttft_median_s"] <= row["latency_median_s"] <= max(row["wave_s"])
         assert row["ttft_median_s"] <= row["ttft_p95_s"]
         assert 0 < row["kv_blocks_peak"] <= row["kv_blocks_total"]
-    assert unpruned["selection_s_per_image"] is None
-    # the plugin's own tally, in this process
-    assert pruned["selection_s_per_image"] > 0 and grid["selection_s_per_image"] > 0
+    assert unpruned["selection_s_per_image"] is None and unpruned["selection"] is None
+    # the plugin's own tally, in this process, split by the methods' stages: zoo scores
+    # and runs its greedy; grid has neither stage, all its time is data movement
+    for row in (pruned, grid):
+        split = row["selection"]
+        assert row["selection_s_per_image"] == split["selection"] > 0
+        parts = split["scoring"] + split["greedy"] + split["data_movement"]
+        assert parts == pytest.approx(split["selection"])
+        assert split["threads"] == torch.get_num_threads()
+    assert pruned["selection"]["scoring"] > 0 and pruned["selection"]["greedy"] > 0
+    assert grid["selection"]["scoring"] == grid["selection"]["greedy"] == 0
+    assert grid["selection"]["data_movement"] > 0
     # KV blocks follow the prompt lengths: ceil(tokens / block) per request
     block = pruned["kv_block_size"]
     for row in result["rows"]:
@@ -78,6 +99,10 @@ def test_the_tables_and_the_picture(result, tmp_path):
     text = console.export_text()
     assert "576/576" in text and "64/576" in text and "throughput x" in text
     assert "grid" in text
+    (zoo_split,) = [line for line in text.splitlines() if "64/576" in line and " zoo " in line][-1:]
+    split = result["rows"][1]["selection"]
+    for part in ("selection", "scoring", "greedy", "data_movement"):
+        assert f"{split[part] * 1e3:.1f}" in zoo_split
     assert plot_serving(result, tmp_path / "serving.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -1,5 +1,7 @@
 """Exact, forward-mode and low-rank sensitivity against brute-force autograd Jacobians."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -307,3 +309,40 @@ def test_the_cache_sees_an_edit_that_keeps_the_sampled_sum():
         exact_sensitivity(module, as_mlp(module), x), exact_sensitivity(fresh, as_mlp(fresh), x)
     )
     assert not torch.equal(exact_sensitivity(module, as_mlp(module), x), first)
+
+
+def autograd_exact(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """||J_i||_F / sqrt(d_v) per token from autograd Jacobians (float64), ``[B, N]``."""
+    module = copy.deepcopy(module).double()
+    rows = x.double().reshape(-1, x.shape[-1])
+    jac = torch.func.vmap(torch.func.jacrev(module))(rows)  # [T, d_l, d_v]
+    return (jac.flatten(1).norm(dim=-1) / x.shape[-1] ** 0.5).reshape(x.shape[:-1])
+
+
+def test_exact_factored_form_over_several_blocks_and_passes():
+    from zooprune.select import mlp as mlp_module
+
+    # H = 300: two full blocks of L's columns and a partial one; 2 x 700 tokens: two
+    # passes of the chunked form, one of them partial and spanning both images.
+    torch.manual_seed(10)
+    module = nn.Sequential(nn.Linear(8, 300), nn.GELU(), nn.Linear(300, 300))
+    x = torch.randn(2, 700, 8) * 2
+    gram = GRAM_KERNELS.get(module, as_mlp(module), x.device)
+    assert gram.factor is not None and gram.kernel is None
+    assert 300 % mlp_module.FACTOR_BLOCK and 1400 % mlp_module.EXACT_CHUNK and 1400 > 1024
+    got = exact_sensitivity(module, as_mlp(module), x)
+    torch.testing.assert_close(got.double(), autograd_exact(module, x), rtol=2e-5, atol=0)
+
+
+def test_exact_form_of_a_kernel_that_does_not_factor():
+    # A hidden unit no input reaches: a zero row of W1 makes K singular (no Cholesky);
+    # the quadratic form is then taken with K itself.
+    torch.manual_seed(11)
+    module = nn.Sequential(nn.Linear(6, 20), nn.GELU(), nn.Linear(20, 5))
+    with torch.no_grad():
+        module[0].weight[3] = 0
+    x = torch.randn(1, 30, 6)
+    gram = GRAM_KERNELS.get(module, as_mlp(module), x.device)
+    assert gram.factor is None and gram.kernel is not None
+    got = exact_sensitivity(module, as_mlp(module), x)
+    torch.testing.assert_close(got.double(), autograd_exact(module, x), rtol=2e-5, atol=0)

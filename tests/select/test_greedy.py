@@ -221,10 +221,10 @@ def test_normalize():
 def test_auto_takes_rows_where_they_pay_and_the_matrix_elsewhere():
     from zooprune.select.greedy import MATRIX_BYTES, ROWS_BELOW, distance_mode
 
-    assert ROWS_BELOW == 12 and MATRIX_BYTES == 2**30
-    # On a CPU: rows for k * 12 <= N, else the matrix.
-    assert distance_mode("auto", 1, 576, 48, "max_weight", "cpu") == "rows"
-    assert distance_mode("auto", 1, 576, 49, "max_weight", "cpu") == "matrix"
+    assert ROWS_BELOW == 4 and MATRIX_BYTES == 2**30
+    # On a CPU: rows for k * 4 <= N, else the matrix.
+    assert distance_mode("auto", 1, 576, 144, "max_weight", "cpu") == "rows"
+    assert distance_mode("auto", 1, 576, 145, "max_weight", "cpu") == "matrix"
     # Elsewhere, or for DivPrune's first pick (every distance), the matrix...
     assert distance_mode("auto", 1, 576, 8, "max_weight", "meta") == "matrix"
     assert distance_mode("auto", 1, 576, 8, "farthest_neighbour", "cpu") == "matrix"
@@ -289,3 +289,48 @@ def test_a_batch_picks_what_each_image_picks_alone_whatever_their_spreads(fusion
             features[i : i + 1], 6, weights=weights[i : i + 1], fusion=fusion, distances=distances
         )
         assert batch[i].tolist() == alone[0].tolist()
+
+
+def clustered(images: int, n: int, d: int, seed: int) -> torch.Tensor:
+    """Tokens around a few centres each, as an image's are: the greedy's next picks are
+    then often not the highest scores of the step before, so rows mode computes its rows
+    in many blocks."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(images, 12, d, generator=g)
+    label = torch.randint(0, 12, (images, n), generator=g)
+    near = centres.gather(1, label[..., None].expand(-1, -1, d))
+    return near + 0.5 * torch.randn(images, n, d, generator=g)
+
+
+def test_rows_in_blocks_pick_as_the_matrix_does_and_each_image_as_alone(monkeypatch):
+    import zooprune.select.greedy as greedy
+
+    made = []
+
+    class Recorded(greedy._PickRows):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(greedy, "_PickRows", Recorded)
+    z, w = (
+        clustered(3, 400, 24, seed=6),
+        torch.rand(3, 400, generator=torch.Generator().manual_seed(7)),
+    )
+    mask = torch.ones(3, 400, dtype=torch.bool)
+    mask[1, 250:] = False
+    k = 200  # more rows than the first store holds (4 blocks): it grows
+    rows = maxmin_select(z, k, weights=w, mask=mask, distances="rows")
+    assert torch.equal(rows, maxmin_select(z, k, weights=w, mask=mask, distances="matrix"))
+    (batch,) = made
+    assert batch.block == greedy.ROW_BLOCK and batch.kept.shape[1] > 4 * greedy.ROW_BLOCK
+    assert (batch.count > k).any()  # speculative rows were computed, not only the picks'
+    for i in range(3):
+        alone = maxmin_select(
+            z[i : i + 1], k, weights=w[i : i + 1], mask=mask[i : i + 1], distances="rows"
+        )
+        assert torch.equal(alone[0], rows[i])
+    # Where the matrices would not fit, one row per pick: at most k rows kept per image.
+    monkeypatch.setattr(greedy, "MATRIX_BYTES", 1)
+    assert torch.equal(maxmin_select(z, k, weights=w, mask=mask, distances="rows"), rows)
+    assert made[-1].block == 1 and (made[-1].count <= k).all()

@@ -226,9 +226,10 @@ def _speed_vllm(args: argparse.Namespace) -> int:
     if (reference := result["reference"]) is not None:
         notes.append(
             f"{result['method']} at keep {reference['keep']}: "
-            f"{reference['share_of_requests_per_s']:.0%} of {reference['method']}'s requests/s "
+            f"{reference['share_of_requests_per_s']:.1%} of {reference['method']}'s "
+            f"requests/s, median TTFT {reference['ttft_ratio']:.2f}x {reference['method']}'s "
             f"({reference['method']}: selection nearly free, the limit of a pre-LLM pruner at "
-            "that K)"
+            "that K; the two served by two engines, wave for wave in turn)"
         )
     notes.append(
         f"[dim]{result['engine']}, {result['dtype']}, method {result['method']}; each wave: "
@@ -375,16 +376,24 @@ def serving_tables(result: dict) -> list[Table]:
         "latency median ms",
         "latency p95 ms",
         "KV blocks peak",
-        "selection ms/image",
     ):
         times.add_column(column, justify="right")
     for column in ("kept", "method", "throughput x", "TTFT x", "latency x", "KV blocks x"):
         ratios.add_column(column, justify="right")
+    selection = Table(title="selection inside the engine, ms per image")
+    for column in ("kept", "method", "in all", "scoring", "greedy", "data movement", "threads"):
+        selection.add_column(column, justify="right")
     base = result["rows"][0]
     for row in result["rows"]:
         kept = f"{row['keep'] if row['pruned'] else visual}/{visual}"
-        selection = row["selection_s_per_image"]
         method = row["method"] or "-"
+        if (split := row.get("selection")) is not None:
+            selection.add_row(
+                kept,
+                method,
+                *(f"{split[part] * 1e3:.1f}" for part in SELECTION_PARTS),
+                str(split["threads"]),
+            )
         times.add_row(
             kept,
             method,
@@ -396,7 +405,6 @@ def serving_tables(result: dict) -> list[Table]:
             f"{row['latency_median_s'] * 1e3:.0f}",
             f"{row['latency_p95_s'] * 1e3:.0f}",
             f"{row['kv_blocks_peak']} of {row['kv_blocks_total']}",
-            "-" if selection is None else f"{selection * 1e3:.1f}",
         )
         ratios.add_row(
             kept,
@@ -406,7 +414,11 @@ def serving_tables(result: dict) -> list[Table]:
             f"{row['latency_ratio']:.2f}",
             f"{row['kv_blocks_peak'] / max(base['kv_blocks_peak'], 1):.2f}",
         )
-    return [times, ratios]
+    return [times, ratios, selection]
+
+
+#: the parts of a selection's time the serving table shows (Tally.per_image's keys)
+SELECTION_PARTS = ("selection", "scoring", "greedy", "data_movement")
 
 
 def speed_tables(result: dict) -> list[Table]:

@@ -7,8 +7,9 @@ update it with the distances to the newest pick only: O(k * N) after the distanc
 
 The distances come one of two ways (``distances=``): all N x N at once from a blocked,
 exactly symmetric matrix product (``"matrix"``: what DivPrune's first pick needs), or
-only the k rows of the picks, one per step (``"rows"``: O(k N d) work and no N x N
-memory, for when k is small against N or N x N would not fit). The loop itself runs in
+the rows of the picks only (``"rows"``: for when k is small against N or N x N would not
+fit), a missing row computed together with those of the likeliest next picks, so that
+a few products of many rows replace k matrix-vector products. The loop itself runs in
 NumPy whatever the device: it is a chain of tiny vector operations, where PyTorch's
 per-operation dispatch costs more than the arithmetic.
 """
@@ -30,14 +31,18 @@ DistanceMode = Literal["auto", "matrix", "rows"]
 #: Distances below this count as 0: an exact duplicate's 1 - cos is rounding noise
 #: (~1e-7 in float32), which the additive fusion would otherwise rescale into a ranking.
 DUPLICATE_DISTANCE = 1e-6
-#: ``"auto"`` takes rows on a CPU when k * ROWS_BELOW <= N: one matrix-vector product per
-#: step reads all N x d tokens, about 10 times slower per row than a row of the blocked
-#: product (``zooprune speed-kernels --greedy-only --budgets 16,32,48,64`` measures both)
-ROWS_BELOW = 12
+#: ``"auto"`` takes rows on a CPU when k * ROWS_BELOW <= N: batches of 8 images of 576
+#: clustered tokens of width 1024 take 15.6 ms in rows and 25.1 ms in the matrix at k = 64,
+#: 24.8 and 26.0 at k = 128, 31.0 and 26.9 at k = 192 (see test_greedy's timing notes)
+ROWS_BELOW = 4
 #: ``"auto"`` takes rows wherever the N x N matrices of a batch would exceed this
 MATRIX_BYTES = 2**30
 #: rows per block of the symmetric product: big enough to run at full matrix speed
 _BLOCK = 192
+#: rows mode: a missing row comes with those of up to this many likeliest next picks, in
+#: one product (bigger blocks read each image's tokens fewer times; 8, 16, 32 and 64 were
+#: timed, 32 and 64 alike)
+ROW_BLOCK = 32
 
 
 def _distance(cos: Tensor) -> Tensor:
@@ -45,17 +50,27 @@ def _distance(cos: Tensor) -> Tensor:
     return dist.masked_fill(dist < DUPLICATE_DISTANCE, 0.0)
 
 
+def _distance_rows(cos: np.ndarray) -> np.ndarray:
+    """:func:`_distance` of some rows of cosines, in NumPy (the same float operations, so
+    the same numbers)."""
+    dist = 1.0 - cos
+    dist[dist < DUPLICATE_DISTANCE] = 0.0
+    return dist
+
+
 def unit_rows(features: Tensor) -> Tensor:
     """Rows scaled to unit L2 norm, in float32 at least. ``[B, N, d] -> [B, N, d]``."""
     x = at_least_float32(features)
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    norms = x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    # A half-precision input was copied to float32 above: that copy is scaled in place.
+    return x / norms if x is features else x.div_(norms)
 
 
-def pairwise_distances(features: Tensor) -> Tensor:
-    """1 - cos between all tokens of each image, ``[B, N, d] -> [B, N, N]``.
+def pairwise_cosines(features: Tensor) -> Tensor:
+    """cos between all tokens of each image, ``[B, N, d] -> [B, N, N]``.
 
     Exactly symmetric: each block above the diagonal is computed once and mirrored (a
-    third less work than the full product at N = 576), so d(i, j) and d(j, i) are the
+    third less work than the full product at N = 576), so cos(i, j) and cos(j, i) are the
     same number and a tie between them stays a tie.
     """
     unit = unit_rows(features)
@@ -68,7 +83,13 @@ def pairwise_distances(features: Tensor) -> Tensor:
         rows[:, :, : stop - start] = square.triu() + square.triu(1).mT
         cos[:, start:stop, start:] = rows
         cos[:, stop:, start:stop] = rows[:, :, stop - start :].mT
-    return _distance(cos)
+    return cos
+
+
+def pairwise_distances(features: Tensor) -> Tensor:
+    """1 - cos between all tokens of each image (:func:`pairwise_cosines`), exactly
+    symmetric, ``[B, N, d] -> [B, N, N]``."""
+    return _distance(pairwise_cosines(features))
 
 
 def maxmin_select(
@@ -117,48 +138,56 @@ def maxmin_select(
     device = features.device
     if mask is None:
         mask = torch.ones(batch, n, dtype=torch.bool, device=device)
+    # Matrix mode keeps cosines and turns only the picks' rows into distances (the same
+    # numbers as pairwise_distances, without two passes over all N x N of them).
+    cosines = None
     if isinstance(distances, str):
         chosen = distance_mode(distances, batch, n, k, first, device)
-        distances = pairwise_distances(features) if chosen == "matrix" else None
+        distances = cosines = pairwise_cosines(features) if chosen == "matrix" else None
     real = mask.cpu().numpy()
     # 0 for candidates, -inf once picked (or padding): added to every score.
     penalty = np.where(real, 0.0, -np.inf)
     w = None if weights is None else at_least_float32(weights.detach()).cpu().numpy()
     images = np.arange(batch)
 
-    if isinstance(distances, Tensor):  # every distance at hand
+    if isinstance(distances, Tensor):  # every distance (or cosine) at hand
         matrix = distances.detach().cpu().numpy()
         penalty = penalty.astype(matrix.dtype)
 
-        def row_of(pick: np.ndarray) -> np.ndarray:
-            return matrix[images, pick]
+        def row_of(pick: np.ndarray, scores: np.ndarray) -> np.ndarray:
+            row = matrix[images, pick]
+            return row if cosines is None else _distance_rows(row)
 
-    else:  # one row per pick, computed when it is picked
+    else:  # the picks' rows only, computed as they are picked (see _PickRows)
         unit = unit_rows(features.detach())
         penalty = penalty.astype(np.float64 if unit.dtype == torch.float64 else np.float32)
-        at = torch.arange(batch, device=device)
-
-        def row_of(pick: np.ndarray) -> np.ndarray:
-            chosen = unit[at, torch.from_numpy(pick).to(device)]  # [B, d]
-            return _distance(torch.bmm(unit, chosen[..., None])[..., 0]).cpu().numpy()
+        # Where the matrix would not fit, one row per pick: the rows kept stay k per image.
+        block = 1 if batch * n * n * 4 > MATRIX_BYTES else ROW_BLOCK
+        row_of = _PickRows(unit, penalty.dtype, block)
 
     if w is not None:
         w = w.astype(penalty.dtype)
     if first == "max_weight":
-        pick = (w + penalty).argmax(axis=-1)
+        score = w + penalty
+        pick = score.argmax(axis=-1)
     else:
         blocked = np.eye(n, dtype=bool) | ~real[:, None, :]
-        nearest = np.where(blocked, np.inf, matrix).min(axis=-1)
+        if cosines is None:
+            nearest = np.where(blocked, np.inf, matrix).min(axis=-1)
+        else:  # the nearest is the most similar: 1 - cos and the cut-off are monotone
+            nearest = _distance_rows(np.where(blocked, -np.inf, matrix).max(axis=-1))
         # A lone real token has no neighbour; it is then the only candidate anyway.
         nearest[np.isinf(nearest)] = 0.0
         pick = (nearest + penalty).argmax(axis=-1)
 
     picks = [pick]
     min_dist = np.full((batch, n), np.inf, dtype=penalty.dtype)
-    score = np.empty_like(min_dist)
+    if first != "max_weight":
+        score = nearest + penalty
     for _ in range(1, k):
         penalty[images, pick] = -np.inf
-        np.minimum(min_dist, row_of(pick), out=min_dist)
+        np.minimum(min_dist, row_of(pick, score), out=min_dist)
+        score = np.empty_like(min_dist)
         if w is None:
             np.add(min_dist, penalty, out=score)
         elif fusion == "product":
@@ -176,6 +205,46 @@ def maxmin_select(
     # While real tokens remain, a pick is always one of them; past that, slots are empty.
     surplus = torch.arange(k, device=device)[None, :] >= mask.sum(dim=-1, keepdim=True)
     return result.masked_fill(surplus, -1)
+
+
+class _PickRows:
+    """The distance rows of the greedy's picks, computed when they are picked, image by
+    image. A missing row comes with those of the :data:`ROW_BLOCK` likeliest next picks in
+    one product: the unpicked tokens of highest score, which the next picks mostly are
+    (a score only falls as picks are added). Each image's rows depend on that image alone,
+    whatever else is in the batch."""
+
+    def __init__(self, unit: Tensor, dtype: np.dtype, block: int) -> None:
+        self.unit, self.block = unit, block
+        batch, n, _ = unit.shape
+        self.images = np.arange(batch)
+        self.slot = np.full((batch, n), -1)  # where a token's row is kept, -1: not yet
+        self.count = np.zeros(batch, dtype=np.int64)
+        self.kept = np.empty((batch, min(n, 4 * block), n), dtype=dtype)
+
+    def __call__(self, pick: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """``[B, N]`` distance rows of ``pick`` (one token per image), which ``scores``
+        (``[B, N]``, -inf where picked) chose."""
+        for image in np.flatnonzero(self.slot[self.images, pick] < 0):
+            self._compute(image, int(pick[image]), scores[image])
+        return self.kept[self.images, self.slot[self.images, pick]]
+
+    def _compute(self, image: int, pick: int, scores: np.ndarray) -> None:
+        candidates = np.where(self.slot[image] < 0, scores, -np.inf)
+        likeliest = np.argsort(-candidates, kind="stable")[: self.block]
+        likeliest = likeliest[np.isfinite(candidates[likeliest])]
+        tokens = np.unique(np.append(likeliest, pick))
+        start = int(self.count[image])
+        if start + tokens.size > self.kept.shape[1]:
+            grown = max(2 * self.kept.shape[1], start + tokens.size)
+            kept = np.empty((self.kept.shape[0], grown, self.kept.shape[2]), self.kept.dtype)
+            kept[:, : self.kept.shape[1]] = self.kept
+            self.kept = kept
+        unit = self.unit[image]
+        cos = unit[torch.from_numpy(tokens).to(unit.device)] @ unit.T  # [t, N]
+        self.kept[image, start : start + tokens.size] = _distance_rows(cos.cpu().numpy())
+        self.slot[image, tokens] = np.arange(start, start + tokens.size)
+        self.count[image] = start + tokens.size
 
 
 def distance_mode(

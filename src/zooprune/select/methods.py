@@ -32,6 +32,7 @@ from zooprune.select.sensitivity import (
     zo_sensitivity,
 )
 from zooprune.select.spatial import grid_indices, nearest_centre, pool_to_centres, random_indices
+from zooprune.select.stages import stage
 from zooprune.select.visionzip import default_contextual, visionzip_select
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -157,18 +158,19 @@ def score_then_choose(
     rank: int = 128,
 ) -> MethodResult:
     """A method that scores by projector sensitivity, then ``choose``s k tokens by them."""
-    scores, ran = sensitivity_scores(
-        tokens,
-        estimator=estimator,
-        num_directions=num_directions,
-        step=step,
-        seed=seed,
-        zo_dtype=zo_dtype,
-        rank=rank,
-    )
-    return MethodResult(
-        _sorted(choose(tokens, k, scores)), scores=scores, details={"estimator": ran}
-    )
+    with stage("scoring"):
+        scores, ran = sensitivity_scores(
+            tokens,
+            estimator=estimator,
+            num_directions=num_directions,
+            step=step,
+            seed=seed,
+            zo_dtype=zo_dtype,
+            rank=rank,
+        )
+    with stage("greedy"):
+        picks = choose(tokens, k, scores)
+    return MethodResult(_sorted(picks), scores=scores, details={"estimator": ran})
 
 
 def _maxmin(fusion: str, tokens: TokenSet, k: int, scores: torch.Tensor) -> torch.Tensor:
@@ -204,7 +206,8 @@ for _name, _summary, _choose in (
 
 @register_method("divprune", "DivPrune: max-min diversity of projected tokens (1 - cosine)")
 def divprune(tokens: TokenSet, k: int) -> MethodResult:
-    picks = maxmin_select(tokens.projected, k, first="farthest_neighbour")
+    with stage("greedy"):
+        picks = maxmin_select(tokens.projected, k, first="farthest_neighbour")
     return MethodResult(_sorted(picks))
 
 
@@ -269,14 +272,18 @@ def cdpruner(tokens: TokenSet, k: int, *, theta: float | None = None) -> MethodR
     """
     if tokens.instruction is None or tokens.instruction_mask is None:
         raise ValueError("cdpruner needs the instruction's token embeddings")
-    relevance = instruction_relevance(tokens.projected, tokens.instruction, tokens.instruction_mask)
+    with stage("scoring"):
+        relevance = instruction_relevance(
+            tokens.projected, tokens.instruction, tokens.instruction_mask
+        )
     projected, weighted = tokens.projected, relevance
     if theta is not None:
         # exp(alpha r) leaves float32's range as theta nears 1 (alpha = 49.5 at 0.99):
         # dividing an image's q by its largest (r less its max) scales every greedy gain
         # by one constant, the same picks, and float64 keeps the small q's apart.
         projected, weighted = projected.double(), (relevance - relevance.amax(-1, True)).double()
-    picks = greedy_dpp_map(conditional_kernel(projected, weighted, theta), k)
+    with stage("greedy"):
+        picks = greedy_dpp_map(conditional_kernel(projected, weighted, theta), k)
     return MethodResult(_sorted(picks), scores=relevance)
 
 

@@ -8,11 +8,16 @@ g = GELU'(W1 x + b1). Its squared Frobenius norm is a quadratic form in g,
 with K = (W2^T W2) o (W1 W1^T) (elementwise), H x H, fixed per model. For unit directions u
 in d_v dimensions E ||J u||^2 = ||J||_F^2 / d_v, so ||J||_F / sqrt(d_v) is what the
 zeroth-order estimator's E ||J u|| approximates, without sampling noise or a step size.
+
+K is positive definite for any projector whose W2 has full column rank (the Schur product
+of a positive definite and a positive semi-definite matrix with a positive diagonal), so
+it factors once per model as K = L L^T, L lower triangular, and g^T K g = ||g^T L||^2: a sum
+of squares, and half the multiply-adds of g^T K g, because the product skips L's zero upper
+triangle block by block. A K that does not factor is used as it is.
 """
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,14 +81,11 @@ def as_mlp(projector: nn.Module) -> MLPWeights | None:
 
 
 def gelu_derivative(a: Tensor, kind: GeluKind) -> Tensor:
-    """GELU'(a), elementwise, for the exact (erf) or tanh-approximated GELU."""
-    if kind == "erf":
-        cdf = 0.5 * (1.0 + torch.erf(a / math.sqrt(2.0)))
-        pdf = torch.exp(-0.5 * a * a) / math.sqrt(2.0 * math.pi)
-        return cdf + a * pdf
-    c = math.sqrt(2.0 / math.pi)
-    t = torch.tanh(c * (a + 0.044715 * a**3))
-    return 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * a * a)
+    """GELU'(a), elementwise, for the exact (erf) or tanh-approximated GELU: the kernel
+    autograd runs for GELU's backward (one fused pass, where the textbook formula takes
+    ten)."""
+    approximate = "none" if kind == "erf" else "tanh"
+    return torch.ops.aten.gelu_backward(torch.ones_like(a), a, approximate=approximate)
 
 
 def _tensor_state(t: Tensor) -> tuple:
@@ -133,12 +135,46 @@ class _PerWeightsCache:
         return entry[2]
 
 
-def _gram_kernel(mlp: MLPWeights, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
-    """K = (W2^T W2) o (W1 W1^T), and float32 W1, b1 for the per-image part."""
+#: tokens per pass of the exact form: a pass's [tokens, H] intermediates stay in cache
+EXACT_CHUNK = 1024
+#: columns of L per product of the factored form: finer blocks skip more of L's zero upper
+#: triangle ((H / block + 1) / (2 H / block) of the dense work) but make smaller products
+FACTOR_BLOCK = 128
+
+
+@dataclass(frozen=True)
+class GramKernel:
+    """What the exact form needs of a projector's weights, in float32: K's lower triangular
+    factor L (None where K does not factor: then K itself), W1 and b1."""
+
+    kernel: Tensor | None  # [H, H], only where it did not factor
+    factor: Tensor | None  # [H, H] lower triangular, K = L L^T
+    w1: Tensor  # [H, d_v]
+    b1: Tensor | None  # [H]
+
+    def quadratic_form(self, g: Tensor) -> Tensor:
+        """g^T K g for every row of ``g`` ``[T, H]``: ``[T]``."""
+        if self.factor is None:
+            return ((g @ self.kernel) * g).sum(dim=-1)
+        squared = g.new_zeros(g.shape[0])
+        hidden = g.shape[1]
+        for start in range(0, hidden, FACTOR_BLOCK):
+            stop = min(start + FACTOR_BLOCK, hidden)
+            # Columns start:stop of g^T L: L's rows above start are zero there.
+            squared += (g[:, start:] @ self.factor[start:, start:stop]).square_().sum(dim=-1)
+        return squared
+
+
+def _gram_kernel(mlp: MLPWeights, device: torch.device) -> GramKernel:
+    """K = (W2^T W2) o (W1 W1^T), factored (in float64) where it is positive definite."""
     w1 = mlp.w1.to(device, torch.float32)
     w2 = mlp.w2.to(device, torch.float32)
     b1 = None if mlp.b1 is None else mlp.b1.to(device, torch.float32)
-    return (w2.T @ w2) * (w1 @ w1.T), w1, b1
+    kernel = (w2.T @ w2) * (w1 @ w1.T)
+    factor, info = torch.linalg.cholesky_ex(kernel.double())
+    if int(info) == 0:
+        return GramKernel(None, factor.float(), w1, b1)
+    return GramKernel(kernel, None, w1, b1)
 
 
 GRAM_KERNELS = _PerWeightsCache(_gram_kernel)
@@ -155,14 +191,16 @@ def exact_sensitivity(projector: nn.Module, mlp: MLPWeights, features: Tensor) -
     Returns:
         ``[B, N]`` float32.
     """
-    kernel, w1, b1 = GRAM_KERNELS.get(projector, mlp, features.device)
+    gram = GRAM_KERNELS.get(projector, mlp, features.device)
     x = features.to(torch.float32)
-    a = x @ w1.T
-    if b1 is not None:
-        a = a + b1
-    g = gelu_derivative(a, mlp.gelu)  # [B, N, H]
-    squared = ((g @ kernel) * g).sum(dim=-1)
-    return (squared.clamp_min(0.0) / x.shape[-1]).sqrt()
+    rows = x.reshape(-1, x.shape[-1])
+    squared = rows.new_empty(rows.shape[0])
+    for start in range(0, rows.shape[0], EXACT_CHUNK):
+        a = rows[start : start + EXACT_CHUNK] @ gram.w1.T
+        if gram.b1 is not None:
+            a += gram.b1
+        squared[start : start + EXACT_CHUNK] = gram.quadratic_form(gelu_derivative(a, mlp.gelu))
+    return (squared.clamp_min(0.0) / x.shape[-1]).sqrt().reshape(x.shape[:-1])
 
 
 def low_rank_factors(mlp: MLPWeights, device: torch.device, rank: int) -> list[Tensor]:

@@ -30,6 +30,7 @@ from zooprune.integrations.vllm import SETTINGS, VARIANTS, Variant
 from zooprune.pipeline import EncodedImages, Kept, Selector, item_names
 from zooprune.select import get_method
 from zooprune.select.methods import MLP_ESTIMATORS
+from zooprune.select.stages import StageClock, clocked
 from zooprune.settings import LAYOUT_OPTIONS, Settings
 
 logger = logging.getLogger(__name__)
@@ -41,16 +42,37 @@ REQUEST_MODALITIES = ("image", "video")
 
 @dataclass
 class Tally:
-    """The selection work done in this process: images and seconds (scoring and greedy)."""
+    """The selection work done in this process: images and seconds, in all and in the
+    methods' stages (:mod:`zooprune.select.stages`: scoring, greedy; the rest is data
+    movement and checks), and the threads it ran on."""
 
     images: int = 0
     seconds: float = 0.0
+    scoring_s: float = 0.0
+    greedy_s: float = 0.0
+    #: torch's intra-op threads at the last selection
+    threads: int = 0
     #: items whose selection failed at run time and fell back (see select_or_fall_back)
     fallbacks: int = 0
     synchronize: bool = False  # wait for a GPU's queued work on both sides of the timing
 
     def reset(self) -> None:
         self.images, self.seconds, self.fallbacks = 0, 0.0, 0
+        self.scoring_s = self.greedy_s = 0.0
+
+    def per_image(self) -> dict[str, float] | None:
+        """Seconds per image: ``selection`` in all, ``scoring``, ``greedy`` and
+        ``data_movement`` (the rest), and ``threads``; None before any image."""
+        if not self.images:
+            return None
+        rest = self.seconds - self.scoring_s - self.greedy_s
+        return {
+            "selection": self.seconds / self.images,
+            "scoring": self.scoring_s / self.images,
+            "greedy": self.greedy_s / self.images,
+            "data_movement": rest / self.images,
+            "threads": self.threads,
+        }
 
 
 #: read by the throughput benchmark (its engine runs in the benchmark's process)
@@ -383,13 +405,16 @@ class PrunedVariant:
         projector = self.scoring_projector.to(device)
         selectors = selectors or self.item_selectors(len(encoded.layouts))
         synchronize = TALLY.synchronize and device.type == "cuda"
-        if synchronize:
-            torch.cuda.synchronize()
+        clock = StageClock(torch.cuda.synchronize if synchronize else None)
+        clock.sync()
         start = time.perf_counter()
-        kept = select_each(selectors, encoded, projector)
-        if synchronize:
-            torch.cuda.synchronize()
+        with clocked(clock):
+            kept = select_each(selectors, encoded, projector)
+        clock.sync()
         TALLY.seconds += time.perf_counter() - start
+        TALLY.scoring_s += clock.seconds["scoring"]
+        TALLY.greedy_s += clock.seconds["greedy"]
+        TALLY.threads = torch.get_num_threads()
         TALLY.images += len(kept.images)
         object.__setattr__(self, "zooprune_kept", [image.indices.cpu() for image in kept.images])
         return kept

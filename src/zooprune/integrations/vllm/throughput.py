@@ -7,12 +7,15 @@ come from the wave's wall time, time to first token and latency from the step in
 each request got its first and last token. Medians over the timed waves; the warm-up wave
 also reads the KV-cache blocks in use (its peak), outside the timing.
 
-The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the selection's
-own time can be read from :data:`zooprune.integrations.vllm.selection.TALLY`.
+The engines run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the selection's
+own time, split into the methods' stages, can be read from
+:data:`zooprune.integrations.vllm.selection.TALLY`. The method at the reference's budget
+and the reference itself are served by two engines at once, wave for wave in turn.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import statistics
@@ -91,6 +94,12 @@ def _images(config: ServingConfig, wave: int) -> list[Image.Image]:
 
 
 def _kv_blocks_in_use(engine: Any, total: int) -> int:
+    """The KV blocks in use now: read off the scheduler of an engine in this process (the
+    source of vLLM's usage gauge, which engines sharing a process overwrite), else the
+    gauge."""
+    core = getattr(getattr(engine, "engine_core", None), "engine_core", None)
+    if core is not None:
+        return round(core.scheduler.kv_cache_manager.usage * total)
     for metric in engine.get_metrics():
         if metric.name == "vllm:kv_cache_usage_perc":
             return round(metric.value * total)
@@ -144,51 +153,59 @@ def serve_wave(
     }
 
 
-def _condition(
+def _conditions(
     config: ServingConfig,
     path: Path,
     prompt: str,
-    keep: int | None,
-    method: str,
+    runs: list[tuple[int | None, str]],
     progress: Callable[[str], None],
-) -> dict[str, Any]:
+) -> list[dict[str, Any]]:
+    """A row per ``(keep, method)`` of ``runs`` (keep None: unpruned), each on its own
+    engine, all started together and their waves taken in turn (the same images in the
+    same wave), so that a drift of the machine over the run weighs on them alike."""
     import zooprune.integrations.vllm as zv
     from zooprune.integrations.vllm.selection import TALLY
 
     TALLY.synchronize = True
-    label = "unpruned" if keep is None else f"{method} keep {keep}"
-    progress(f"{label}: starting the engine")
-    options = config.options if method == config.method else {}
-    pruning = {} if keep is None else zv.engine_args(path, method, keep=keep, **options)
-    llm, params = start_engine(path, config, 2048, config.concurrency, {"image": 1}, pruning)
-    engine = llm.llm_engine
-    blocks = engine.vllm_config.cache_config.num_gpu_blocks
-    waves, kv_peak = serve_waves(
-        engine,
+    engines, labels, params = [], [], None
+    for keep, method in runs:
+        label = "unpruned" if keep is None else f"{method} keep {keep}"
+        progress(f"{label}: starting the engine")
+        options = config.options if method == config.method else {}
+        pruning = {} if keep is None else zv.engine_args(path, method, keep=keep, **options)
+        llm, params = start_engine(path, config, 2048, config.concurrency, {"image": 1}, pruning)
+        engines.append(llm)
+        labels.append(label)
+    served = serve_interleaved(
+        [llm.llm_engine for llm in engines],
         lambda wave: [
             {"prompt": prompt, "multi_modal_data": {"image": image}}
             for image in _images(config, wave)
         ],
         params,
-        label,
-        blocks,
+        labels,
         config,
         progress,
     )
-    selection = TALLY.seconds / TALLY.images if keep is not None and TALLY.images else None
-    block_size = engine.vllm_config.cache_config.block_size
-    del llm, engine
+    rows = []
+    for (keep, method), llm, (waves, kv_peak, selection) in zip(runs, engines, served, strict=True):
+        cache = llm.llm_engine.vllm_config.cache_config
+        rows.append(
+            {
+                "keep": keep,
+                "pruned": keep is not None,
+                "method": None if keep is None else method,
+                **summary(waves, config.concurrency),
+                "kv_blocks_peak": kv_peak,
+                "kv_blocks_total": cache.num_gpu_blocks,
+                "kv_block_size": cache.block_size,
+                "selection_s_per_image": None if selection is None else selection["selection"],
+                "selection": selection,
+            }
+        )
+    del engines, llm
     gc.collect()
-    return {
-        "keep": keep,
-        "pruned": keep is not None,
-        "method": None if keep is None else method,
-        **summary(waves, config.concurrency),
-        "kv_blocks_peak": kv_peak,
-        "kv_blocks_total": blocks,
-        "kv_block_size": block_size,
-        "selection_s_per_image": selection,
-    }
+    return rows
 
 
 def start_engine(
@@ -221,36 +238,46 @@ def start_engine(
     return llm, params
 
 
-def serve_waves(
-    engine: Any,
+def serve_interleaved(
+    engines: list[Any],
     requests: Callable[[int], list[dict]],
     params: Any,
-    label: str,
-    blocks: int,
+    labels: list[str],
     config: Any,
     progress: Callable[[str], None],
     count: int | None = None,
-) -> tuple[list[dict[str, Any]], int]:
-    """``config.warmup`` waves, then ``config.repeats`` timed ones (:func:`serve_wave`,
-    ``requests(wave)`` each): the timed waves, and the KV blocks in use at the warm-up's
-    peak. The selection tally is reset before the first timed wave."""
-    from zooprune.integrations.vllm.selection import TALLY
+) -> list[tuple[list[dict[str, Any]], int, dict[str, float] | None]]:
+    """``config.warmup`` waves, then ``config.repeats`` timed ones, each wave served by
+    every engine in turn (:func:`serve_wave`, ``requests(wave)``). Per engine: its timed
+    waves, the KV blocks in use at its warm-up's peak, and its selection per image over
+    the timed waves (:meth:`~zooprune.integrations.vllm.selection.Tally.per_image`; None
+    where it selected nothing)."""
+    from zooprune.integrations.vllm.selection import TALLY, Tally
 
-    waves, kv_peak = [], 0
+    waves: list[list[dict[str, Any]]] = [[] for _ in engines]
+    peaks = [0] * len(engines)
+    tallies = [Tally() for _ in engines]
     total = config.warmup + config.repeats
     for wave in range(total):
         timed = wave >= config.warmup
-        progress(f"{label}: wave {wave + 1} of {total}")
-        if wave == config.warmup:
-            TALLY.reset()
-        result = serve_wave(
-            engine, requests(wave), params, f"{label}-{wave}", None if timed else blocks, count
-        )
-        if timed:
-            waves.append(result)
-        else:
-            kv_peak = result["kv_blocks_peak"]
-    return waves, kv_peak
+        for i, (engine, label) in enumerate(zip(engines, labels, strict=True)):
+            progress(f"{label}: wave {wave + 1} of {total}")
+            blocks = None if timed else engine.vllm_config.cache_config.num_gpu_blocks
+            before = dataclasses.replace(TALLY)
+            result = serve_wave(engine, requests(wave), params, f"{label}-{wave}", blocks, count)
+            if timed:
+                waves[i].append(result)
+                tally = tallies[i]
+                tally.images += TALLY.images - before.images
+                tally.seconds += TALLY.seconds - before.seconds
+                tally.scoring_s += TALLY.scoring_s - before.scoring_s
+                tally.greedy_s += TALLY.greedy_s - before.greedy_s
+                tally.threads = TALLY.threads
+            else:
+                peaks[i] = result["kv_blocks_peak"]
+    return [
+        (w, peak, tally.per_image()) for w, peak, tally in zip(waves, peaks, tallies, strict=True)
+    ]
 
 
 def ratios(row: dict[str, Any], unpruned: dict[str, Any]) -> dict[str, float]:
@@ -311,11 +338,18 @@ def run_serving_benchmark(
     share = None
     if hf_config.model_type == "llava":
         share = flops.vision_share(flops.Shapes.of_llava(hf_config), config.text_tokens)
-    conditions = [(None, config.method), *((keep, config.method) for keep in config.budgets)]
     with_reference = config.reference not in (None, config.method) and bool(config.budgets)
+    # The method at the reference's K and the reference: one pair of engines, their waves
+    # in turn (their ratio is the figure read); every other condition alone.
+    paired = [(min(config.budgets), config.method), (min(config.budgets), config.reference)]
+    alone = [(None, config.method), *((keep, config.method) for keep in config.budgets)]
     if with_reference:
-        conditions.append((min(config.budgets), config.reference))
-    rows = [_condition(config, path, prompt, keep, m, progress) for keep, m in conditions]
+        alone.remove(paired[0])
+    rows = [row for run in alone for row in _conditions(config, path, prompt, [run], progress)]
+    if with_reference:
+        pair = _conditions(config, path, prompt, paired, progress)
+        at = 1 + config.budgets.index(paired[0][0])
+        rows = [*rows[:at], pair[0], *rows[at:], pair[1]]
     base = rows[0]
     for row in rows:
         row |= ratios(row, base)
@@ -327,6 +361,7 @@ def run_serving_benchmark(
             "method": config.reference,
             "keep": limit["keep"],
             "share_of_requests_per_s": measured["requests_per_s"] / limit["requests_per_s"],
+            "ttft_ratio": measured["ttft_median_s"] / limit["ttft_median_s"],
         }
     import vllm
 

@@ -28,7 +28,7 @@ import numpy as np
 from zooprune.bench import flops
 from zooprune.bench.speed import DTYPES, default_prompt_words
 from zooprune.bench.timing import fast_dtype, machine
-from zooprune.integrations.vllm.throughput import ratios, serve_waves, start_engine, summary
+from zooprune.integrations.vllm.throughput import ratios, serve_interleaved, start_engine, summary
 
 #: vLLM's own video pruning methods (``video_pruning_method``)
 VLLM_METHODS = ("evs", "vidcom2")
@@ -212,8 +212,6 @@ def _condition(
     progress: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """One engine, a row per concurrency level."""
-    from zooprune.integrations.vllm.selection import TALLY
-
     progress(f"{label}: starting the engine")
     llm, params = start_engine(
         path, config, 4096, max(config.concurrency), {"image": 0, "video": 1}, engine_args
@@ -234,8 +232,8 @@ def _condition(
                 for _ in range(level)
             ]
 
-        waves, kv_peak = serve_waves(
-            engine, requests, params, f"{label}, {level} at once", blocks, config, progress, token
+        ((waves, kv_peak, selection),) = serve_interleaved(
+            [engine], requests, params, [f"{label}, {level} at once"], config, progress, token
         )
         rows.append(
             {
@@ -244,7 +242,7 @@ def _condition(
                 "video_tokens": waves[0]["counted"],
                 "kv_blocks_peak": kv_peak,
                 "kv_blocks_total": blocks,
-                "selection_s_per_video": TALLY.seconds / TALLY.images if TALLY.images else None,
+                "selection_s_per_video": None if selection is None else selection["selection"],
             }
         )
     del llm, engine
