@@ -322,16 +322,18 @@ def autograd_exact(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_exact_factored_form_over_several_blocks_and_passes():
     from zooprune.select import mlp as mlp_module
 
-    # H = 300: two full blocks of L's columns and a partial one; 2 x 700 tokens: two
-    # passes of the chunked form, one of them partial and spanning both images.
+    # H = 300: two full blocks of L's columns and a partial one; 1100 tokens an image:
+    # two passes of the chunked form each, the second partial.
     torch.manual_seed(10)
     module = nn.Sequential(nn.Linear(8, 300), nn.GELU(), nn.Linear(300, 300))
-    x = torch.randn(2, 700, 8) * 2
+    x = torch.randn(2, 1100, 8) * 2
     gram = GRAM_KERNELS.get(module, as_mlp(module), x.device)
     assert gram.factor is not None and gram.kernel is None
-    assert 300 % mlp_module.FACTOR_BLOCK and 1400 % mlp_module.EXACT_CHUNK and 1400 > 1024
+    assert 300 % mlp_module.FACTOR_BLOCK and 1024 == mlp_module.EXACT_CHUNK
     got = exact_sensitivity(module, as_mlp(module), x)
     torch.testing.assert_close(got.double(), autograd_exact(module, x), rtol=2e-5, atol=0)
+    # an image's scores do not depend on the batch it came in
+    assert torch.equal(exact_sensitivity(module, as_mlp(module), x[1:]), got[1:])
 
 
 def test_exact_form_of_a_kernel_that_does_not_factor():

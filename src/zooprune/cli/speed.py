@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.table import Table
 
 from zooprune.bench.flops import LLAVA15_7B, vision_share
+from zooprune.bench.widths import AGREEMENT, QUICK, SHAPES, WidthBenchConfig, run_width_benchmark
 from zooprune.cli.common import (
     add_dtype,
     add_out,
@@ -102,7 +103,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     kernels.add_argument("--hidden-dim", type=int, default=4096)
     kernels.add_argument("--text-dim", type=int, default=4096)
     kernels.add_argument("--budgets", type=budgets, default=(64, 128, 192))
-    kernels.add_argument("--images", type=int, default=4)
+    kernels.add_argument(
+        "--images", type=int, default=None, help="images to score (default 4; --widths: 1)"
+    )
     kernels.add_argument("--num-directions", type=int, default=64)
     kernels.add_argument(
         "--token-scale", type=float, default=0.0, help="sigma of a log-normal per-token scale"
@@ -110,6 +113,19 @@ def register(commands: argparse._SubParsersAction) -> None:
     kernels.add_argument(
         "--greedy-only", action="store_true", help="time the greedy selection alone (seconds)"
     )
+    kernels.add_argument(
+        "--widths",
+        action="store_true",
+        help="each estimator at real models' projector widths, beside their LMs' pruned "
+        "prefill (--shapes, --tokens, one image unless --images)",
+    )
+    kernels.add_argument(
+        "--shapes",
+        type=_shapes,
+        default=None,
+        help=f"--widths: comma-separated, of: {', '.join(s.name for s in SHAPES)}",
+    )
+    kernels.add_argument("--keep", type=int, default=64, help="--widths: the greedy's k")
     kernels.add_argument("--device", default="cpu")
     add_threads(kernels)
     add_out(kernels, "out/speed", "folder for kernels.json")
@@ -229,13 +245,15 @@ def _speed_vllm(args: argparse.Namespace) -> int:
             f"{reference['share_of_requests_per_s']:.1%} of {reference['method']}'s "
             f"requests/s, median TTFT {reference['ttft_ratio']:.2f}x {reference['method']}'s "
             f"({reference['method']}: selection nearly free, the limit of a pre-LLM pruner at "
-            "that K; the two served by two engines, wave for wave in turn)"
+            "that K; the two served by two engines, wave for wave in turn, in both start "
+            "orders)"
         )
     notes.append(
         f"[dim]{result['engine']}, {result['dtype']}, method {result['method']}; each wave: "
         f"{config.concurrency} requests at once, one {config.image_size} px image and "
         f"{config.text_tokens} words each, {config.new_tokens} output tokens; medians of "
-        f"{config.repeats} waves after {config.warmup} warm-up (TTFT and latency: of every "
+        f"{config.repeats} waves after {config.warmup} warm-up ({2 * config.repeats} for the "
+        f"two compared at the reference's K; TTFT and latency: of every "
         f"request in them); KV blocks: the warm-up wave's peak; {machine_line(result)}[/dim]"
     )
     _publish(result, serving_tables(result), notes, Path(args.out) / "serving", plot_serving)
@@ -474,8 +492,117 @@ def speed_tables(result: dict) -> list[Table]:
     return [times, ratios]
 
 
+def _shapes(value: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    known = {shape.name for shape in SHAPES}
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        bad = unknown[0] if unknown else value
+        raise argparse.ArgumentTypeError(
+            f"unknown shape {bad!r}; shapes: {', '.join(sorted(known))}"
+        )
+    return names
+
+
+def _speed_widths(args: argparse.Namespace) -> int:
+    if (args.images is not None and args.images < 1) or args.keep < 1 or args.tokens < args.keep:
+        return fail("--images and --keep must be at least 1, and --tokens at least --keep")
+    config = WidthBenchConfig(
+        tokens=args.tokens,
+        keep=args.keep,
+        images=args.images or 1,
+        num_directions=args.num_directions,
+        shapes=args.shapes or WidthBenchConfig.shapes,
+        device=args.device,
+    )
+    set_threads(args.threads)
+    result = with_progress(
+        "estimators at real widths", lambda report: run_width_benchmark(config, report)
+    )
+    console.print(width_table(result))
+    for line in auto_lines(result):
+        console.print(line)
+    console.print(
+        f"[dim]N={config.tokens} tokens per image, {config.images} image(s), features "
+        f"N(0, 1) x log-normal({config.token_scale}) per token, float32; jvp and zo: "
+        f"m={config.num_directions}, lowrank: rank {config.rank}; selection: scoring, then "
+        f"the greedy at k={config.keep}; prefill: {config.keep} visual + "
+        f"{config.text_tokens} text tokens through the shape's LM (one layer timed in "
+        f"{result['lm_dtype']}, times its layers); a scoring call under {QUICK} s is the "
+        f"median of {config.repeats}; {machine_line(result)}[/dim]"
+    )
+    path = write_json(result, Path(args.out), "widths.json")
+    console.print(f"wrote {path}")
+    return 0
+
+
+def width_table(result: dict) -> Table:
+    """``zooprune speed-kernels --widths``: per shape and estimator."""
+    keep = result["config"]["keep"]
+    table = Table(title="sensitivity estimators at real projector widths (ms per image)")
+    for column in (
+        "shape",
+        "projector",
+        "estimator",
+        "scoring",
+        "greedy",
+        "selection",
+        "LM prefill",
+        "selection / prefill",
+        "Spearman vs exact",
+        f"top-{keep} overlap",
+    ):
+        table.add_column(column, justify="right")
+    shapes = {shape["name"]: shape for shape in result["shapes"]}
+    for row in result["rows"]:
+        shape = shapes[row["shape"]]
+        spearman, overlap = row["spearman_vs_exact"], row[f"top{keep}_overlap_vs_exact"]
+        table.add_row(
+            row["shape"],
+            f"{shape['vision_dim']}->{shape['hidden']}->{shape['text_dim']}",
+            row["estimator"],
+            f"{row['scoring_s_per_image'] * 1e3:.1f}",
+            f"{row['greedy_s_per_image'] * 1e3:.1f}",
+            f"{row['selection_s_per_image'] * 1e3:.1f}",
+            f"{row['prefill_s'] * 1e3:.0f}",
+            f"{row['share_of_prefill']:.1%}",
+            "-" if spearman is None else f"{spearman:.4f}",
+            "-" if overlap is None else f"{overlap:.3f}",
+        )
+    return table
+
+
+def auto_lines(result: dict) -> list[str]:
+    """What ``estimator="auto"`` picks, against the cheapest estimator that ranks within
+    :data:`~zooprune.bench.widths.AGREEMENT` of ``exact`` at each shape."""
+    lines = []
+    for name in dict.fromkeys(row["shape"] for row in result["rows"]):
+        rows = {row["estimator"]: row for row in result["rows"] if row["shape"] == name}
+        agreeing = [
+            e
+            for e, row in rows.items()
+            if row["spearman_vs_exact"] is not None and row["spearman_vs_exact"] >= AGREEMENT
+        ]
+        cheapest = min(agreeing, key=lambda e: rows[e]["scoring_s_per_image"], default=None)
+        sampled = [e for e in ("jvp", "zo") if e in rows]
+        faster = ""
+        if len(sampled) == 2:
+            ratio = rows["zo"]["scoring_s_per_image"] / rows["jvp"]["scoring_s_per_image"]
+            faster = (
+                f"; without a closed form (not a plain MLP) auto takes jvp: zo/jvp time {ratio:.2f}"
+            )
+        lines.append(
+            f"{name}: auto takes exact for this MLP; the cheapest estimator ranking within "
+            f"Spearman {AGREEMENT} of exact here: {cheapest or '-'}{faster}"
+        )
+    return lines
+
+
 def _speed_kernels(args: argparse.Namespace) -> int:
     from zooprune.bench.kernels import KernelBenchConfig, run_kernel_benchmark
+
+    if args.widths:
+        return _speed_widths(args)
 
     config = KernelBenchConfig(
         tokens=args.tokens,
@@ -483,7 +610,7 @@ def _speed_kernels(args: argparse.Namespace) -> int:
         hidden_dim=args.hidden_dim,
         text_dim=args.text_dim,
         budgets=args.budgets,
-        images=args.images,
+        images=args.images or 4,
         num_directions=args.num_directions,
         token_scale=args.token_scale,
         estimators=() if args.greedy_only else KernelBenchConfig.estimators,

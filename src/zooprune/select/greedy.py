@@ -31,9 +31,9 @@ DistanceMode = Literal["auto", "matrix", "rows"]
 #: Distances below this count as 0: an exact duplicate's 1 - cos is rounding noise
 #: (~1e-7 in float32), which the additive fusion would otherwise rescale into a ranking.
 DUPLICATE_DISTANCE = 1e-6
-#: ``"auto"`` takes rows on a CPU when k * ROWS_BELOW <= N: batches of 8 images of 576
-#: clustered tokens of width 1024 take 15.6 ms in rows and 25.1 ms in the matrix at k = 64,
-#: 24.8 and 26.0 at k = 128, 31.0 and 26.9 at k = 192 (see test_greedy's timing notes)
+#: ``"auto"`` takes rows on a CPU when k * ROWS_BELOW <= N: below where they stop paying on
+#: Gaussian tokens (``zooprune speed-kernels --greedy-only``), as tokens in clusters, as an
+#: image's are, need more blocks of rows
 ROWS_BELOW = 4
 #: ``"auto"`` takes rows wherever the N x N matrices of a batch would exceed this
 MATRIX_BYTES = 2**30

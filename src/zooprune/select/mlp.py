@@ -193,14 +193,17 @@ def exact_sensitivity(projector: nn.Module, mlp: MLPWeights, features: Tensor) -
     """
     gram = GRAM_KERNELS.get(projector, mlp, features.device)
     x = features.to(torch.float32)
-    rows = x.reshape(-1, x.shape[-1])
-    squared = rows.new_empty(rows.shape[0])
-    for start in range(0, rows.shape[0], EXACT_CHUNK):
-        a = rows[start : start + EXACT_CHUNK] @ gram.w1.T
-        if gram.b1 is not None:
-            a += gram.b1
-        squared[start : start + EXACT_CHUNK] = gram.quadratic_form(gelu_derivative(a, mlp.gelu))
-    return (squared.clamp_min(0.0) / x.shape[-1]).sqrt().reshape(x.shape[:-1])
+    squared = x.new_empty(x.shape[:-1])
+    # Image by image, so that an image's scores are the same numbers whatever else is in
+    # the batch (a product's rounding may depend on its shape).
+    for image, tokens in enumerate(x):
+        for start in range(0, tokens.shape[0], EXACT_CHUNK):
+            a = tokens[start : start + EXACT_CHUNK] @ gram.w1.T
+            if gram.b1 is not None:
+                a += gram.b1
+            g = gelu_derivative(a, mlp.gelu)
+            squared[image, start : start + EXACT_CHUNK] = gram.quadratic_form(g)
+    return (squared.clamp_min(0.0) / x.shape[-1]).sqrt()
 
 
 def low_rank_factors(mlp: MLPWeights, device: torch.device, rank: int) -> list[Tensor]:

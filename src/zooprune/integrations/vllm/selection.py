@@ -60,6 +60,17 @@ class Tally:
         self.images, self.seconds, self.fallbacks = 0, 0.0, 0
         self.scoring_s = self.greedy_s = 0.0
 
+    def plus(self, other: Tally) -> Tally:
+        """The work of both (threads: ``other``'s)."""
+        return Tally(
+            images=self.images + other.images,
+            seconds=self.seconds + other.seconds,
+            scoring_s=self.scoring_s + other.scoring_s,
+            greedy_s=self.greedy_s + other.greedy_s,
+            threads=other.threads,
+            fallbacks=self.fallbacks + other.fallbacks,
+        )
+
     def per_image(self) -> dict[str, float] | None:
         """Seconds per image: ``selection`` in all, ``scoring``, ``greedy`` and
         ``data_movement`` (the rest), and ``threads``; None before any image."""

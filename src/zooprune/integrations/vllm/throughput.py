@@ -161,8 +161,52 @@ def _conditions(
     progress: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """A row per ``(keep, method)`` of ``runs`` (keep None: unpruned), each on its own
-    engine, all started together and their waves taken in turn (the same images in the
-    same wave), so that a drift of the machine over the run weighs on them alike."""
+    engine. Two runs are compared: their engines serve the same waves in turn, so that a
+    drift of the machine over the run weighs on both alike, and twice, the second time
+    started in the other order (an engine started first in a process was measured to
+    decode more slowly there), their timed waves pooled."""
+    orders = [runs] if len(runs) == 1 else [runs, runs[::-1]]
+    pooled: dict[tuple[int | None, str], list[Any]] = {}
+    for order in orders:
+        for run, (waves, kv_peak, tally, cache) in zip(
+            order, _served(config, path, prompt, order, progress), strict=True
+        ):
+            if run not in pooled:
+                pooled[run] = [waves, kv_peak, tally, cache]
+            else:
+                mine = pooled[run]
+                mine[0] = mine[0] + waves
+                mine[1] = max(mine[1], kv_peak)
+                mine[2] = mine[2].plus(tally)
+    rows = []
+    for keep, method in runs:
+        waves, kv_peak, tally, cache = pooled[keep, method]
+        selection = tally.per_image()
+        rows.append(
+            {
+                "keep": keep,
+                "pruned": keep is not None,
+                "method": None if keep is None else method,
+                **summary(waves, config.concurrency),
+                "kv_blocks_peak": kv_peak,
+                **cache,
+                "selection_s_per_image": None if selection is None else selection["selection"],
+                "selection": selection,
+            }
+        )
+    return rows
+
+
+def _served(
+    config: ServingConfig,
+    path: Path,
+    prompt: str,
+    runs: list[tuple[int | None, str]],
+    progress: Callable[[str], None],
+) -> list[tuple[list[dict[str, Any]], int, Any, dict[str, int]]]:
+    """Every run's engine started, in order, then their waves in turn
+    (:func:`serve_interleaved`): per run its timed waves, KV peak, selection tally and
+    KV cache's size (``kv_blocks_total``, ``kv_block_size``)."""
     import zooprune.integrations.vllm as zv
     from zooprune.integrations.vllm.selection import TALLY
 
@@ -187,25 +231,16 @@ def _conditions(
         config,
         progress,
     )
-    rows = []
-    for (keep, method), llm, (waves, kv_peak, selection) in zip(runs, engines, served, strict=True):
-        cache = llm.llm_engine.vllm_config.cache_config
-        rows.append(
-            {
-                "keep": keep,
-                "pruned": keep is not None,
-                "method": None if keep is None else method,
-                **summary(waves, config.concurrency),
-                "kv_blocks_peak": kv_peak,
-                "kv_blocks_total": cache.num_gpu_blocks,
-                "kv_block_size": cache.block_size,
-                "selection_s_per_image": None if selection is None else selection["selection"],
-                "selection": selection,
-            }
-        )
+    caches = [
+        {
+            "kv_blocks_total": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
+            "kv_block_size": llm.llm_engine.vllm_config.cache_config.block_size,
+        }
+        for llm in engines
+    ]
     del engines, llm
     gc.collect()
-    return rows
+    return [(*one, cache) for one, cache in zip(served, caches, strict=True)]
 
 
 def start_engine(
@@ -246,12 +281,11 @@ def serve_interleaved(
     config: Any,
     progress: Callable[[str], None],
     count: int | None = None,
-) -> list[tuple[list[dict[str, Any]], int, dict[str, float] | None]]:
+) -> list[tuple[list[dict[str, Any]], int, Any]]:
     """``config.warmup`` waves, then ``config.repeats`` timed ones, each wave served by
     every engine in turn (:func:`serve_wave`, ``requests(wave)``). Per engine: its timed
-    waves, the KV blocks in use at its warm-up's peak, and its selection per image over
-    the timed waves (:meth:`~zooprune.integrations.vllm.selection.Tally.per_image`; None
-    where it selected nothing)."""
+    waves, the KV blocks in use at its warm-up's peak, and the
+    :class:`~zooprune.integrations.vllm.selection.Tally` of its selections in them."""
     from zooprune.integrations.vllm.selection import TALLY, Tally
 
     waves: list[list[dict[str, Any]]] = [[] for _ in engines]
@@ -275,9 +309,7 @@ def serve_interleaved(
                 tally.threads = TALLY.threads
             else:
                 peaks[i] = result["kv_blocks_peak"]
-    return [
-        (w, peak, tally.per_image()) for w, peak, tally in zip(waves, peaks, tallies, strict=True)
-    ]
+    return list(zip(waves, peaks, tallies, strict=True))
 
 
 def ratios(row: dict[str, Any], unpruned: dict[str, Any]) -> dict[str, float]:

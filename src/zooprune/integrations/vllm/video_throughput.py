@@ -232,7 +232,7 @@ def _condition(
                 for _ in range(level)
             ]
 
-        ((waves, kv_peak, selection),) = serve_interleaved(
+        ((waves, kv_peak, tally),) = serve_interleaved(
             [engine], requests, params, [f"{label}, {level} at once"], config, progress, token
         )
         rows.append(
@@ -242,7 +242,7 @@ def _condition(
                 "video_tokens": waves[0]["counted"],
                 "kv_blocks_peak": kv_peak,
                 "kv_blocks_total": blocks,
-                "selection_s_per_video": None if selection is None else selection["selection"],
+                "selection_s_per_video": tally.seconds / tally.images if tally.images else None,
             }
         )
     del llm, engine
