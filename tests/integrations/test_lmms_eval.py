@@ -4,6 +4,7 @@ records what it kept, and fails the run loudly on a bad option."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -168,17 +169,21 @@ def test_model_args_are_read_as_lmms_eval_parses_them():
     }
 
 
-def test_a_layout_option_the_family_lacks_is_refused_once_it_loads():
-    with pytest.raises(
-        EvaluationAborted, match="crop_budget is a layout option this model's family does not take"
-    ):
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (
+            {"crop_budget": "global"},
+            "crop_budget is a layout option this model's family does not take",
+        ),
+        ({"positions": "sideways"}, "positions must be 'compact' or 'original'"),
+        ({"method": "fastv", "layer": 9}, "layer=9 is past the 4 decoder layers"),
+    ],
+)
+def test_what_the_family_refuses_is_refused_before_the_weights_load(tmp_path, setting, message):
+    # Only the test bed's config is there: no weights a load could read.
+    shutil.copy(bundled_path() / "config.json", tmp_path / "config.json")
+    with pytest.raises(EvaluationAborted, match=message):
         create_pruned(
-            {
-                "base": "llava_hf",
-                "pretrained": str(bundled_path()),
-                "device": "cpu",
-                "device_map": "cpu",
-                "keep": 4,
-                "crop_budget": "global",
-            }
+            {"base": "llava_hf", "pretrained": str(tmp_path), "device": "cpu", "keep": 4} | setting
         )

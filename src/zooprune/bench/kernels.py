@@ -71,20 +71,39 @@ def naive_reslice_select(
     return picked
 
 
-def _inputs(config: KernelBenchConfig) -> tuple[nn.Module, list[torch.Tensor]]:
-    """A random LLaVA-style projector and Gaussian token features (optionally scaled)."""
-    torch.manual_seed(config.seed)
+def random_projector_inputs(
+    widths: tuple[int, int, int],
+    *,
+    tokens: int,
+    images: int,
+    token_scale: float,
+    seed: int,
+    device: str,
+) -> tuple[nn.Module, list[torch.Tensor]]:
+    """A random LLaVA-style projector of ``widths`` (input, hidden, output) and ``images``
+    of Gaussian token features, each token scaled by log-normal(``token_scale``)."""
+    vision_dim, hidden, text_dim = widths
+    torch.manual_seed(seed)
     projector = nn.Sequential(
-        nn.Linear(config.vision_dim, config.hidden_dim),
-        nn.GELU(),
-        nn.Linear(config.hidden_dim, config.text_dim),
-    ).to(config.device)
-    g = torch.Generator().manual_seed(config.seed + 1)
+        nn.Linear(vision_dim, hidden), nn.GELU(), nn.Linear(hidden, text_dim)
+    ).to(device)
+    g = torch.Generator().manual_seed(seed + 1)
     features = []
-    for _ in range(config.images):
-        scale = torch.exp(config.token_scale * torch.randn(config.tokens, 1, generator=g))
-        features.append(torch.randn(config.tokens, config.vision_dim, generator=g) * scale)
-    return projector, [f.to(config.device) for f in features]
+    for _ in range(images):
+        scale = torch.exp(token_scale * torch.randn(tokens, 1, generator=g))
+        features.append(torch.randn(tokens, vision_dim, generator=g) * scale)
+    return projector, [f.to(device) for f in features]
+
+
+def _inputs(config: KernelBenchConfig) -> tuple[nn.Module, list[torch.Tensor]]:
+    return random_projector_inputs(
+        (config.vision_dim, config.hidden_dim, config.text_dim),
+        tokens=config.tokens,
+        images=config.images,
+        token_scale=config.token_scale,
+        seed=config.seed,
+        device=config.device,
+    )
 
 
 def run_kernel_benchmark(

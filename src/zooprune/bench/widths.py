@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from zooprune.bench.kernels import random_projector_inputs
 from zooprune.bench.timing import fast_dtype, machine, median_seconds, spearman, timed, topk_overlap
 from zooprune.select.greedy import maxmin_select
 from zooprune.select.methods import sensitivity_scores
@@ -97,18 +98,14 @@ def shape_named(name: str | WidthShape) -> WidthShape:
 def _inputs(
     shape: WidthShape, config: WidthBenchConfig
 ) -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]:
-    torch.manual_seed(config.seed)
-    projector = nn.Sequential(
-        nn.Linear(shape.vision_dim, shape.hidden),
-        nn.GELU(),
-        nn.Linear(shape.hidden, shape.text_dim),
-    ).to(config.device)
-    g = torch.Generator().manual_seed(config.seed + 1)
-    features = []
-    for _ in range(config.images):
-        scale = torch.exp(config.token_scale * torch.randn(config.tokens, 1, generator=g))
-        x = torch.randn(config.tokens, shape.vision_dim, generator=g) * scale
-        features.append(x.to(config.device))
+    projector, features = random_projector_inputs(
+        (shape.vision_dim, shape.hidden, shape.text_dim),
+        tokens=config.tokens,
+        images=config.images,
+        token_scale=config.token_scale,
+        seed=config.seed,
+        device=config.device,
+    )
     with torch.no_grad():
         projected = [projector(x) for x in features]
     return projector, features, projected

@@ -161,9 +161,16 @@ def maxmin_select(
     else:  # the picks' rows only, computed as they are picked (see _PickRows)
         unit = unit_rows(features.detach())
         penalty = penalty.astype(np.float64 if unit.dtype == torch.float64 else np.float32)
-        # Where the matrix would not fit, one row per pick: the rows kept stay k per image.
-        block = 1 if batch * n * n * 4 > MATRIX_BYTES else ROW_BLOCK
-        row_of = _PickRows(unit, penalty.dtype, block)
+        if batch * n * n * 4 > MATRIX_BYTES:
+            # Where the matrices would not fit: each pick's row alone, used once, not kept.
+            at = torch.arange(batch, device=device)
+
+            def row_of(pick: np.ndarray, scores: np.ndarray) -> np.ndarray:
+                chosen = unit[at, torch.from_numpy(pick).to(device)]  # [B, d]
+                return _distance(torch.bmm(unit, chosen[..., None])[..., 0]).cpu().numpy()
+
+        else:
+            row_of = _PickRows(unit, penalty.dtype)
 
     if w is not None:
         w = w.astype(penalty.dtype)
@@ -214,13 +221,13 @@ class _PickRows:
     (a score only falls as picks are added). Each image's rows depend on that image alone,
     whatever else is in the batch."""
 
-    def __init__(self, unit: Tensor, dtype: np.dtype, block: int) -> None:
-        self.unit, self.block = unit, block
+    def __init__(self, unit: Tensor, dtype: np.dtype) -> None:
+        self.unit = unit
         batch, n, _ = unit.shape
         self.images = np.arange(batch)
         self.slot = np.full((batch, n), -1)  # where a token's row is kept, -1: not yet
         self.count = np.zeros(batch, dtype=np.int64)
-        self.kept = np.empty((batch, min(n, 4 * block), n), dtype=dtype)
+        self.kept = np.empty((batch, min(n, 4 * ROW_BLOCK), n), dtype=dtype)
 
     def __call__(self, pick: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """``[B, N]`` distance rows of ``pick`` (one token per image), which ``scores``
@@ -231,7 +238,7 @@ class _PickRows:
 
     def _compute(self, image: int, pick: int, scores: np.ndarray) -> None:
         candidates = np.where(self.slot[image] < 0, scores, -np.inf)
-        likeliest = np.argsort(-candidates, kind="stable")[: self.block]
+        likeliest = np.argsort(-candidates, kind="stable")[:ROW_BLOCK]
         likeliest = likeliest[np.isfinite(candidates[likeliest])]
         tokens = np.unique(np.append(likeliest, pick))
         start = int(self.count[image])

@@ -34,10 +34,13 @@ import functools
 import inspect
 from typing import Any
 
+import torch
+import transformers
 from lmms_eval import utils
 from lmms_eval.api.model import lmms
 from lmms_eval.models import get_model
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
+from transformers import AutoConfig
 
 import zooprune
 import zooprune.integrations.vllm as zv
@@ -113,7 +116,34 @@ def create_pruned(args: dict[str, Any], extra: dict[str, Any] | None = None) -> 
         settings.selector()
     except zooprune.PruneError as error:
         raise EvaluationAborted(str(error)) from None
+    _check_against_the_model(base, args, settings)
     return _pruned_class(base)(zooprune_settings=settings, **args, **(extra or {}))
+
+
+def _check_against_the_model(base: type, args: dict[str, Any], settings: Settings) -> None:
+    """What only the model's family can refuse (``positions``, a layout option it lacks, a
+    method it cannot serve), refused before any weight loads: the settings are applied to
+    the model built from its config on the meta device (no memory, no weights), then
+    removed. A config that cannot be read here, without the network, is checked once the
+    model loads instead."""
+    pretrained = args.get("pretrained", _default(base, "pretrained"))
+    try:
+        config = AutoConfig.from_pretrained(pretrained, local_files_only=True)
+        model_class = getattr(transformers, config.architectures[0])
+        with torch.device("meta"):
+            model = model_class(config)
+    except Exception:  # noqa: BLE001 (no config here to build from: checked after the load)
+        return
+    try:
+        zooprune.prune(model, **settings.kwargs()).remove()
+    except zooprune.PruneError as error:
+        raise EvaluationAborted(str(error)) from None
+
+
+def _default(base: type, name: str) -> Any:
+    """The default of ``base.__init__``'s parameter ``name`` (None without one)."""
+    parameter = inspect.signature(base.__init__).parameters.get(name)
+    return None if parameter is None or parameter.default is parameter.empty else parameter.default
 
 
 def settings_from_model_args(args: dict[str, Any], method: str) -> dict[str, Any]:
@@ -142,7 +172,7 @@ def _served(base: type, settings: Settings, args: dict[str, Any], extra: dict[st
             "base=vllm: zooprune writes the engine's hf_overrides; give the pruning "
             "settings as model_args (method, keep or ratio, options) instead"
         )
-    model = args.get("model", inspect.signature(base.__init__).parameters["model"].default)
+    model = args.get("model", _default(base, "model"))
     try:
         pruning = zv.engine_args(model, **settings.kwargs())
     except zooprune.PruneError as error:
