@@ -334,3 +334,28 @@ def test_rows_in_blocks_pick_as_the_matrix_does_and_each_image_as_alone(monkeypa
     monkeypatch.setattr(greedy, "MATRIX_BYTES", 1)
     assert torch.equal(maxmin_select(z, k, weights=w, mask=mask, distances="rows"), rows)
     assert len(made) == 1 + 3
+
+
+def test_rows_mode_computes_the_picks_rows_in_few_products(monkeypatch):
+    # The point of computing the likeliest next picks' rows with a missing one: on Gaussian
+    # tokens the next picks mostly are among them, so a few products serve every pick
+    # (measured: 3 products of 32 rows for 64 picks, 5 for 144), where one row per pick
+    # would take a product per pick.
+    import zooprune.select.greedy as greedy
+
+    products = []
+
+    class Counted(greedy._PickRows):
+        def _compute(self, image, pick, scores):
+            products.append(image)
+            super()._compute(image, pick, scores)
+
+    monkeypatch.setattr(greedy, "_PickRows", Counted)
+    g = torch.Generator().manual_seed(3)
+    z, w = torch.randn(2, 576, 64, generator=g), torch.rand(2, 576, generator=g)
+    for k in (64, 144):
+        products.clear()
+        rows = maxmin_select(z, k, weights=w, distances="rows")
+        assert torch.equal(rows, maxmin_select(z, k, weights=w, distances="matrix"))
+        for image in (0, 1):
+            assert products.count(image) <= k // 16

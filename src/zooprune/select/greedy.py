@@ -243,7 +243,8 @@ class _PickRows:
         tokens = np.unique(np.append(likeliest, pick))
         start = int(self.count[image])
         if start + tokens.size > self.kept.shape[1]:
-            grown = max(2 * self.kept.shape[1], start + tokens.size)
+            # Twice the store holds a block more (a store under a block's size holds all N).
+            grown = 2 * self.kept.shape[1]
             kept = np.empty((self.kept.shape[0], grown, self.kept.shape[2]), self.kept.dtype)
             kept[:, : self.kept.shape[1]] = self.kept
             self.kept = kept

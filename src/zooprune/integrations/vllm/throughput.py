@@ -10,7 +10,8 @@ also reads the KV-cache blocks in use (its peak), outside the timing.
 The engines run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the selection's
 own time, split into the methods' stages, can be read from
 :data:`zooprune.integrations.vllm.selection.TALLY`. The method at the reference's budget
-and the reference itself are served by two engines at once, wave for wave in turn.
+and the reference itself are served by two engines at once, wave for wave in turn, and
+again started in the other order.
 """
 
 from __future__ import annotations
@@ -371,11 +372,11 @@ def run_serving_benchmark(
     if hf_config.model_type == "llava":
         share = flops.vision_share(flops.Shapes.of_llava(hf_config), config.text_tokens)
     with_reference = config.reference not in (None, config.method) and bool(config.budgets)
-    # The method at the reference's K and the reference: one pair of engines, their waves
-    # in turn (their ratio is the figure read); every other condition alone.
-    paired = [(min(config.budgets), config.method), (min(config.budgets), config.reference)]
+    # The method at the reference's K and the reference: a pair of engines, their waves in
+    # turn (their ratio is the figure read); every other condition alone.
     alone = [(None, config.method), *((keep, config.method) for keep in config.budgets)]
     if with_reference:
+        paired = [(min(config.budgets), config.method), (min(config.budgets), config.reference)]
         alone.remove(paired[0])
     rows = [row for run in alone for row in _conditions(config, path, prompt, [run], progress)]
     if with_reference:
