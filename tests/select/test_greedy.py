@@ -359,3 +359,49 @@ def test_rows_mode_computes_the_picks_rows_in_few_products(monkeypatch):
         assert torch.equal(rows, maxmin_select(z, k, weights=w, distances="matrix"))
         for image in (0, 1):
             assert products.count(image) <= k // 16
+
+
+@pytest.mark.parametrize("first", ["max_weight", "farthest_neighbour"])
+def test_precomputed_distances_pick_as_the_kernels_own(first):
+    # A caller's [B, N, N] distances (the kernel benchmark passes them) are used as they
+    # are: the same picks as the kernel's own matrix of cosines, and as the reference.
+    g = torch.Generator().manual_seed(8)
+    z = clustered(2, 60, 8, seed=9)
+    w = torch.rand(2, 60, generator=g)
+    weights = w if first == "max_weight" else None
+    given = maxmin_select(z, 20, weights=weights, first=first, distances=pairwise_distances(z))
+    own = maxmin_select(z, 20, weights=weights, first=first, distances="matrix")
+    assert torch.equal(given, own)
+    # with padding: a padded token is nobody's neighbour and never picked
+    mask = torch.rand(2, 60, generator=g) > 0.3
+    given_masked = maxmin_select(
+        z, 20, weights=weights, mask=mask, first=first, distances=pairwise_distances(z)
+    )
+    own_masked = maxmin_select(z, 20, weights=weights, mask=mask, first=first, distances="matrix")
+    assert torch.equal(given_masked, own_masked)
+    assert mask.gather(1, given_masked.clamp_min(0)).all()
+    for i in range(2):
+        reference = naive_maxmin_select(
+            z[i].double(), 20, weights=None if weights is None else w[i].double(), first=first
+        )
+        assert given[i].tolist() == reference
+
+
+def test_rows_mode_keeps_rows_up_to_exactly_the_matrix_budget(monkeypatch):
+    import zooprune.select.greedy as greedy
+
+    made = []
+
+    class Recorded(greedy._PickRows):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(greedy, "_PickRows", Recorded)
+    z, w = clustered(1, 100, 8, seed=10), torch.rand(1, 100)
+    expected = maxmin_select(z, 10, weights=w, distances="matrix")
+    for budget, kept in ((100 * 100 * 4, True), (100 * 100 * 4 - 1, False)):
+        monkeypatch.setattr(greedy, "MATRIX_BYTES", budget)
+        made.clear()
+        assert torch.equal(maxmin_select(z, 10, weights=w, distances="rows"), expected)
+        assert bool(made) is kept  # 1 x N x N float32 bytes fit the budget, or one past it

@@ -185,12 +185,11 @@ def maxmin_select(
             nearest = _distance_rows(np.where(blocked, -np.inf, matrix).max(axis=-1))
         # A lone real token has no neighbour; it is then the only candidate anyway.
         nearest[np.isinf(nearest)] = 0.0
-        pick = (nearest + penalty).argmax(axis=-1)
+        score = nearest + penalty
+        pick = score.argmax(axis=-1)
 
     picks = [pick]
     min_dist = np.full((batch, n), np.inf, dtype=penalty.dtype)
-    if first != "max_weight":
-        score = nearest + penalty
     for _ in range(1, k):
         penalty[images, pick] = -np.inf
         np.minimum(min_dist, row_of(pick, score), out=min_dist)
