@@ -322,11 +322,11 @@ def autograd_exact(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_exact_factored_form_over_several_blocks_and_passes():
     from zooprune.select import mlp as mlp_module
 
-    # H = 300: two full blocks of L's columns and a partial one; 1100 tokens an image:
-    # two passes of the chunked form each, the second partial.
+    # H = 300: two full blocks of L's columns and a partial one; 2100 tokens an image:
+    # three passes of the chunked form each, the last partial.
     torch.manual_seed(10)
     module = nn.Sequential(nn.Linear(8, 300), nn.GELU(), nn.Linear(300, 300))
-    x = torch.randn(2, 1100, 8) * 2
+    x = torch.randn(2, 2100, 8) * 2
     gram = GRAM_KERNELS.get(module, as_mlp(module), x.device)
     assert gram.factor is not None and gram.kernel is None
     assert 300 % mlp_module.FACTOR_BLOCK and 1024 == mlp_module.EXACT_CHUNK
@@ -348,3 +348,14 @@ def test_exact_form_of_a_kernel_that_does_not_factor():
     assert gram.factor is None and gram.kernel is not None
     got = exact_sensitivity(module, as_mlp(module), x)
     torch.testing.assert_close(got.double(), autograd_exact(module, x), rtol=2e-5, atol=0)
+
+
+def test_exact_of_a_half_precision_projector_is_that_of_its_float32_copy():
+    # The weights are read in float32 before anything else, so a bfloat16 projector scores
+    # exactly as its float32 upcast does (the closed form loses nothing to the model's dtype).
+    torch.manual_seed(12)
+    module = nn.Sequential(nn.Linear(6, 40), nn.GELU(), nn.Linear(40, 24)).bfloat16()
+    upcast = copy.deepcopy(module).float()
+    x = torch.randn(1, 30, 6).bfloat16()
+    got = exact_sensitivity(module, as_mlp(module), x)
+    assert torch.equal(got, exact_sensitivity(upcast, as_mlp(upcast), x))
