@@ -3,6 +3,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+import zooprune.select.greedy as greedy_module
 from tests.select.reference import TIE_DISTANCE, naive_maxmin_select
 from zooprune.select.greedy import DUPLICATE_DISTANCE, maxmin_select, pairwise_distances
 from zooprune.select.sensitivity import minmax_normalize
@@ -302,17 +303,23 @@ def clustered(images: int, n: int, d: int, seed: int) -> torch.Tensor:
     return near + 0.5 * torch.randn(images, n, d, generator=g)
 
 
-def test_rows_in_blocks_pick_as_the_matrix_does_and_each_image_as_alone(monkeypatch):
-    import zooprune.select.greedy as greedy
-
+@pytest.fixture
+def row_stores(monkeypatch) -> list:
+    """Every rows-mode store maxmin_select makes in the test, in order."""
     made = []
 
-    class Recorded(greedy._PickRows):
+    class Recorded(greedy_module._PickRows):
         def __init__(self, *args):
             super().__init__(*args)
             made.append(self)
 
-    monkeypatch.setattr(greedy, "_PickRows", Recorded)
+    monkeypatch.setattr(greedy_module, "_PickRows", Recorded)
+    return made
+
+
+def test_rows_in_blocks_pick_as_the_matrix_does_and_each_image_as_alone(monkeypatch, row_stores):
+    greedy = greedy_module
+    made = row_stores
     z, w = (
         clustered(3, 400, 24, seed=6),
         torch.rand(3, 400, generator=torch.Generator().manual_seed(7)),
@@ -341,8 +348,7 @@ def test_rows_mode_computes_the_picks_rows_in_few_products(monkeypatch):
     # tokens the next picks mostly are among them, so a few products serve every pick
     # (measured: 3 products of 32 rows for 64 picks, 5 for 144), where one row per pick
     # would take a product per pick.
-    import zooprune.select.greedy as greedy
-
+    greedy = greedy_module
     products = []
 
     class Counted(greedy._PickRows):
@@ -387,17 +393,8 @@ def test_precomputed_distances_pick_as_the_kernels_own(first):
         assert given[i].tolist() == reference
 
 
-def test_rows_mode_keeps_rows_up_to_exactly_the_matrix_budget(monkeypatch):
-    import zooprune.select.greedy as greedy
-
-    made = []
-
-    class Recorded(greedy._PickRows):
-        def __init__(self, *args):
-            super().__init__(*args)
-            made.append(self)
-
-    monkeypatch.setattr(greedy, "_PickRows", Recorded)
+def test_rows_mode_keeps_rows_up_to_exactly_the_matrix_budget(monkeypatch, row_stores):
+    greedy, made = greedy_module, row_stores
     z, w = clustered(1, 100, 8, seed=10), torch.rand(1, 100)
     expected = maxmin_select(z, 10, weights=w, distances="matrix")
     for budget, kept in ((100 * 100 * 4, True), (100 * 100 * 4 - 1, False)):
