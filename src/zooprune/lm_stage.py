@@ -103,6 +103,7 @@ from zooprune.handle import Positions, PruneHandle
 from zooprune.pipeline import EncodedImages, Kept, KeptImage, Selector, selection_record
 from zooprune.select import METHODS
 from zooprune.select.fastv import query_attention, top_k_ascending
+from zooprune.select.ops import all_finite
 
 __all__ = ["FastVStage", "LMStageHandle", "Plan", "language_model"]
 
@@ -276,7 +277,7 @@ class FastVStage:
         for row, columns, k in plan.images:
             columns = columns.to(hidden.device)
             scores = attention[row, columns]
-            if not bool(torch.isfinite(scores).all()):
+            if not all_finite(scores):
                 raise PruneError(
                     f"fastv's attention scores of prompt {row}'s image are NaN or infinite "
                     f"at layer {self.layer - 1}"

@@ -510,7 +510,7 @@ def _speed_widths(args: argparse.Namespace) -> int:
     config = WidthBenchConfig(
         tokens=args.tokens,
         keep=args.keep,
-        images=args.images or 1,
+        images=1 if args.images is None else args.images,
         num_directions=args.num_directions,
         shapes=args.shapes or WidthBenchConfig.shapes,
         device=args.device,
@@ -610,7 +610,7 @@ def _speed_kernels(args: argparse.Namespace) -> int:
         hidden_dim=args.hidden_dim,
         text_dim=args.text_dim,
         budgets=args.budgets,
-        images=args.images or 4,
+        images=4 if args.images is None else args.images,
         num_directions=args.num_directions,
         token_scale=args.token_scale,
         estimators=() if args.greedy_only else KernelBenchConfig.estimators,

@@ -60,15 +60,16 @@ class Tally:
         self.images, self.seconds, self.fallbacks = 0, 0.0, 0
         self.scoring_s = self.greedy_s = 0.0
 
-    def plus(self, other: Tally) -> Tally:
-        """The work of both (threads: ``other``'s)."""
+    def plus(self, other: Tally, sign: int = 1) -> Tally:
+        """The work of both (``sign=-1``: this one's since ``other`` was copied from it);
+        threads: ``self``'s with a minus, else ``other``'s."""
         return Tally(
-            images=self.images + other.images,
-            seconds=self.seconds + other.seconds,
-            scoring_s=self.scoring_s + other.scoring_s,
-            greedy_s=self.greedy_s + other.greedy_s,
-            threads=other.threads,
-            fallbacks=self.fallbacks + other.fallbacks,
+            images=self.images + sign * other.images,
+            seconds=self.seconds + sign * other.seconds,
+            scoring_s=self.scoring_s + sign * other.scoring_s,
+            greedy_s=self.greedy_s + sign * other.greedy_s,
+            threads=self.threads if sign < 0 else other.threads,
+            fallbacks=self.fallbacks + sign * other.fallbacks,
         )
 
     def per_image(self) -> dict[str, float] | None:

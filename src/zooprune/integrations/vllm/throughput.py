@@ -302,12 +302,7 @@ def serve_interleaved(
             result = serve_wave(engine, requests(wave), params, f"{label}-{wave}", blocks, count)
             if timed:
                 waves[i].append(result)
-                tally = tallies[i]
-                tally.images += TALLY.images - before.images
-                tally.seconds += TALLY.seconds - before.seconds
-                tally.scoring_s += TALLY.scoring_s - before.scoring_s
-                tally.greedy_s += TALLY.greedy_s - before.greedy_s
-                tally.threads = TALLY.threads
+                tallies[i] = tallies[i].plus(TALLY.plus(before, sign=-1))
             else:
                 peaks[i] = result["kv_blocks_peak"]
     return list(zip(waves, peaks, tallies, strict=True))
