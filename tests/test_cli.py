@@ -229,6 +229,31 @@ def test_bench_on_a_jsonl_file_with_any_model(tmp_path, capsys):
     assert "(0, 1)" in refused([*args, "--ratios", "1.5"], capsys)
 
 
+def test_bench_match_flops_runs_fastv_at_the_pre_llm_compute(tmp_path, capsys):
+    import json
+
+    assert main(["tiny", str(tmp_path / "model")]) == 0
+    Image.new("RGB", (48, 48), "red").save(tmp_path / "0.png")
+    (tmp_path / "data.jsonl").write_text(
+        json.dumps({"image": "0.png", "question": "what ?", "answer": "red"})
+    )
+    out_dir = tmp_path / "bench"
+    args = ["bench", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data.jsonl")]
+    code = main(
+        [*args, "--methods", "fastv[layer=1],grid", "--ratios", "3/4,1/64", "--match", "flops"]
+        + ["--out", str(out_dir)]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "LM prefill FLOPs, % of unpruned" in out
+    # 1 of 64 tokens: layer 0 of 2 on all 64 already costs more than the pre-LLM prefill
+    assert "fastv[layer=1] (equal FLOPs) at 1.6%: no budget matches" in out
+    conditions = json.loads((out_dir / "accuracy.json").read_text())["conditions"]
+    matched = next(c for c in conditions if c["method"] == "fastv[layer=1] (equal FLOPs)")
+    grid = next(c for c in conditions if c["method"] == "grid" and c["ratio"] == 0.75)
+    assert matched["kept_mean"] < grid["kept_mean"] and matched["lm_flops"] <= grid["lm_flops"]
+
+
 def test_testbed_train_command_runs_and_resumes(tmp_path, capsys, monkeypatch):
     import functools
 

@@ -465,17 +465,17 @@ def test_accuracy_csv_lists_every_condition_and_family(tmp_path):
         tmp_path, None, items, tmp_path, ["grid"], [0.25], reps=20, answerer=answer
     )
     lines = (tmp_path / "accuracy.csv").read_text().splitlines()
-    assert lines[0] == "method,ratio,kept_mean,family,accuracy,low,high,relative,n"
+    assert lines[0] == "method,ratio,kept_mean,family,accuracy,low,high,relative,n,lm_flops"
     grid = summary["conditions"][1]
     even = grid["families"]["even"]
     assert lines[1:4] == [
-        "unpruned,,,overall,1.0000,1.0000,1.0000,1.0000,5",
-        "unpruned,,,even,1.0000,1.0000,1.0000,1.0000,3",
-        "unpruned,,,odd,1.0000,1.0000,1.0000,1.0000,2",
+        "unpruned,,,overall,1.0000,1.0000,1.0000,1.0000,5,",
+        "unpruned,,,even,1.0000,1.0000,1.0000,1.0000,3,",
+        "unpruned,,,odd,1.0000,1.0000,1.0000,1.0000,2,",
     ]
     assert lines[5] == (
         f"grid,0.2500,4.0,even,{even['accuracy']:.4f},{even['low']:.4f},{even['high']:.4f},"
-        f"{even['relative']:.4f},3"
+        f"{even['relative']:.4f},3,"  # no cost model given: no FLOPs
     )
     assert len(lines) == 1 + 2 * 3
 
@@ -799,4 +799,4 @@ def test_the_csv_leaves_relative_empty_where_the_base_is_zero(tmp_path):
     )
     assert summary["conditions"][1]["families"]["odd"]["relative"] is None
     lines = (tmp_path / "accuracy.csv").read_text().splitlines()
-    assert "grid,0.2500,4.0,odd,1.0000,1.0000,1.0000,,2" in lines
+    assert "grid,0.2500,4.0,odd,1.0000,1.0000,1.0000,,2," in lines

@@ -174,3 +174,29 @@ def test_the_default_video_model_has_qwen3_vl_8b_s_vision_share():
     for frames, side in ((8, 224), (16, 448)):
         share = flops.video_vision_share(mine, frames, side, 40)
         assert abs(share - flops.video_vision_share(flops.QWEN3_VL_8B, frames, side, 40)) < 0.04
+
+
+def test_lm_prefill_counts_each_layer_at_its_own_length():
+    # FastV-like: layer 0 holds 20 visual tokens, layer 1 the 7 it kept; each decoder layer
+    # run alone at its length under the counter, the attention products counted apart.
+    m = model()
+    s = flops.Shapes.of_text(m.config)
+    lm = m.model.language_model
+    text, visual = 9, [20, 7]
+    expected = counted(lambda: m.lm_head(torch.randn(1, 1, s.text_dim)))
+    for layer, tokens in zip(lm.layers, visual, strict=True):
+        length = text + tokens
+        hidden = torch.randn(1, length, s.text_dim)
+        position = lm.rotary_emb(hidden, torch.arange(length)[None])
+        expected += counted(lambda: layer(hidden, position_embeddings=position))
+        expected += 2 * length * length * s.text_dim  # QK^T and AV, half the square each
+    assert flops.lm_prefill(s, text, visual) == expected
+    # every layer at one length is the plain prefill
+    assert flops.lm_prefill(s, text, [11, 11]) == flops.prefill(s, text + 11)
+
+
+def test_text_shapes_are_the_language_model_fields_of_the_llava_shapes():
+    m = model()
+    full, text = flops.Shapes.of_llava(m.config), flops.Shapes.of_text(m.config)
+    for field in ("text_dim", "text_layers", "text_ffn", "kv_dim", "vocab"):
+        assert getattr(text, field) == getattr(full, field), field

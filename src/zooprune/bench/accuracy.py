@@ -28,6 +28,8 @@ from PIL import Image
 from torch import nn
 
 import zooprune
+from zooprune.bench.equal_flops import PrefillCost, prompt_sizes
+from zooprune.bench.flops import Shapes
 
 __all__ = [
     "DEFAULT_RATIOS",
@@ -48,6 +50,8 @@ __all__ = [
 # 33%, 22%, 11% and 5.6% of the tokens: 192/128/64/32 of LLaVA-1.5's 576, as in the paper.
 DEFAULT_RATIOS: tuple[float, ...] = (1 / 3, 2 / 9, 1 / 9, 1 / 18)
 UNPRUNED = "unpruned"
+#: how a method matched at equal LM prefill FLOPs is labelled after its own name
+EQUAL_FLOPS = "(equal FLOPs)"
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,21 @@ def _answer(
     return processor.batch_decode(new, skip_special_tokens=True)
 
 
+def prefill_cost(
+    config: Any, processor: Any, items: Sequence[Item], template: str | None = None
+) -> PrefillCost:
+    """The LM prefill cost model of ``items`` as ``processor`` expands their prompts, for
+    the model of ``config`` (its language model's shapes, its image token)."""
+    image_token = getattr(config, "image_token_id", None)
+    if image_token is None:
+        image_token = getattr(config, "image_token_index", None)
+    if image_token is None:
+        raise ValueError(f"{type(config).__name__} names no image token id")
+    prompts = [prompt_for(processor, item.question, template) for item in items]
+    sizes = prompt_sizes(processor, prompts, [item.pil() for item in items], image_token)
+    return PrefillCost(Shapes.of_text(config), sizes)
+
+
 #: ``answer(items, method, ratio, options) -> (predictions, visual tokens kept per image)``;
 #: ``method`` and ``ratio`` are None for the unpruned model (and the kept list empty)
 Answerer = Callable[
@@ -291,6 +310,8 @@ def run_accuracy(
     on_progress: Callable[[str, int, int], None] | None = None,
     engine: str = "hf",
     answerer: Answerer | None = None,
+    cost: PrefillCost | None = None,
+    match_flops: bool = False,
 ) -> dict[str, Any]:
     """Score every (method, ratio) and the unpruned model on ``items``; resumable.
 
@@ -304,7 +325,16 @@ def run_accuracy(
     then ``accuracy.json`` and ``accuracy.csv`` from :func:`summarize`. A condition already
     in ``results.jsonl`` with the same fingerprint (model name, questions, settings) is not
     run again. ``on_progress(condition, done, total)`` is called after every batch.
+
+    ``cost`` (the questions' prompt sizes and the LM's shapes) adds each condition's LM
+    prefill FLOPs relative to unpruned (``lm_flops``). With ``match_flops``, every method
+    that drops tokens inside the LM also runs as ``NAME (equal FLOPs)`` at each ratio: at
+    the budget where its prefill costs what a method before the LM spends at that ratio
+    (:meth:`PrefillCost.matching_ratio`; ``run_ratio`` in its record). Where no budget
+    does, the condition is listed under ``unmatched`` with the reason.
     """
+    if match_flops and cost is None:
+        raise ValueError("match_flops needs cost (the prompts' sizes and the LM's shapes)")
     variants: dict[str, tuple[str, dict[str, Any]]] = {}
     for spec in methods:
         name, options = method_parts(spec)
@@ -335,9 +365,32 @@ def run_accuracy(
             row = json.loads(line)
             if row.get("fingerprint") == fingerprint:
                 done[row["key"]] = row
-    conditions = [(UNPRUNED, None)] + [(m, r) for m in variants for r in ratios]
+    # (label, column ratio, the ratio it runs at)
+    conditions: list[tuple[str, float | None, float | None]] = [(UNPRUNED, None, None)]
+    unmatched: list[dict[str, Any]] = []
+    for method, (name, options) in list(variants.items()):
+        conditions += [(method, r, r) for r in ratios]
+        spec = zooprune.METHODS[name]
+        if not (match_flops and spec.in_lm):
+            continue
+        matched = f"{method} {EQUAL_FLOPS}"
+        variants[matched] = (name, options)
+        for r in ratios:
+            run_ratio = cost.matching_ratio(spec, options, r)
+            if run_ratio is None:
+                share = cost.relative_before_lm(r)
+                unmatched.append(
+                    {
+                        "method": matched,
+                        "ratio": r,
+                        "reason": f"its unpruned layers alone cost more than {100 * share:.1f}% "
+                        "of the unpruned prefill, even keeping one token per image",
+                    }
+                )
+            else:
+                conditions.append((matched, r, run_ratio))
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    for method, ratio in conditions:
+    for method, ratio, run_ratio in conditions:
         key = _condition_key(method, ratio)
         if key in done:
             if on_progress:
@@ -351,7 +404,7 @@ def run_accuracy(
         if ratio is not None and "seed" in zooprune.METHODS[name].options:
             options = {"seed": seed, **options}
         for number, batch in enumerate(batches, 1):
-            said, counted = answer(batch, None if ratio is None else name, ratio, options)
+            said, counted = answer(batch, None if ratio is None else name, run_ratio, options)
             predictions += said
             kept += counted
             if on_progress:
@@ -361,7 +414,9 @@ def run_accuracy(
             "key": key,
             "method": method,
             "ratio": ratio,
+            "run_ratio": run_ratio,
             "kept_mean": float(np.mean(kept)) if kept else None,
+            "lm_flops": _lm_flops(cost, None if ratio is None else name, options, kept, items),
             "seconds": round(time.perf_counter() - start, 2),
             "predictions": predictions,
             "correct": [is_correct(p, it.answer) for p, it in zip(predictions, items, strict=True)],
@@ -369,12 +424,32 @@ def run_accuracy(
         with results_path.open("a") as file:
             file.write(json.dumps(row) + "\n")
         done[key] = row
-    rows = [done[_condition_key(m, r)] for m, r in conditions]
+    rows = [done[_condition_key(m, r)] for m, r, _ in conditions]
     summary = summarize(rows, [it.family for it in items], reps=reps, seed=seed)
     summary.update(model=model_name, questions=len(items), fingerprint=fingerprint, **settings)
+    if match_flops:
+        summary["unmatched"] = unmatched
     (out / "accuracy.json").write_text(json.dumps(summary, indent=1))
     _write_csv(summary, out / "accuracy.csv")
     return summary
+
+
+def _lm_flops(
+    cost: PrefillCost | None,
+    method: str | None,
+    options: dict[str, Any],
+    kept: Sequence[int],
+    items: Sequence[Item],
+) -> float | None:
+    """The condition's LM prefill relative to unpruned, from the tokens each image kept;
+    None without ``cost`` or where the kept counts are not one per question."""
+    if cost is None:
+        return None
+    if method is None:
+        return 1.0
+    if len(kept) != len(items):
+        return None
+    return cost.relative(zooprune.METHODS[method], options, kept)
 
 
 def _split(correct: Sequence[bool], families: Sequence[str]) -> dict[str, np.ndarray]:
@@ -427,6 +502,8 @@ def summarize(
                 "method": row["method"],
                 "ratio": row["ratio"],
                 "kept_mean": row.get("kept_mean"),
+                "run_ratio": row.get("run_ratio", row["ratio"]),
+                "lm_flops": row.get("lm_flops"),
                 "seconds": row.get("seconds"),
                 "overall": {
                     "accuracy": overall,
@@ -454,7 +531,18 @@ def _write_csv(summary: dict[str, Any], path: Path) -> None:
     with path.open("w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(
-            ["method", "ratio", "kept_mean", "family", "accuracy", "low", "high", "relative", "n"]
+            [
+                "method",
+                "ratio",
+                "kept_mean",
+                "family",
+                "accuracy",
+                "low",
+                "high",
+                "relative",
+                "n",
+                "lm_flops",
+            ]
         )
         for cond in summary["conditions"]:
             for family, stats in [("overall", cond["overall"]), *cond["families"].items()]:
@@ -469,6 +557,7 @@ def _write_csv(summary: dict[str, Any], path: Path) -> None:
                         f"{stats['high']:.4f}",
                         "" if stats["relative"] is None else f"{stats['relative']:.4f}",
                         stats["n"],
+                        "" if cond.get("lm_flops") is None else f"{cond['lm_flops']:.4f}",
                     ]
                 )
 

@@ -7,6 +7,7 @@ Attention over a causal prompt of L tokens counts L^2 * d multiply-adds per laye
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -43,6 +44,21 @@ class Shapes:
             text_ffn=text.intermediate_size,
             kv_dim=text.num_key_value_heads * head_dim,
             vocab=text.vocab_size,
+        )
+
+    @classmethod
+    def of_text(cls, config) -> Shapes:  # noqa: ANN001 (any VLM config with a text model)
+        """The language model's shapes (vision fields 0): what LM prefill counts need."""
+        text = getattr(config, "text_config", None) or config
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        return language_model(
+            text.hidden_size,
+            text.num_hidden_layers,
+            text.intermediate_size,
+            kv_heads * head_dim,
+            text.vocab_size,
         )
 
 
@@ -115,6 +131,21 @@ def lm_matmuls(s: Shapes, tokens: int) -> float:
 def prefill(s: Shapes, length: int) -> float:
     """The LM over a prompt of ``length`` tokens, logits for the last one only."""
     return lm_matmuls(s, length) + 2.0 * s.text_layers * length * length * s.text_dim
+
+
+def lm_prefill(s: Shapes, text: int, visual: Sequence[int]) -> float:
+    """The LM over a prompt of ``text`` tokens and ``visual[i]`` visual tokens at layer
+    ``i`` (one entry per layer: a method inside the LM drops tokens between layers), each
+    layer's attention causal over the tokens it holds; logits for the last token only."""
+    if len(visual) != s.text_layers:
+        raise ValueError(f"{len(visual)} layer lengths for a {s.text_layers}-layer LM")
+    d = s.text_dim
+    per_token = d * (2 * d + 2 * s.kv_dim) + 3 * d * s.text_ffn
+    total = 2.0 * d * s.vocab
+    for tokens in visual:
+        length = text + tokens
+        total += 2.0 * length * per_token + 2.0 * length * length * d
+    return total
 
 
 def vision_share(s: Shapes, text_tokens: int) -> float:

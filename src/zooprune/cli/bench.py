@@ -62,6 +62,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--max-new-tokens", type=int, default=0)
     bench.add_argument("--batch-size", type=int, default=32)
     add_dtype(bench, "float32")
+    bench.add_argument(
+        "--match",
+        choices=["flops"],
+        help="flops: also run every method that drops tokens inside the LM (fastv) at the "
+        "budget where its LM prefill FLOPs equal the pre-LLM methods' at each ratio",
+    )
     bench.add_argument("--seed", type=int, default=0)
     add_threads(bench)
     add_out(bench, "out/bench", "results folder (resumed if present)")
@@ -71,7 +77,13 @@ def register(commands: argparse._SubParsersAction) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from zooprune.bench.accuracy import DEFAULT_RATIOS, jsonl_items, run_accuracy, testbed_items
+    from zooprune.bench.accuracy import (
+        DEFAULT_RATIOS,
+        jsonl_items,
+        prefill_cost,
+        run_accuracy,
+        testbed_items,
+    )
     from zooprune.bench.timing import machine
     from zooprune.select import METHODS
     from zooprune.viz import plot_accuracy
@@ -115,6 +127,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.engine == "vllm":
         if (status := vllm_missing("--engine vllm")) is not None:
             return status
+        from transformers import AutoConfig
+
         from zooprune.integrations.vllm.accuracy import VllmAnswerer
 
         model, name = _folder_for_bench(args)
@@ -124,6 +138,7 @@ def _bench(args: argparse.Namespace) -> int:
             model, prompt_template=args.prompt, max_new_tokens=max_new, dtype=args.dtype
         )
         processor = answerer.processor
+        config = AutoConfig.from_pretrained(model)
     else:
         model, processor, name = _load_for_bench(args)
         methods, refused = runnable_methods(model, methods)
@@ -136,6 +151,13 @@ def _bench(args: argparse.Namespace) -> int:
                 f"[dim]skipped {escape(', '.join(refused))}: this model cannot run them "
                 "(--methods NAME says why)[/dim]"
             )
+        config = model.config
+    try:
+        cost = prefill_cost(config, processor, items, args.prompt)
+    except ValueError as error:  # a config without an image token id: no FLOPs column
+        if args.match:
+            return fail(f"--match flops cannot count this model's prompts: {error}")
+        cost = None
     out = Path(args.out)
     total = (1 + len(methods) * len(ratios)) * -(-len(items) // args.batch_size)
     columns = (
@@ -167,6 +189,8 @@ def _bench(args: argparse.Namespace) -> int:
             on_progress=report,
             engine=args.engine,
             answerer=answerer,
+            cost=cost,
+            match_flops=args.match == "flops",
         )
     if answerer is not None:
         answerer.close()
@@ -222,6 +246,36 @@ def _load_for_bench(args: argparse.Namespace) -> tuple[object, object, str]:
     return model, processor, args.model
 
 
+def _at(conditions: list[dict], method: str, ratio: float) -> dict | None:
+    return next((c for c in conditions if c["method"] == method and c["ratio"] == ratio), None)
+
+
+def _print_flops(conds: list[dict], unmatched: list[dict]) -> None:
+    """The LM prefill each condition leaves, % of unpruned, and the kept tokens it took."""
+    if all(c.get("lm_flops") is None for c in conds[1:]):
+        return
+    table = Table(title="LM prefill FLOPs, % of unpruned (visual tokens kept per image)")
+    table.add_column("method", style="bold")
+    ratios = sorted({c["ratio"] for c in conds[1:]}, reverse=True)
+    for ratio in ratios:
+        table.add_column(f"{100 * ratio:.1f}%", justify="right")
+    for method in sorted({c["method"] for c in conds[1:]}):
+        cells = []
+        for ratio in ratios:
+            match = _at(conds, method, ratio)
+            if match is None or match.get("lm_flops") is None:
+                cells.append("-")
+                continue
+            cells.append(f"{100 * match['lm_flops']:.1f} ({match['kept_mean']:.1f})")
+        table.add_row(escape(method), *cells)
+    console.print(table)
+    for miss in unmatched:
+        console.print(
+            f"[dim]{escape(miss['method'])} at {100 * miss['ratio']:.1f}%: no budget matches, "
+            f"{escape(miss['reason'])}[/dim]"
+        )
+
+
 def _print_accuracy(summary: dict) -> None:
     from zooprune.bench.accuracy import condition_stats
 
@@ -243,12 +297,16 @@ def _print_accuracy(summary: dict) -> None:
         for method in sorted({c["method"] for c in conds[1:]}):
             row = []
             for ratio in ratios:
-                match = next(c for c in conds if c["method"] == method and c["ratio"] == ratio)
+                match = _at(conds, method, ratio)
+                if match is None:  # no budget matched the pre-LLM compute at this ratio
+                    row.append("-")
+                    continue
                 stats = condition_stats(match, family)
                 relative = "" if stats["relative"] is None else f" ({100 * stats['relative']:.0f}%)"
                 row.append(cell(stats) + relative)
             table.add_row(escape(method), *row)  # a variant's [options] are not markup
         console.print(table)
+    _print_flops(conds, summary.get("unmatched", []))
     comparisons = summary["comparisons"]
     if comparisons:
         table = Table(title="paired differences on the same questions: points [95% CI]")

@@ -61,11 +61,18 @@ def check_fastv_options(options: dict[str, Any], keep: int | None) -> dict[str, 
     return options | {"layer": check_int("layer", options["layer"], low=1)}
 
 
+def fastv_schedule(options: dict[str, Any], n: int, k: int, layers: int) -> list[int]:
+    """Layers ``0 .. layer-1`` hold all ``n`` visual tokens, the later ones the ``k`` kept."""
+    layer = min(options["layer"], layers)
+    return [n] * layer + [k] * (layers - layer)
+
+
 @register_method(
     "fastv",
     "FastV: top tokens by the last prompt token's attention, dropped inside the LM",
     needs=("lm_stage",),
     validate=check_fastv_options,
+    schedule=fastv_schedule,
 )
 def fastv(tokens: TokenSet, k: int, *, layer: int = DEFAULT_LAYER) -> MethodResult:
     """FastV ranks inside the language model, on its hidden states at ``layer - 1``:

@@ -73,6 +73,16 @@ class MethodResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+#: ``schedule(options, n, k, layers)``: how many of an image's ``n`` visual tokens each of
+#: the language model's ``layers`` layers holds when the method keeps ``k`` of them
+Schedule = Callable[[dict[str, Any], int, int, int], list[int]]
+
+
+def before_the_lm(options: dict[str, Any], n: int, k: int, layers: int) -> list[int]:
+    """A method that chooses before the language model: every layer holds the ``k`` kept."""
+    return [k] * layers
+
+
 #: ``validate(options, keep)``: the full option dict (defaults filled) and the budget's
 #: ``keep`` (None under ``ratio``) -> the same options, checked and normalised
 Validator = Callable[[dict[str, Any], "int | None"], dict[str, Any]]
@@ -87,6 +97,20 @@ class MethodSpec:
     validate: Validator | None = None
     #: option name -> an extra the method needs when that option is truthy
     option_needs: dict[str, str] = field(default_factory=dict)
+    #: the visual tokens each LM layer holds (the compute the method leaves): a method that
+    #: drops tokens inside the language model declares its own
+    schedule: Schedule = before_the_lm
+
+    @property
+    def in_lm(self) -> bool:
+        """Whether the method chooses inside the language model (every layer before its
+        choice runs on every visual token)."""
+        return self.schedule is not before_the_lm
+
+    def layer_tokens(self, options: dict[str, Any], n: int, k: int, layers: int) -> list[int]:
+        """The visual tokens each of ``layers`` LM layers holds, keeping ``k`` of ``n``
+        (``options`` resolved: defaults filled)."""
+        return self.schedule(self.options | options, n, k, layers)
 
     def __reduce__(self) -> tuple:
         # By name: a pickled or copied spec is the registered one (its function may be a
@@ -153,6 +177,7 @@ def register_method(
     needs: tuple[str, ...] = (),
     validate: Validator | None = None,
     option_needs: dict[str, str] | None = None,
+    schedule: Schedule = before_the_lm,
 ) -> Callable[[Callable[..., MethodResult]], Callable[..., MethodResult]]:
     """Add a method to the registry under ``name``."""
 
@@ -160,7 +185,7 @@ def register_method(
         if name in METHODS:
             raise ValueError(f"method {name!r} is already registered")
         METHODS[name] = MethodSpec(
-            name, summary, fn, frozenset(needs), validate, dict(option_needs or {})
+            name, summary, fn, frozenset(needs), validate, dict(option_needs or {}), schedule
         )
         return fn
 

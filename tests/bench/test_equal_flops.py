@@ -1,0 +1,130 @@
+"""Equal compute: FLOPs per condition and the budget that matches them, against brute force."""
+
+import pytest
+from PIL import Image
+
+from zooprune.bench import flops
+from zooprune.bench.accuracy import Item, run_accuracy
+from zooprune.bench.equal_flops import PrefillCost, PromptSizes, prompt_sizes
+from zooprune.select import METHODS
+from zooprune.tiny import tiny_llava_processor
+
+SEVEN_B_LM = flops.language_model(4096, 32, 11008, 4096, 32000)
+
+
+def cost_of(shapes, text, visual):
+    return PrefillCost(shapes, PromptSizes(tuple(text), tuple(visual)))
+
+
+def brute_force_best(cost, spec, options, ratio):
+    """The most visual tokens an in-LM method may keep for no more than a pre-LLM method's
+    prefill at ``ratio``: every breakpoint k / n of every question tried."""
+    layers = cost.shapes.text_layers
+    target = sum(
+        flops.lm_prefill(cost.shapes, t, [int(ratio * n)] * layers)
+        for t, n in zip(cost.sizes.text, cost.sizes.visual, strict=True)
+    )
+    best = None
+    candidates = sorted({k / n for n in cost.sizes.visual for k in range(1, n + 1)})
+    for r in candidates:
+        kept = [int((r + 1e-12) * n) for n in cost.sizes.visual]
+        if min(kept) < 1:
+            continue
+        spent = sum(
+            flops.lm_prefill(cost.shapes, t, spec.layer_tokens(options, n, k, layers))
+            for t, n, k in zip(cost.sizes.text, cost.sizes.visual, kept, strict=True)
+        )
+        if spent <= target:
+            best = (spent, kept)
+    return target, best
+
+
+@pytest.mark.parametrize("visual", [(576, 576, 576), (576, 400, 2880)])
+@pytest.mark.parametrize("ratio", [1 / 3, 1 / 9])
+def test_the_matched_budget_is_the_largest_that_costs_no_more(visual, ratio):
+    cost = cost_of(SEVEN_B_LM, (40, 55, 31), visual)
+    fastv = METHODS["fastv"]
+    matched = cost.matching_ratio(fastv, {}, ratio)
+    target, (spent, kept) = brute_force_best(cost, fastv, {"layer": 2}, ratio)
+    assert cost.kept_at(matched) == kept
+    assert cost.flops(fastv, {}, kept) == spent <= target
+    # at 1/9 FastV at layer 2 of 32 keeps fewer tokens than the pre-LLM methods' 64 of 576
+    assert kept[0] < int(ratio * visual[0])
+
+
+def test_a_method_before_the_lm_matches_at_its_own_ratio_and_costs_the_same():
+    cost = cost_of(SEVEN_B_LM, (40, 55), (576, 576))
+    grid = METHODS["grid"]
+    assert cost.matching_ratio(grid, {}, 1 / 9) == 1 / 9
+    assert cost.relative(grid, {}, cost.kept_at(1 / 9)) == cost.relative_before_lm(1 / 9)
+    assert cost.relative(None, {}, []) == 1.0
+
+
+def test_no_budget_matches_where_the_unpruned_layers_alone_cost_more():
+    shallow = flops.language_model(64, 4, 128, 64, 100)  # the test bed's 4 layers
+    cost = cost_of(shallow, (12, 12), (256, 256))
+    fastv = METHODS["fastv"]
+    # layer 2 of 4: half the LM on all 256 tokens already costs more than 11% of it
+    assert cost.matching_ratio(fastv, {"layer": 2}, 1 / 9) is None
+    assert brute_force_best(cost, fastv, {"layer": 2}, 1 / 9)[1] is None
+    # layer 1 at 50%: a budget exists, and it is the brute force's
+    matched = cost.matching_ratio(fastv, {"layer": 1}, 0.5)
+    assert cost.kept_at(matched) == brute_force_best(cost, fastv, {"layer": 1}, 0.5)[1][1]
+
+
+def test_prompt_sizes_count_the_processors_placeholders():
+    processor = tiny_llava_processor()
+    image = Image.new("RGB", (48, 48))
+    sizes = prompt_sizes(
+        processor, ["<image> a b", "<image> a b c d"], [image, image], processor.image_token_id
+    )
+    assert sizes.visual == (64, 64)  # 8 x 8 patches
+    assert sizes.text[1] - sizes.text[0] == 2
+
+
+class Answerer:
+    """Says the right answer; keeps int(ratio * 64) tokens per image; records the ratio."""
+
+    def __init__(self):
+        self.ratios = []
+
+    def __call__(self, items, method, ratio, options):
+        self.ratios.append((method, ratio))
+        kept = [] if method is None else [int(ratio * 64)] * len(items)
+        return [it.answer for it in items], kept
+
+
+def test_run_accuracy_runs_fastv_at_the_matched_budget_and_records_its_flops(tmp_path):
+    items = [Item(Image.new("RGB", (4, 4)), f"q{i}", "yes", "f") for i in range(3)]
+    cost = cost_of(flops.language_model(64, 8, 128, 64, 100), (10, 12, 14), (64, 64, 64))
+    answer = Answerer()
+    summary = run_accuracy(
+        tmp_path,
+        None,
+        items,
+        tmp_path,
+        ["grid", ("fastv", {"layer": 1})],
+        [0.5, 1 / 32],
+        answerer=answer,
+        cost=cost,
+        match_flops=True,
+        reps=10,
+    )
+    fastv = METHODS["fastv"]
+    by_label = {(c["method"], c["ratio"]): c for c in summary["conditions"]}
+    matched = by_label[("fastv[layer=1] (equal FLOPs)", 0.5)]
+    assert matched["run_ratio"] == cost.matching_ratio(fastv, {"layer": 1}, 0.5)
+    assert ("fastv", matched["run_ratio"]) in answer.ratios
+    assert matched["lm_flops"] == pytest.approx(cost.relative_before_lm(0.5), rel=0.05)
+    assert matched["lm_flops"] <= cost.relative_before_lm(0.5)
+    plain = by_label[("fastv[layer=1]", 0.5)]
+    assert plain["lm_flops"] > matched["lm_flops"]
+    assert by_label[("grid", 0.5)]["lm_flops"] == cost.relative_before_lm(0.5)
+    assert summary["conditions"][0]["lm_flops"] == 1.0
+    # 2 of 64 tokens: the first layer on all 64 already costs more than 1/8 of 8 layers'
+    assert ("fastv[layer=1] (equal FLOPs)", 1 / 32) not in by_label
+    assert [(u["method"], u["ratio"]) for u in summary["unmatched"]] == [
+        ("fastv[layer=1] (equal FLOPs)", 1 / 32)
+    ]
+    with pytest.raises(ValueError, match="match_flops needs cost"):
+        run_accuracy(tmp_path, None, items, tmp_path, ["grid"], [0.5], match_flops=True)
