@@ -5,6 +5,8 @@ convolution layers and the LM exactly; it does not see SDPA on the CPU, so the a
 terms are checked against an explicit count of the score and value products.
 """
 
+import functools
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlavaForConditionalGeneration
@@ -188,7 +190,7 @@ def test_lm_prefill_counts_each_layer_at_its_own_length():
         length = text + tokens
         hidden = torch.randn(1, length, s.text_dim)
         position = lm.rotary_emb(hidden, torch.arange(length)[None])
-        expected += counted(lambda: layer(hidden, position_embeddings=position))
+        expected += counted(functools.partial(layer, hidden, position_embeddings=position))
         expected += 2 * length * length * s.text_dim  # QK^T and AV, half the square each
     assert flops.lm_prefill(s, text, visual) == expected
     # every layer at one length is the plain prefill
