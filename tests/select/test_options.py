@@ -17,15 +17,15 @@ SENSITIVITY = {
 }
 #: the README's table of methods, option by option
 DOCUMENTED = {
-    "zoo": SENSITIVITY,
-    "zoo-sum": SENSITIVITY,
+    "zoo": SENSITIVITY | {"center": False},
+    "zoo-sum": SENSITIVITY | {"center": False},
     "sensitivity": SENSITIVITY,
-    "divprune": {},
+    "divprune": {"center": False},
     "visionzip": {"contextual": None, "cls_token": False},
     "random": {"seed": 0},
     "grid": {},
     "pool": {},
-    "cdpruner": {"theta": None},
+    "cdpruner": {"theta": None, "center": False},
     "dart": {"pivots": 8, "pivot_norm": "l2"},
     "fastv": {"layer": 2},
 }
@@ -176,4 +176,4 @@ def test_an_unknown_option_is_refused_naming_those_there_are():
     ):
         Selector.build("dart", keep=4, options={"pivot": 2})
     with pytest.raises(PruneError, match="has no option 'seed'; its options are: none"):
-        Selector.build("divprune", keep=4, options={"seed": 2})
+        Selector.build("grid", keep=4, options={"seed": 2})

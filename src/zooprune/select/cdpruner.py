@@ -69,18 +69,26 @@ def instruction_relevance(tokens: Tensor, instruction: Tensor, mask: Tensor) -> 
     return torch.where(flat, torch.ones_like(raw), normalised)
 
 
-def conditional_kernel(tokens: Tensor, relevance: Tensor, theta: float | None = None) -> Tensor:
+def conditional_kernel(
+    tokens: Tensor,
+    relevance: Tensor,
+    theta: float | None = None,
+    distinct: Tensor | None = None,
+) -> Tensor:
     """The conditional DPP kernel ``diag(q) S diag(q)``, ``[B, N, d] -> [B, N, N]``.
 
     ``theta=None`` takes ``q = r`` (the authors' released code); ``theta`` in (0, 1) takes
     ``q = exp(alpha r)`` with ``alpha = theta / (2 (1 - theta))``, the quality-diversity
     trade-off of Chen et al. that the authors' code offers, commented out (0.5 there).
+    ``distinct`` ``[B, N]`` multiplies q (Cen-Prune's distinctiveness).
     """
     z = unit_rows(tokens)
     similarity = z @ z.transpose(1, 2)
     quality = relevance.to(z.dtype)
     if theta is not None:
         quality = torch.exp(theta / (2 * (1 - theta)) * quality)
+    if distinct is not None:
+        quality = quality * distinct.to(z.dtype)
     return quality[:, :, None] * similarity * quality[:, None, :]
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from zooprune.errors import PruneError
 from zooprune.select.cdpruner import conditional_kernel, greedy_dpp_map, instruction_relevance
+from zooprune.select.centering import centred, distinctiveness
 from zooprune.select.dart import PIVOT_NORMS, dart_select
 from zooprune.select.greedy import maxmin_select
 from zooprune.select.mlp import as_mlp, exact_sensitivity, low_rank_projector
@@ -45,13 +46,21 @@ def check_sensitivity_options(options: dict[str, Any], keep: int | None) -> dict
     zo_dtype = check_choice("zo_dtype", options["zo_dtype"], tuple(_DTYPES))
     if zo_dtype != "float32" and estimator != "zo":
         raise PruneError(f"zo_dtype={zo_dtype!r} applies to estimator='zo' only; pass it too")
-    return options | {
-        "num_directions": check_int("num_directions", options["num_directions"], low=1),
-        "rank": check_int("rank", options["rank"], low=1),
-        # inf makes every central difference NaN; 0 makes it 0/0
-        "step": check_positive_real("step", options["step"]),
-        "seed": check_int("seed", options["seed"], low=SEED_RANGE[0], high=SEED_RANGE[1]),
-    }
+    return (
+        options
+        | {
+            "num_directions": check_int("num_directions", options["num_directions"], low=1),
+            "rank": check_int("rank", options["rank"], low=1),
+            # inf makes every central difference NaN; 0 makes it 0/0
+            "step": check_positive_real("step", options["step"]),
+            "seed": check_int("seed", options["seed"], low=SEED_RANGE[0], high=SEED_RANGE[1]),
+        }
+        | ({"center": check_bool("center", options["center"])} if "center" in options else {})
+    )
+
+
+def check_center_option(options: dict[str, Any], keep: int | None) -> dict[str, Any]:
+    return options | {"center": check_bool("center", options["center"])}
 
 
 def check_seed_option(options: dict[str, Any], keep: int | None) -> dict[str, Any]:
@@ -80,7 +89,7 @@ def check_cdpruner_options(options: dict[str, Any], keep: int | None) -> dict[st
         if not inside or not 0 < float(theta) < 1:
             raise PruneError(f"theta must be None or a number in (0, 1), got {theta!r}")
         theta = float(theta)
-    return options | {"theta": theta}
+    return options | {"theta": theta, "center": check_bool("center", options["center"])}
 
 
 def check_dart_options(options: dict[str, Any], keep: int | None) -> dict[str, Any]:
@@ -156,8 +165,10 @@ def score_then_choose(
     seed: int = 0,
     zo_dtype: str = "float32",
     rank: int = 128,
+    center: bool = False,
 ) -> MethodResult:
-    """A method that scores by projector sensitivity, then ``choose``s k tokens by them."""
+    """A method that scores by projector sensitivity, then ``choose``s k tokens by them
+    (``center``: with Cen-Prune's correction, :mod:`zooprune.select.centering`)."""
     with stage("scoring"):
         scores, ran = sensitivity_scores(
             tokens,
@@ -169,45 +180,91 @@ def score_then_choose(
             rank=rank,
         )
     with stage("greedy"):
-        picks = choose(tokens, k, scores)
+        picks = choose(tokens, k, scores, center)
     return MethodResult(_sorted(picks), scores=scores, details={"estimator": ran})
 
 
-def _maxmin(fusion: str, tokens: TokenSet, k: int, scores: torch.Tensor) -> torch.Tensor:
-    """ZOO-Prune's greedy: weights are the scores min-max normalised over the unit."""
+def _maxmin(
+    fusion: str, tokens: TokenSet, k: int, scores: torch.Tensor, center: bool = False
+) -> torch.Tensor:
+    """ZOO-Prune's greedy: weights are the scores min-max normalised over the unit. With
+    ``center``, weights times the tokens' distinctiveness, distances between centred
+    tokens (Cen-Prune)."""
     weights = minmax_normalize(scores)
-    return maxmin_select(tokens.projected, k, weights=weights, fusion=fusion)
+    features = tokens.projected
+    if center:
+        weights = weights * distinctiveness(features)
+        features = centred(features)
+    return maxmin_select(features, k, weights=weights, fusion=fusion)
 
 
-def _top_k(tokens: TokenSet, k: int, scores: torch.Tensor) -> torch.Tensor:
+def _top_k(tokens: TokenSet, k: int, scores: torch.Tensor, center: bool = False) -> torch.Tensor:
     # Stable sort so that ties go to the lower index, as in the greedy methods.
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
 
 
 # Module-level functions bound with partial, not closures: each method's whole path is
 # code that runs per call (what mutation testing can switch), none of it made at import.
-for _name, _summary, _choose in (
-    (
-        "zoo",
-        "ZOO-Prune: projector sensitivity x max-min diversity",
-        functools.partial(_maxmin, "product"),
-    ),
-    (
-        "zoo-sum",
-        "ablation: sensitivity + diversity (additive fusion)",
-        functools.partial(_maxmin, "sum"),
-    ),
-    ("sensitivity", "ablation: top-k by projector sensitivity alone", _top_k),
+for _name, _summary, _fusion in (
+    ("zoo", "ZOO-Prune: projector sensitivity x max-min diversity", "product"),
+    ("zoo-sum", "ablation: sensitivity + diversity (additive fusion)", "sum"),
 ):
+    _choose = functools.partial(_maxmin, _fusion)
     _method = functools.partial(score_then_choose, _choose)
     _method.choose = _choose  # type: ignore[attr-defined]  # the speed benchmark times it alone
     register_method(_name, _summary, validate=check_sensitivity_options)(_method)
 
 
-@register_method("divprune", "DivPrune: max-min diversity of projected tokens (1 - cosine)")
-def divprune(tokens: TokenSet, k: int) -> MethodResult:
+@register_method(
+    "sensitivity",
+    "ablation: top-k by projector sensitivity alone",
+    validate=check_sensitivity_options,
+)
+def sensitivity(
+    tokens: TokenSet,
+    k: int,
+    *,
+    estimator: str = "auto",
+    num_directions: int = 64,
+    step: float = 0.01,
+    seed: int = 0,
+    zo_dtype: str = "float32",
+    rank: int = 128,
+) -> MethodResult:
+    """The k most sensitive tokens: no diversity term (so no ``center`` either)."""
+    return score_then_choose(
+        _top_k,
+        tokens,
+        k,
+        estimator=estimator,
+        num_directions=num_directions,
+        step=step,
+        seed=seed,
+        zo_dtype=zo_dtype,
+        rank=rank,
+    )
+
+
+sensitivity.choose = _top_k  # type: ignore[attr-defined]  # timed alone, as zoo's greedy
+
+
+@register_method(
+    "divprune",
+    "DivPrune: max-min diversity of projected tokens (1 - cosine)",
+    validate=check_center_option,
+)
+def divprune(tokens: TokenSet, k: int, *, center: bool = False) -> MethodResult:
+    """DivPrune: the token whose nearest neighbour is farthest, then each time the token
+    farthest from those kept. ``center``: Cen-Prune's correction, distances between
+    centred tokens, each after the first weighted by the token's distinctiveness."""
     with stage("greedy"):
-        picks = maxmin_select(tokens.projected, k, first="farthest_neighbour")
+        if center:
+            weights = distinctiveness(tokens.projected)
+            picks = maxmin_select(
+                centred(tokens.projected), k, weights=weights, first="farthest_neighbour"
+            )
+        else:
+            picks = maxmin_select(tokens.projected, k, first="farthest_neighbour")
     return MethodResult(_sorted(picks))
 
 
@@ -263,12 +320,16 @@ def visionzip(
     needs=("instruction",),
     validate=check_cdpruner_options,
 )
-def cdpruner(tokens: TokenSet, k: int, *, theta: float | None = None) -> MethodResult:
+def cdpruner(
+    tokens: TokenSet, k: int, *, theta: float | None = None, center: bool = False
+) -> MethodResult:
     """CDPruner. The kernel is the cosine similarity of the projected tokens, each row and
     column scaled by the token's relevance to the instruction (mean cosine similarity to
     the instruction's token embeddings, min-max normalised per image; ``theta`` in (0, 1)
     scales by ``exp(theta / (2 (1 - theta)) r)`` instead, in float64), and the kept set is
     the kernel's greedy MAP (fast incremental Cholesky). Scores: the relevance.
+    ``center``: Cen-Prune's correction, the cosines of centred tokens and each token's
+    quality times its distinctiveness (the relevance itself is not centred).
     """
     if tokens.instruction is None or tokens.instruction_mask is None:
         raise ValueError("cdpruner needs the instruction's token embeddings")
@@ -283,7 +344,11 @@ def cdpruner(tokens: TokenSet, k: int, *, theta: float | None = None) -> MethodR
         # by one constant, the same picks, and float64 keeps the small q's apart.
         projected, weighted = projected.double(), (relevance - relevance.amax(-1, True)).double()
     with stage("greedy"):
-        picks = greedy_dpp_map(conditional_kernel(projected, weighted, theta), k)
+        distinct = None
+        if center:
+            distinct = distinctiveness(tokens.projected).to(projected.dtype)
+            projected = centred(projected)
+        picks = greedy_dpp_map(conditional_kernel(projected, weighted, theta, distinct), k)
     return MethodResult(_sorted(picks), scores=relevance)
 
 
