@@ -68,8 +68,8 @@ def test_run_reports_bad_input(tmp_path, capsys):
     base = ["run", "--model", str(tmp_path / "model"), "--image", str(image), "--prompt", "hi"]
     # written out: registering or dropping a method by accident shows here
     known = (
-        "known methods: cdpruner, dart, divprune, fastv, grid, pool, random, sensitivity, "
-        "visionzip, zoo, zoo-sum\n"
+        "known methods: cdpruner, dart, divprune, fastv, grid, mmtok, pdrop, pool, random, "
+        "sensitivity, visionzip, vispruner, zoo, zoo-sum\n"
     )
     assert known in refused([*base, "--method", "nope"], capsys)
     assert main([*base[:4], str(tmp_path / "missing.png"), *base[5:]]) == 2

@@ -35,7 +35,11 @@ def untouched(model):
         ({}, BudgetError, "exactly one of keep"),
         ({"keep": 3, "ratio": 0.5}, BudgetError, "exactly one of keep"),
         ({"keep": 3, "positions": "middle"}, PruneError, "positions must be"),
-        ({"keep": 3, "num_direction": 4}, PruneError, "its options are: estimator, num_directions"),
+        (
+            {"keep": 3, "num_direction": 4},
+            PruneError,
+            "its options are: center, estimator, num_directions",
+        ),
         ({"keep": 3, "estimator": "magic"}, PruneError, "estimator must be one of auto, exact"),
         ({"keep": 3, "zo_dtype": "float16"}, PruneError, "applies to estimator='zo' only"),
         ({"keep": 3, "estimator": "zo", "zo_dtype": "int8"}, PruneError, "zo_dtype must be one of"),
@@ -86,7 +90,10 @@ def test_options_that_do_not_fit_an_image_under_ratio_name_it(model, processor, 
 
 
 def test_unknown_method_lists_the_known_ones(model):
-    known = "cdpruner, dart, divprune, fastv, grid, pool, random, sensitivity, visionzip, zoo"
+    known = (
+        "cdpruner, dart, divprune, fastv, grid, mmtok, pdrop, pool, random, sensitivity, "
+        "visionzip, vispruner, zoo"
+    )
     with pytest.raises(UnknownMethodError, match=f"known methods: {known}, zoo-sum$"):
         zooprune.prune(model, "fastest", keep=3)
     assert untouched(model)

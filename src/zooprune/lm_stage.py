@@ -30,6 +30,13 @@ So the pruned forward equals the unpruned forward with the dropped visual tokens
 out of attention in layers ``K ..`` (their own outputs discarded); ``tests/test_fastv.py``
 checks exactly that, with a reference that masks those keys in the unpruned model.
 
+Several stages (PyramidDrop, ``zooprune.select.pdrop``): a method declares the first layer
+``K_s`` of each stage and how many tokens each keeps (``MethodSpec.stages``). Stage s ranks
+the tokens still held at layer ``K_s - 1`` (on the rows the earlier stages left, the query
+found by its column) and drops after it; each group of layers ``K_s .. K_{s+1} - 1`` gets
+the rows, mask and positions of what stage s left, and its own cached-step mask.
+``tests/test_pdrop.py`` checks it against masking each stage's drops from ``K_s`` on.
+
 How (per model instance, reversible). :class:`LMStageHandle` is the handle
 ``zooprune.prune`` returns for a method that ``needs=("lm_stage",)``. Like every handle it
 wraps ``forward`` / ``generate`` of that instance; a pruned call encodes the images through
@@ -83,11 +90,13 @@ prefill).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import functools
 import time
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -105,7 +114,7 @@ from zooprune.select import METHODS
 from zooprune.select.fastv import query_attention, top_k_ascending
 from zooprune.select.ops import all_finite
 
-__all__ = ["FastVStage", "LMStageHandle", "Plan", "language_model"]
+__all__ = ["LMStage", "LMStageHandle", "Plan", "language_model"]
 
 
 # -- which models have the stage (zooprune.capabilities decides) -------------------------
@@ -131,67 +140,82 @@ class Plan:
         length: L, the prompt's length (the prefill must run all of it at once).
         mask: ``[B, L]`` the prompt's 2-D attention mask (ones where none was given).
         query: ``[B]`` the column of each row's ranking query (its last attended token).
-        images: per image, ``(row, columns, k)``: its prompt row, ``[N]`` the columns of
-            its visual tokens in token order, and how many it keeps.
+        images: per image, ``(row, columns, keeps)``: its prompt row, ``[N]`` the columns
+            of its visual tokens in token order, and how many it keeps at each stage.
     """
 
     length: int
     mask: Tensor
     query: Tensor
-    images: list[tuple[int, Tensor, int]]
+    images: list[tuple[int, Tensor, tuple[int, ...]]]
 
 
 @dataclass(frozen=True)
 class Ranking:
-    """The stage's outcome at a prefill: per image ``(kept [K] ascending, scores [N])``."""
+    """The stage's outcome at a prefill: per image ``(kept [K] ascending, scores [N])``
+    (the first stage's scores, of every token), and per stage each image's kept indices."""
 
     picks: list[tuple[Tensor, Tensor]]
+    stages: list[list[Tensor]]
     seconds: float
 
 
 @dataclass(frozen=True)
 class _Shortened:
-    """The rows after the drop: ``index [B, L']`` the prompt column each slot holds (new
-    padding slots hold column 0, masked), ``mask [B, L']`` their attention mask."""
+    """The rows after a drop: ``index [B, L']`` the prompt column each slot holds (new
+    padding slots hold column 0, masked), ``mask [B, L']`` their attention mask, ``slots
+    [B, L]`` the slot of each prompt column (-1 where dropped)."""
 
     index: Tensor
     mask: Tensor
+    slots: Tensor
 
 
 @dataclass(frozen=True)
 class _Prefix:
-    """A pruned cache's prompt: L columns in layers ``< K``, ``mask [B, L']`` in the rest."""
+    """A pruned cache's prompt: L columns before the first stage, ``masks[s] [B, L_s]``
+    from stage s's first layer on."""
 
     length: int
-    mask: Tensor
+    masks: list[Tensor]
 
 
 @dataclass
 class _Call:
     """One text-model call the stage acts on: a prefill (``plan``) or a cached step
-    (``prefix``); ``mask`` is the 2-D attention mask the text model got."""
+    (``prefix``); ``mask`` is the 2-D attention mask the text model got. At a prefill,
+    ``keep [B, L]`` marks the prompt columns still held, ``shortened`` the rows after each
+    stage so far, ``relative`` where the latest stage's rows sit in the rows before it."""
 
     mask: Any
     plan: Plan | None = None
     prefix: _Prefix | None = None
-    shortened: _Shortened | None = None
-    redirect: dict[str, Any] | None = None
+    keep: Tensor | None = None
+    shortened: list[_Shortened] = field(default_factory=list)
+    relative: Tensor | None = None
+    picks: list[list[Tensor]] = field(default_factory=list)
+    first_scores: list[Tensor] = field(default_factory=list)
+    seconds: float = 0.0
+    redirect: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 # -- the stage ----------------------------------------------------------------------------
 
 
-class FastVStage:
-    """FastV's hooks on one text model: rank at layer ``K-1``, drop, redirect ``K ..``.
+class LMStage:
+    """An in-LM method's hooks on one text model. For each stage s with first layer
+    ``K_s``: rank at layer ``K_s - 1``, drop after it; layers ``K_s ..`` (up to the next
+    stage) get the rows, masks and positions of what is held.
 
     :meth:`attach` registers the hooks and :meth:`detach` removes them; :meth:`arm`
     hands the next text-model call (a prompt's prefill) its :class:`Plan`. Between calls
     the stage holds only the caches it pruned (weakly) and the last :class:`Ranking`.
     """
 
-    def __init__(self, text_model: nn.Module, layer: int) -> None:
+    def __init__(self, text_model: nn.Module, layers: Sequence[int], method: str = "fastv") -> None:
         self.text = text_model
-        self.layer = layer
+        self.layers = tuple(layers)
+        self.method = method
         self.result: Ranking | None = None
         self._hooks: list[Any] = []
         self._armed: Plan | None = None
@@ -210,18 +234,21 @@ class FastVStage:
         self._prefixes = weakref.WeakKeyDictionary()
 
     def attach(self) -> None:
-        layers = self.text.layers
-        ranking = layers[self.layer - 1]
-        self._hooks = [
+        hooks = [
             self.text.register_forward_pre_hook(self._on_call, with_kwargs=True),
             self.text.register_forward_hook(self._after_call),
-            ranking.register_forward_pre_hook(self._rank, with_kwargs=True),
-            ranking.register_forward_hook(self._drop),
-            *(
-                later.register_forward_pre_hook(self._redirect, with_kwargs=True)
-                for later in layers[self.layer :]
-            ),
         ]
+        for index, layer in enumerate(self.text.layers):
+            group = bisect.bisect_right(self.layers, index)  # stages this layer is past
+            if group:  # first: a ranking layer reads the rows its group holds
+                redirect = functools.partial(self._redirect, group)
+                hooks.append(layer.register_forward_pre_hook(redirect, with_kwargs=True))
+            if index + 1 in self.layers:
+                stage = self.layers.index(index + 1)
+                rank = functools.partial(self._rank, stage)
+                hooks.append(layer.register_forward_pre_hook(rank, with_kwargs=True))
+                hooks.append(layer.register_forward_hook(functools.partial(self._drop, stage)))
+        self._hooks = hooks
 
     def detach(self) -> None:
         for hook in self._hooks:
@@ -245,8 +272,8 @@ class FastVStage:
         elif isinstance(cache, Cache) and cache in self._prefixes:
             if mask is not None and not (isinstance(mask, Tensor) and mask.ndim == 2):
                 raise PruneError(
-                    "a cached step after fastv needs a 2-D attention_mask (or none); the "
-                    "later layers' masks are rebuilt from it"
+                    f"a cached step after {self.method} needs a 2-D attention_mask (or none); "
+                    "the later layers' masks are rebuilt from it"
                 )
             self._call = _Call(mask, prefix=self._prefixes[cache])
         else:
@@ -255,69 +282,96 @@ class FastVStage:
     def _after_call(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._call = None
 
-    def _rank(self, layer: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _rank(self, stage: int, layer: nn.Module, args: tuple, kwargs: dict) -> None:
         call = self._call
-        if call is None or call.plan is None:
+        if call is None or call.plan is None or len(call.shortened) != stage:
             return
         plan = call.plan
         hidden = args[0] if args else kwargs["hidden_states"]
-        if hidden.shape[1] != plan.length:
-            raise PruneError(
-                f"fastv ranks the whole prompt at once, but the language model got "
-                f"{hidden.shape[1]} of its {plan.length} tokens (chunked prefill?)"
-            )
+        device = hidden.device
         cache = kwargs.get("past_key_values")
-        if cache is not None:
-            _check_cache(cache, self.layer - 1)
+        if stage == 0:
+            if hidden.shape[1] != plan.length:
+                raise PruneError(
+                    f"{self.method} ranks the whole prompt at once, but the language model got "
+                    f"{hidden.shape[1]} of its {plan.length} tokens (chunked prefill?)"
+                )
+            if cache is not None:
+                _check_cache(cache, self.layers[0] - 1, self.method)
+            call.keep = torch.ones(plan.mask.shape, dtype=torch.bool, device=device)
         start = time.perf_counter()
+        rows = torch.arange(hidden.shape[0], device=device)
+        # where each prompt column sits in the rows now held (-1: dropped)
+        if stage == 0:
+            slot = torch.arange(plan.length, device=device).expand(hidden.shape[0], -1)
+            mask = plan.mask.to(device)
+        else:
+            held = call.shortened[-1]
+            slot, mask = held.slots, held.mask
         with torch.no_grad():  # scores are only ranked
-            attention = _query_row_attention(layer, hidden, kwargs["position_embeddings"], plan)
-        keep = torch.ones(plan.mask.shape, dtype=torch.bool, device=hidden.device)
+            query = slot[rows, plan.query.to(device)]
+            attention = _query_row_attention(
+                layer, hidden, kwargs["position_embeddings"], mask, query
+            )
+        keep = call.keep
         picks = []
-        for row, columns, k in plan.images:
-            columns = columns.to(hidden.device)
-            scores = attention[row, columns]
+        for row, columns, keeps in plan.images:
+            columns = columns.to(device)
+            present = keep[row, columns].nonzero().flatten()  # indices into the image's N
+            scores = attention[row, slot[row, columns[present]]]
             if not all_finite(scores):
                 raise PruneError(
-                    f"fastv's attention scores of prompt {row}'s image are NaN or infinite "
-                    f"at layer {self.layer - 1}"
+                    f"{self.method}'s attention scores of prompt {row}'s image are NaN or "
+                    f"infinite at layer {self.layers[stage] - 1}"
                 )
-            kept = top_k_ascending(scores, k)
-            dropped = torch.ones(columns.numel(), dtype=torch.bool, device=hidden.device)
+            kept = present[top_k_ascending(scores, keeps[stage])]
+            dropped = torch.ones(columns.numel(), dtype=torch.bool, device=device)
             dropped[kept] = False
             keep[row, columns[dropped]] = False
-            picks.append((kept, scores))
-        call.shortened = _shorten(keep, plan.mask.to(hidden.device))
+            picks.append(kept)
+            if stage == 0:
+                call.first_scores.append(scores)
+        shortened = _shorten(keep, plan.mask.to(device))
+        # the slot each new row's column held before (a new padding slot: any, masked)
+        call.relative = shortened.index if stage == 0 else _gather(slot, shortened.index)
+        call.relative = call.relative.clamp_min(0)
+        call.shortened.append(shortened)
+        call.picks.append(picks)
+        call.seconds += time.perf_counter() - start
         if cache is not None:
-            self._prefixes[cache] = _Prefix(plan.length, call.shortened.mask)
-        self.result = Ranking(picks, time.perf_counter() - start)
+            self._prefixes[cache] = _Prefix(plan.length, [s.mask for s in call.shortened])
+        if stage == len(self.layers) - 1:
+            self.result = Ranking(
+                list(zip(picks, call.first_scores, strict=True)), call.picks, call.seconds
+            )
 
-    def _drop(self, layer: nn.Module, args: tuple, output: Any) -> Any:
+    def _drop(self, stage: int, layer: nn.Module, args: tuple, output: Any) -> Any:
         call = self._call
-        if call is None or call.shortened is None:
+        if call is None or call.plan is None or len(call.shortened) != stage + 1:
             return None
         if isinstance(output, tuple):
-            return (_gather(output[0], call.shortened.index), *output[1:])
-        return _gather(output, call.shortened.index)
+            return (_gather(output[0], call.relative), *output[1:])
+        return _gather(output, call.relative)
 
-    def _redirect(self, layer: nn.Module, args: tuple, kwargs: dict) -> Any:
+    def _redirect(self, group: int, layer: nn.Module, args: tuple, kwargs: dict) -> Any:
         call = self._call
-        if call is None or (call.plan is not None and call.shortened is None):
+        if call is None or (call.plan is not None and len(call.shortened) < group):
             return None
-        if call.redirect is None:  # the same for every later layer: built once per call
+        if group not in call.redirect:  # the same for every layer of the group
             hidden = args[0] if args else kwargs["hidden_states"]
-            call.redirect = self._later_layers(call, hidden, kwargs)
-        return args, kwargs | call.redirect
+            call.redirect[group] = self._group_inputs(call, group, hidden, kwargs)
+        return args, kwargs | call.redirect[group]
 
-    def _later_layers(self, call: _Call, hidden: Tensor, kwargs: dict) -> dict[str, Any]:
-        """What layers ``K ..`` get instead of the model's own mask (and, at a prefill,
-        positions) for this call."""
+    def _group_inputs(self, call: _Call, group: int, hidden: Tensor, kwargs: dict) -> dict:
+        """What the layers of stage ``group - 1`` (from ``K_group`` to the next stage) get
+        instead of the model's own mask (and, at a prefill, positions) for this call."""
         cache = kwargs.get("past_key_values")
-        if call.shortened is not None:  # the prefill: the shortened rows
-            shortened = call.shortened
+        first = self.layers[group - 1]
+        if call.plan is not None:  # the prefill: the rows that stage left
+            shortened = call.shortened[group - 1]
             cos, sin = kwargs["position_embeddings"]
             redirect: dict[str, Any] = {
-                "attention_mask": self._mask(hidden, shortened.mask, cache),
+                "attention_mask": self._mask(hidden, shortened.mask, cache, first),
                 "position_embeddings": (
                     _gather(cos, shortened.index),
                     _gather(sin, shortened.index),
@@ -328,44 +382,47 @@ class FastVStage:
                 redirect["position_ids"] = _gather(ids, shortened.index)
             return redirect
         prefix = call.prefix  # a cached step: the shortened prompt, then what came since
+        held = prefix.masks[group - 1]
         if call.mask is not None:
             since = call.mask[:, prefix.length :]
         else:
-            seen = cache.layers[self.layer].get_seq_length() - prefix.mask.shape[1]
+            seen = cache.layers[first].get_seq_length() - held.shape[1]
             since = torch.ones(hidden.shape[0], seen + hidden.shape[1], device=hidden.device)
-        mask = torch.cat([prefix.mask.to(since.device, since.dtype), since], dim=-1)
-        return {"attention_mask": self._mask(hidden, mask, cache)}
+        mask = torch.cat([held.to(since.device, since.dtype), since], dim=-1)
+        return {"attention_mask": self._mask(hidden, mask, cache, first)}
 
-    def _mask(self, hidden: Tensor, mask: Tensor, cache: Cache | None) -> Any:
-        """The model's own kind of causal mask for the 2-D ``mask`` of layers ``K ..``,
-        sized against their cache layer."""
+    def _mask(self, hidden: Tensor, mask: Tensor, cache: Cache | None, layer: int) -> Any:
+        """The model's own kind of causal mask for the 2-D ``mask`` of a group whose first
+        layer is ``layer``, sized against that layer's cache."""
         return create_causal_mask(
             config=self.text.config,
             inputs_embeds=hidden,
             attention_mask=mask,
             past_key_values=cache,
             position_ids=None,
-            layer_idx=self.layer,
+            layer_idx=layer,
         )
 
 
-def _check_cache(cache: Any, layer: int) -> None:
+def _check_cache(cache: Any, layer: int, method: str) -> None:
     """The stage keeps layer groups of different lengths: only plain dynamic layers can."""
     layers = getattr(cache, "layers", None)
     if not isinstance(cache, Cache) or not layers:
         raise PruneError(
-            f"fastv needs a DynamicCache of full-attention layers (the default), not a "
+            f"{method} needs a DynamicCache of full-attention layers (the default), not a "
             f"{type(cache).__name__}: its later layers hold fewer tokens than its first ones"
         )
     other = sorted({type(c).__name__ for c in layers if type(c) is not DynamicLayer})
     if other:
         raise PruneError(
-            f"fastv needs a cache of plain DynamicLayer layers (a DynamicCache of a "
+            f"{method} needs a cache of plain DynamicLayer layers (a DynamicCache of a "
             f"full-attention model, the default), but this {type(cache).__name__} has "
             f"{', '.join(other)} layers: its later layers hold fewer tokens than its first ones"
         )
     if cache.get_seq_length(layer) > 0:
-        raise PruneError("fastv ranks a prompt from an empty cache; this one holds tokens already")
+        raise PruneError(
+            f"{method} ranks a prompt from an empty cache; this one holds tokens already"
+        )
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -376,15 +433,20 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def _query_row_attention(
-    layer: nn.Module, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor], plan: Plan
+    layer: nn.Module,
+    hidden: Tensor,
+    position_embeddings: tuple[Tensor, Tensor],
+    mask: Tensor,
+    query: Tensor,
 ) -> Tensor:
-    """``[B, L]`` the head-averaged attention of each row's query token in ``layer``,
-    from the layer's own norm, projections and RoPE (what its attention computes)."""
+    """``[B, L]`` the head-averaged attention of each row's query token (at slot
+    ``query [B]`` of rows whose 2-D mask is ``mask``) in ``layer``, from the layer's own
+    norm, projections and RoPE (what its attention computes)."""
     attention = layer.self_attn
     batch, length, _ = hidden.shape
     device = hidden.device
     rows = torch.arange(batch, device=device)
-    query = plan.query.to(device)
+    query = query.to(device)
     cos, sin = position_embeddings
     if cos.ndim != 3:
         raise PruneError(f"fastv expects [B, L, d] rotary embeddings, got {tuple(cos.shape)}")
@@ -400,7 +462,7 @@ def _query_row_attention(
     q = _rotate(q, cos[rows, query][:, None], sin[rows, query][:, None])
     k = _rotate(k, cos[:, None], sin[:, None])
     seen = torch.arange(length, device=device)[None] <= query[:, None]
-    return query_attention(q, k, plan.mask.to(device).bool() & seen, attention.scaling)
+    return query_attention(q, k, mask.to(device).bool() & seen, attention.scaling)
 
 
 def _shorten(keep: Tensor, mask: Tensor) -> _Shortened:
@@ -415,7 +477,7 @@ def _shorten(keep: Tensor, mask: Tensor) -> _Shortened:
     index[rows, slot[rows, cols]] = cols
     shortened = torch.zeros(keep.shape[0], width, dtype=mask.dtype, device=keep.device)
     shortened[rows, slot[rows, cols]] = mask[rows, cols]
-    return _Shortened(index, shortened)
+    return _Shortened(index, shortened, slot.masked_fill(~keep, -1))
 
 
 def _gather(values: Tensor, index: Tensor) -> Tensor:
@@ -442,18 +504,18 @@ class _Pending:
 
 class LMStageHandle(PruneHandle):
     """A :class:`~zooprune.handle.PruneHandle` whose method chooses inside the language
-    model (FastV). The prompt reaches the model whole; :class:`FastVStage` drops tokens
-    after layer ``K-1``. ``remove()`` detaches the stage's hooks too.
+    model (FastV, PyramidDrop). The prompt reaches the model whole; :class:`LMStage`
+    drops tokens at each of the method's stages. ``remove()`` detaches its hooks too.
 
     Attributes:
-        stage: the :class:`FastVStage` on this model's text model.
+        stage: the :class:`LMStage` on this model's text model.
     """
 
     def __init__(
         self, model: nn.Module, adapter: Adapter, selector: Selector, positions: Positions
     ) -> None:
-        layer = self.check(model, adapter, selector)
-        self.stage = FastVStage(language_model(model), layer)
+        layers = self.check(model, adapter, selector)
+        self.stage = LMStage(language_model(model), layers, selector.method.name)
         self._pending: _Pending | None = None
         self._query: Tensor | None = None
         # Tokens are dropped after the positions are fixed: the kept ones keep theirs.
@@ -467,11 +529,11 @@ class LMStageHandle(PruneHandle):
         selector: Selector,
         positions: str | None = None,
         options: dict[str, Any] | None = None,
-    ) -> int:
+    ) -> list[int]:
         """Refuse a model whose language model cannot run the stage (naming the models
-        that can, and the methods that apply), a ``layer`` past its depth, ``positions``
-        other than ``"original"`` and any of the family's layout ``options``; else the
-        layer. ``zooprune.prune`` calls it before anything is attached."""
+        that can, and the methods that apply), stages past its depth, ``positions`` other
+        than ``"original"`` and any of the family's layout ``options``; else each stage's
+        first layer. ``zooprune.prune`` calls it before anything is attached."""
         method = selector.method.name
         if positions not in (None, "original"):
             raise PruneError(
@@ -496,14 +558,24 @@ class LMStageHandle(PruneHandle):
                 f"{name} does not allow ({reason or 'its family has no in-LM stage'}); models "
                 f"that can: {_supported_classes()}; methods that apply: {', '.join(usable)}"
             )
-        layer = (selector.method.options | selector.options)["layer"]
+        options = selector.method.options | selector.options
         depth = len(text.layers)
-        if layer > depth:
+        if "layer" in options and options["layer"] > depth:
+            layer = options["layer"]
             raise PruneError(
                 f"layer={layer} is past the {depth} decoder layers of this {name}'s language "
                 f"model; layer must be in [1, {depth}]"
             )
-        return layer
+        layers = selector.method.stages.layers(options, depth)
+        rising = all(a < b for a, b in zip([0, *layers], layers, strict=False))
+        if not rising or layers[-1] > depth:
+            shown = ", ".join(f"{k}={v}" for k, v in selector.options.items()) or "the defaults"
+            raise PruneError(
+                f"{method!r} with {shown} would start its stages at layers {layers}, which "
+                f"{name}'s {depth}-layer language model cannot hold (each stage needs at "
+                "least one layer of its own); use fewer stages"
+            )
+        return layers
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -582,7 +654,15 @@ class LMStageHandle(PruneHandle):
             images.append(
                 KeptImage(kept, scores.float(), slots, run, separators, image.layout, image.grid)
             )
-        kept = Kept(images, {"layer": self.stage.layer})
+        if self.method.name == "fastv":
+            details: dict[str, Any] = {"layer": self.stage.layers[0]}
+        else:
+            details = {
+                "layers": list(self.stage.layers),
+                # per stage, each image's token indices still held after it
+                "stages": [[kept.tolist() for kept in stage] for stage in ranking.stages],
+            }
+        kept = Kept(images, details)
         return selection_record(
             kept,
             pending.located,
@@ -644,13 +724,20 @@ class LMStageHandle(PruneHandle):
             (
                 int(row[0]),
                 col[layout.token_slots.to(col.device)],
-                self.budget.tokens_for(layout.token_slots.numel(), i),
+                self._keeps(layout.token_slots.numel(), i),
             )
             for i, ((row, col), layout) in enumerate(zip(located, encoded.layouts, strict=True))
         ]
         plan = Plan(input_ids.shape[1], mask, self._query_columns(mask), images)
         self._pending = _Pending(plan, everything, encoded.projected, located)
         return everything
+
+    def _keeps(self, n: int, image: int) -> tuple[int, ...]:
+        """How many of an image's ``n`` tokens each stage keeps (the last: the budget's)."""
+        k = self.budget.tokens_for(n, image)
+        depth = len(self.stage.text.layers)
+        options = self.method.options | self.options
+        return tuple(kept for _, kept in self.method.lm_stages(options, n, k, depth))
 
     def _record(
         self, kept: Kept, located: list[Tensor], *, encode_seconds: float, select_seconds: float

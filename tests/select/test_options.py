@@ -28,6 +28,9 @@ DOCUMENTED = {
     "cdpruner": {"theta": None, "center": False},
     "dart": {"pivots": 8, "pivot_norm": "l2"},
     "fastv": {"layer": 2},
+    "pdrop": {"stages": 3},
+    "vispruner": {"important_ratio": 0.5},
+    "mmtok": {"alpha": 0.5, "text_temperature": 0.02, "vision_temperature": 0.2},
 }
 
 
@@ -59,6 +62,15 @@ def test_the_defaults_are_the_documented_ones():
         ("cdpruner", {"theta": np.float64(0.5)}, {"theta": 0.5}),
         ("dart", {"pivots": np.int64(3), "pivot_norm": "l1"}, {"pivots": 3, "pivot_norm": "l1"}),
         ("fastv", {"layer": np.int64(1)}, {"layer": 1}),
+        ("pdrop", {"stages": np.int32(2)}, {"stages": 2}),
+        ("vispruner", {"important_ratio": np.float32(0.25)}, {"important_ratio": 0.25}),
+        ("vispruner", {"important_ratio": 1}, {"important_ratio": 1.0}),
+        (
+            "mmtok",
+            {"alpha": np.float64(2), "text_temperature": 1, "vision_temperature": np.int8(3)},
+            {"alpha": 2.0, "text_temperature": 1.0, "vision_temperature": 3.0},
+        ),
+        ("zoo", {"center": True}, {"center": True}),
     ],
 )
 def test_checked_options_keep_their_names_and_become_plain_values(method, given, checked):
@@ -85,6 +97,13 @@ def test_checked_options_keep_their_names_and_become_plain_values(method, given,
         ("cdpruner", {"theta": True}, r"theta must be None or a number in \(0, 1\)"),
         ("dart", {"pivots": 0}, "pivots must be an int >= 1"),
         ("fastv", {"layer": 0}, "layer must be an int"),
+        ("pdrop", {"stages": 0}, "stages must be an int >= 1"),
+        ("vispruner", {"important_ratio": -0.1}, r"important_ratio must be a number in \[0, 1\]"),
+        ("vispruner", {"important_ratio": True}, "important_ratio must be a number"),
+        ("mmtok", {"alpha": float("nan")}, "alpha must be a number"),
+        ("mmtok", {"vision_temperature": float("inf")}, "vision_temperature must be finite"),
+        ("cdpruner", {"center": "yes"}, "center must be True or False"),
+        ("zoo-sum", {"center": 0}, "center must be True or False"),
     ],
 )
 def test_out_of_range_options_are_refused(method, bad, message):

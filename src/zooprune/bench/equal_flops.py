@@ -26,7 +26,7 @@ import torch
 from zooprune.bench.flops import Shapes, lm_prefill
 from zooprune.budget import Budget
 from zooprune.errors import BudgetError
-from zooprune.select.registry import MethodSpec, before_the_lm
+from zooprune.select.registry import MethodSpec
 
 #: bisection steps for :meth:`PrefillCost.matching_ratio` (2^-60 of the ratio's range)
 MATCH_STEPS = 60
@@ -79,7 +79,7 @@ class PrefillCost:
         total = 0.0
         for i, (text, n) in enumerate(zip(self.sizes.text, self.sizes.visual, strict=True)):
             if spec is None:
-                visual = before_the_lm({}, n, n, layers)
+                visual = [n] * layers
             else:
                 visual = spec.layer_tokens(options, n, kept[i], layers)
             total += lm_prefill(self.shapes, text, visual)
@@ -128,7 +128,7 @@ class PrefillCost:
         kept = self.kept_at(ratio)
         layers = self.shapes.text_layers
         total = sum(
-            lm_prefill(self.shapes, text, before_the_lm({}, n, k, layers))
+            lm_prefill(self.shapes, text, [k] * layers)
             for text, n, k in zip(self.sizes.text, self.sizes.visual, kept, strict=True)
         )
         return total / self.flops(None, {}, [])

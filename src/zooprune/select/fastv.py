@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from zooprune.errors import PruneError
-from zooprune.select.registry import MethodResult, TokenSet, check_int, register_method
+from zooprune.select.registry import InLM, MethodResult, TokenSet, check_int, register_method
 
 #: FastV's K: the first K decoder layers see every token (the authors' default, 2)
 DEFAULT_LAYER = 2
@@ -61,10 +61,13 @@ def check_fastv_options(options: dict[str, Any], keep: int | None) -> dict[str, 
     return options | {"layer": check_int("layer", options["layer"], low=1)}
 
 
-def fastv_schedule(options: dict[str, Any], n: int, k: int, layers: int) -> list[int]:
-    """Layers ``0 .. layer-1`` hold all ``n`` visual tokens, the later ones the ``k`` kept."""
-    layer = min(options["layer"], layers)
-    return [n] * layer + [k] * (layers - layer)
+def fastv_layers(options: dict[str, Any], depth: int) -> list[int]:
+    """One stage: layers ``layer ..`` hold the kept tokens."""
+    return [options["layer"]]
+
+
+def last_is_k(options: dict[str, Any], n: int, k: int, stages: int) -> list[int]:
+    return [k]
 
 
 @register_method(
@@ -72,7 +75,7 @@ def fastv_schedule(options: dict[str, Any], n: int, k: int, layers: int) -> list
     "FastV: top tokens by the last prompt token's attention, dropped inside the LM",
     needs=("lm_stage",),
     validate=check_fastv_options,
-    schedule=fastv_schedule,
+    stages=InLM(fastv_layers, last_is_k),
 )
 def fastv(tokens: TokenSet, k: int, *, layer: int = DEFAULT_LAYER) -> MethodResult:
     """FastV ranks inside the language model, on its hidden states at ``layer - 1``:

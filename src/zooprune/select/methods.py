@@ -16,6 +16,7 @@ from zooprune.select.centering import centred, distinctiveness
 from zooprune.select.dart import PIVOT_NORMS, dart_select
 from zooprune.select.greedy import maxmin_select
 from zooprune.select.mlp import as_mlp, exact_sensitivity, low_rank_projector
+from zooprune.select.mmtok import coverage_matrix, greedy_coverage
 from zooprune.select.registry import (
     SEED_RANGE,
     MethodResult,
@@ -35,6 +36,7 @@ from zooprune.select.sensitivity import (
 from zooprune.select.spatial import grid_indices, nearest_centre, pool_to_centres, random_indices
 from zooprune.select.stages import stage
 from zooprune.select.visionzip import default_contextual, visionzip_select
+from zooprune.select.vispruner import vispruner_select
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ESTIMATORS = ("auto", "exact", "zo", "jvp", "lowrank")
@@ -96,6 +98,26 @@ def check_dart_options(options: dict[str, Any], keep: int | None) -> dict[str, A
     return options | {
         "pivots": check_int("pivots", options["pivots"], low=1),
         "pivot_norm": check_choice("pivot_norm", options["pivot_norm"], PIVOT_NORMS),
+    }
+
+
+def check_vispruner_options(options: dict[str, Any], keep: int | None) -> dict[str, Any]:
+    ratio = options["important_ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 <= ratio <= 1:
+        raise PruneError(f"important_ratio must be a number in [0, 1], got {ratio!r}")
+    return options | {"important_ratio": float(ratio)}
+
+
+def check_mmtok_options(options: dict[str, Any], keep: int | None) -> dict[str, Any]:
+    alpha = options["alpha"]
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha < 1e6:
+        raise PruneError(f"alpha must be a number in [0, 1e6), got {alpha!r}")
+    return options | {
+        "alpha": float(alpha),
+        "text_temperature": check_positive_real("text_temperature", options["text_temperature"]),
+        "vision_temperature": check_positive_real(
+            "vision_temperature", options["vision_temperature"]
+        ),
     }
 
 
@@ -385,3 +407,57 @@ def pool(tokens: TokenSet, k: int) -> MethodResult:
     centres = grid_indices(*tokens.grid, k, device=tokens.projected.device)
     pooled = pool_to_centres(tokens.projected, nearest_centre(*tokens.grid, centres), k)
     return MethodResult(centres.expand(batch, -1), tokens=pooled)
+
+
+@register_method(
+    "vispruner",
+    "VisPruner: top CLS-attention tokens, then diverse ones by removing near-duplicates",
+    needs=("cls_attention",),
+    validate=check_vispruner_options,
+)
+def vispruner(tokens: TokenSet, k: int, *, important_ratio: float = 0.5) -> MethodResult:
+    """VisPruner: ``int(k * important_ratio)`` tokens by the tower's CLS attention, the
+    rest from the others by rounds of removing the most duplicated (cosine of the
+    projector's inputs): :mod:`zooprune.select.vispruner`. Scores: the CLS attention."""
+    if tokens.cls_attention is None:
+        raise ValueError("vispruner needs the vision tower's CLS attention")
+    indices = vispruner_select(tokens.cls_attention, tokens.features, k, important_ratio)
+    return MethodResult(
+        indices,
+        scores=tokens.cls_attention.float(),
+        details={"important": int(k * important_ratio), "diverse": k - int(k * important_ratio)},
+    )
+
+
+@register_method(
+    "mmtok",
+    "MMTok: greedy coverage of the instruction's tokens and of the image's own tokens",
+    needs=("instruction",),
+    validate=check_mmtok_options,
+)
+def mmtok(
+    tokens: TokenSet,
+    k: int,
+    *,
+    alpha: float = 0.5,
+    text_temperature: float = 0.02,
+    vision_temperature: float = 0.2,
+) -> MethodResult:
+    """MMTok: the greedy of a coverage function over the instruction's token embeddings
+    (cosine to the projected tokens) and the image's tokens (cosine of the projector's
+    inputs), each a softmax over the visual tokens: :mod:`zooprune.select.mmtok`."""
+    if tokens.instruction is None or tokens.instruction_mask is None:
+        raise ValueError("mmtok needs the instruction's token embeddings")
+    with stage("scoring"):
+        cover = coverage_matrix(
+            tokens.projected,
+            tokens.features,
+            tokens.instruction,
+            tokens.instruction_mask,
+            alpha=alpha,
+            text_temperature=text_temperature,
+            vision_temperature=vision_temperature,
+        )
+    with stage("greedy"):
+        picks = greedy_coverage(cover, k)
+    return MethodResult(_sorted(picks))

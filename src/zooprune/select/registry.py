@@ -73,14 +73,21 @@ class MethodResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-#: ``schedule(options, n, k, layers)``: how many of an image's ``n`` visual tokens each of
-#: the language model's ``layers`` layers holds when the method keeps ``k`` of them
-Schedule = Callable[[dict[str, Any], int, int, int], list[int]]
+@dataclass(frozen=True)
+class InLM:
+    """How a method that drops visual tokens inside the language model spreads the drops
+    over its layers (its stages).
 
+    Attributes:
+        layers: ``(options, depth) -> [K_1 < K_2 < ...]``: each stage's first layer that
+            holds fewer tokens (0-based; ``K_s`` in [1, depth]); stage s ranks by layer
+            ``K_s - 1``'s attention.
+        keeps: ``(options, n, k, stages) -> [k_1 >= k_2 >= ... = k]``: of an image's ``n``
+            visual tokens, how many each stage keeps (the last keeps the budget's ``k``).
+    """
 
-def before_the_lm(options: dict[str, Any], n: int, k: int, layers: int) -> list[int]:
-    """A method that chooses before the language model: every layer holds the ``k`` kept."""
-    return [k] * layers
+    layers: Callable[[dict[str, Any], int], list[int]]
+    keeps: Callable[[dict[str, Any], int, int, int], list[int]]
 
 
 #: ``validate(options, keep)``: the full option dict (defaults filled) and the budget's
@@ -97,20 +104,36 @@ class MethodSpec:
     validate: Validator | None = None
     #: option name -> an extra the method needs when that option is truthy
     option_needs: dict[str, str] = field(default_factory=dict)
-    #: the visual tokens each LM layer holds (the compute the method leaves): a method that
-    #: drops tokens inside the language model declares its own
-    schedule: Schedule = before_the_lm
+    #: a method that drops tokens inside the language model: its stages
+    stages: InLM | None = None
 
     @property
     def in_lm(self) -> bool:
-        """Whether the method chooses inside the language model (every layer before its
-        choice runs on every visual token)."""
-        return self.schedule is not before_the_lm
+        """Whether the method chooses inside the language model (the layers before its
+        first stage run on every visual token)."""
+        return self.stages is not None
 
-    def layer_tokens(self, options: dict[str, Any], n: int, k: int, layers: int) -> list[int]:
-        """The visual tokens each of ``layers`` LM layers holds, keeping ``k`` of ``n``
-        (``options`` resolved: defaults filled)."""
-        return self.schedule(self.options | options, n, k, layers)
+    def lm_stages(
+        self, options: dict[str, Any], n: int, k: int, depth: int
+    ) -> list[tuple[int, int]]:
+        """``[(K_s, k_s)]``: from layer ``K_s`` on, ``k_s`` of an image's ``n`` tokens are
+        held (none for a method before the LM). ``options`` as given (defaults filled)."""
+        if self.stages is None:
+            return []
+        options = self.options | options
+        layers = self.stages.layers(options, depth)
+        return list(zip(layers, self.stages.keeps(options, n, k, len(layers)), strict=True))
+
+    def layer_tokens(self, options: dict[str, Any], n: int, k: int, depth: int) -> list[int]:
+        """The visual tokens each of ``depth`` LM layers holds when ``k`` of ``n`` are kept:
+        ``k`` everywhere before the LM; for a method inside it, ``n`` before its first
+        stage, then each stage's count."""
+        if self.stages is None:
+            return [k] * depth
+        held = [n] * depth
+        for layer, kept in self.lm_stages(options, n, k, depth):
+            held[min(layer, depth) :] = [kept] * (depth - min(layer, depth))
+        return held
 
     def __reduce__(self) -> tuple:
         # By name: a pickled or copied spec is the registered one (its function may be a
@@ -177,7 +200,7 @@ def register_method(
     needs: tuple[str, ...] = (),
     validate: Validator | None = None,
     option_needs: dict[str, str] | None = None,
-    schedule: Schedule = before_the_lm,
+    stages: InLM | None = None,
 ) -> Callable[[Callable[..., MethodResult]], Callable[..., MethodResult]]:
     """Add a method to the registry under ``name``."""
 
@@ -185,7 +208,7 @@ def register_method(
         if name in METHODS:
             raise ValueError(f"method {name!r} is already registered")
         METHODS[name] = MethodSpec(
-            name, summary, fn, frozenset(needs), validate, dict(option_needs or {}), schedule
+            name, summary, fn, frozenset(needs), validate, dict(option_needs or {}), stages
         )
         return fn
 
