@@ -15,10 +15,9 @@ import torch
 import zooprune
 from tests.adapters.conformance import image_inputs
 from tests.test_fastv import DEPTH, banned, family, greedy, one_prompt, vlm  # noqa: F401
-from zooprune import METHODS, PruneError
+from zooprune import METHODS, PruneError, lm_stage
 from zooprune.bench.equal_flops import PrefillCost, PromptSizes
 from zooprune.bench.flops import language_model as lm_shapes
-from zooprune import lm_stage
 from zooprune.lm_stage import language_model
 from zooprune.select.fastv import top_k_ascending
 from zooprune.select.pdrop import pdrop_keeps, pdrop_layers
