@@ -13,14 +13,18 @@ import pytest
 import torch
 
 import zooprune
+from tests import test_fastv
 from tests.adapters.conformance import image_inputs
-from tests.test_fastv import DEPTH, banned, family, greedy, one_prompt, vlm  # noqa: F401
+from tests.test_fastv import DEPTH, banned, greedy, one_prompt
 from zooprune import METHODS, PruneError, lm_stage
 from zooprune.bench.equal_flops import PrefillCost, PromptSizes
 from zooprune.bench.flops import language_model as lm_shapes
 from zooprune.lm_stage import language_model
 from zooprune.select.fastv import top_k_ascending
 from zooprune.select.pdrop import pdrop_keeps, pdrop_layers
+
+# the same tiny 4-layer families as FastV's tests
+family, vlm = test_fastv.family, test_fastv.vlm
 
 
 def test_stages_split_the_lm_evenly_and_keep_a_geometric_series():
