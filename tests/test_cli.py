@@ -394,10 +394,12 @@ def test_serve_without_vllm_says_how_to_get_it(tmp_path, capsys):
 
 def test_speed_refuses_what_its_engine_cannot_do(capsys):
     assert main(["speed", "--option", "estimator=jvp"]) == 2
-    assert "--option applies to --engine vllm" in capsys.readouterr().out
-    for engine in ("hf", "vllm"):  # before any model is built or vLLM is looked for
-        assert main(["speed", "--method", "fastv", "--engine", engine]) == 2
-        assert "chooses tokens inside the language model" in capsys.readouterr().out
+    assert "--option applies to --engine vllm, or to a method inside" in capsys.readouterr().out
+    # before any model is built or vLLM is looked for
+    assert main(["speed", "--method", "fastv", "--engine", "vllm"]) == 2
+    assert "chooses tokens inside the language model" in capsys.readouterr().out
+    assert main(["speed", "--method", "pdrop", "--option", "stages=0"]) == 2
+    assert "stages must be an int >= 1" in capsys.readouterr().out
     assert main(["speed", "--videos"]) == 2
     assert "--videos applies to --engine vllm" in capsys.readouterr().out
     assert main(["speed", "--concurrency", "8"]) == 2

@@ -3,7 +3,9 @@
 import json
 
 import pytest
+from transformers import AutoConfig
 
+from zooprune.bench import flops
 from zooprune.bench.kernels import KernelBenchConfig, naive_reslice_select, run_kernel_benchmark
 from zooprune.bench.speed import SpeedConfig, run_speed_benchmark
 from zooprune.cli import main
@@ -106,3 +108,31 @@ def test_speed_command_writes_json_and_png(tiny_llava_dir, tmp_path, capsys):
     assert result["visual_tokens"] == 64 and len(result["rows"]) == 2
     assert result["dtype"] in ("float32", "bfloat16")  # "auto" resolved to a real dtype
     assert (tmp_path / "speed.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_in_lm_method_is_timed_through_its_handle(tiny_llava_dir):
+    # FastV after layer 0 of the tiny model's 2: layer 0 holds all 64 tokens, layer 1 the 8.
+    config = SpeedConfig(
+        model=str(tiny_llava_dir),
+        budgets=(8,),
+        method="fastv",
+        dtype="float32",
+        new_tokens=3,
+        repeats=1,
+        warmup=0,
+        options={"layer": 1},
+    )
+    result = run_speed_benchmark(config)
+    base, fastv = result["rows"]
+    assert result["in_lm"] and fastv["keep"] == 8
+    # the prompt enters whole; the FLOPs count 64 tokens in layer 0 and 8 in layer 1
+    assert fastv["sequence_length"] == base["sequence_length"]
+    shapes = flops.Shapes.of_llava(AutoConfig.from_pretrained(tiny_llava_dir))
+    text = base["sequence_length"] - 64
+    assert fastv["flops"]["lm_prefill"] == flops.lm_prefill(shapes, text, [64, 8])
+    assert base["flops"]["lm_prefill"] == flops.prefill(shapes, text + 64)
+    # the cache: layer 0 holds the whole prompt, layer 1 the kept tokens
+    per_layer_token = base["kv_cache_bytes"] / (2 * base["sequence_length"])
+    assert fastv["kv_cache_bytes"] == per_layer_token * (2 * base["sequence_length"] - 56)
+    assert fastv["scoring_s"] > 0 and fastv["select_s"] == 0  # the ranking, inside the LM
+    assert fastv["prefill_s"] > 0 and fastv["decode_per_token_s"] > 0

@@ -14,7 +14,7 @@ import contextlib
 import resource
 import statistics
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -47,6 +47,8 @@ class SpeedConfig:
     warmup: int = 1
     device: str = "cpu"
     seed: int = 0
+    #: the method's options (the CLI passes them for in-LM methods only)
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 #: the default model's words (a word-level tokenizer: any id is one word)
@@ -218,7 +220,11 @@ def run_speed_benchmark(
         for keep in (None, *config.budgets):
             label = "unpruned" if keep is None else f"keep {keep}"
             progress(label)
-            handle = None if keep is None else zooprune.prune(model, config.method, keep=keep)
+            handle = (
+                None
+                if keep is None
+                else zooprune.prune(model, config.method, keep=keep, **config.options)
+            )
             try:
                 row: dict[str, Any] = {
                     "keep": keep if keep is not None else n,
@@ -226,7 +232,11 @@ def run_speed_benchmark(
                 }
                 scoring_s = select_s = greedy_s = 0.0
                 estimator = None
-                if handle is None:
+                if handle is not None and method.in_lm:
+                    # The whole prompt goes in (the image encoded by the handle): the stage
+                    # ranks and drops inside the language model.
+                    prepared = dict(inputs)
+                elif handle is None:
                     prepared = {
                         "input_ids": inputs["input_ids"],
                         "attention_mask": inputs["attention_mask"],
@@ -262,6 +272,14 @@ def run_speed_benchmark(
                         self_timed_generate, model, prepared, generate_options, config, measure
                     ),
                 )
+                lm_tokens = [length - text_length] * shapes.text_layers
+                if handle is not None and method.in_lm:
+                    # Timed with the encoder inside: its median comes off, the ranking stays
+                    # (it is part of the in-LM prefill; scoring shows it alone).
+                    prefill_s -= encode_s
+                    generate_s -= encode_s
+                    scoring_s = handle.selection.select_seconds
+                    lm_tokens = method.layer_tokens(config.options, n, keep, shapes.text_layers)
                 end_to_end_s = phase(
                     "end_to_end",
                     partial(measure, partial(model.generate, **inputs, **generate_options)),
@@ -294,7 +312,7 @@ def run_speed_benchmark(
                         if estimator is None
                         else flops.scoring(shapes, n, estimator),
                         "greedy": 0.0 if keep is None else flops.greedy(shapes, n, keep),
-                        "lm_prefill": flops.prefill(shapes, length),
+                        "lm_prefill": flops.lm_prefill(shapes, text_length, lm_tokens),
                         "decode_per_token": flops.decode_token(
                             shapes, length + config.new_tokens // 2
                         ),
@@ -325,6 +343,7 @@ def run_speed_benchmark(
         "config": asdict(config),
         "model": description,
         "method": config.method,
+        "in_lm": method.in_lm,
         "dtype": config.dtype,
         "machine": machine()
         | {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},

@@ -25,6 +25,7 @@ from zooprune.cli.common import (
     with_progress,
     write_json,
 )
+from zooprune.errors import PruneError
 
 #: the vision tower's share of LLaVA-1.5-7B's unpruned prefill, 40 text tokens
 VISION_SHARE_7B = vision_share(LLAVA15_7B, 40)
@@ -135,11 +136,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 def _speed(args: argparse.Namespace) -> int:
     from zooprune.select import METHODS
 
-    if "lm_stage" in METHODS[args.method].needs:
+    if METHODS[args.method].in_lm and args.engine == "vllm":
         return fail(
-            f"--method {args.method} chooses tokens inside the language model; zooprune speed "
-            "times methods that choose before it (its phases and FLOP counts assume a shorter "
-            "prompt), and has no timing path for an in-LM method yet"
+            f"--method {args.method} chooses tokens inside the language model; "
+            "vLLM does not serve it"
         )
     if args.videos and args.engine != "vllm":
         return fail("--videos applies to --engine vllm")
@@ -147,8 +147,19 @@ def _speed(args: argparse.Namespace) -> int:
         return _speed_videos(args) if args.videos else _speed_vllm(args)
     if args.concurrency is not None:
         return fail("--concurrency applies to --engine vllm")
+    options = {}
     if args.option:
-        return fail("--option applies to --engine vllm (the hf engine times the defaults)")
+        if not METHODS[args.method].in_lm:
+            return fail(
+                "--option applies to --engine vllm, or to a method inside the LM (the hf "
+                "engine times the other methods at their defaults)"
+            )
+        try:  # before the model is built and timed
+            options = METHODS[args.method].resolve_options(
+                dict(parse_option(text) for text in args.option)
+            )
+        except PruneError as error:
+            return fail(str(error))
     from zooprune.bench.speed import SpeedConfig, run_speed_benchmark
     from zooprune.viz import plot_speed
 
@@ -161,6 +172,7 @@ def _speed(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         warmup=args.warmup,
         device=args.device,
+        options=options,
     )
     set_threads(args.threads)
     result = with_progress("speed benchmark", lambda report: run_speed_benchmark(config, report))
@@ -173,6 +185,12 @@ def _speed(args: argparse.Namespace) -> int:
             else ""
         )
         notes.append(f"keep {keep}: selection = {share:.2%} of the unpruned prefill{extra}")
+    if result["in_lm"]:
+        notes.append(
+            f"{result['method']} drops tokens inside the LM: its prefill and LM generation are "
+            "timed through the handle (the image encoded inside) less the vision encoder's "
+            "median; scoring is its ranking, included in the prefill"
+        )
     notes.append(
         f"[dim]{result['dtype']}, method {result['method']}, medians of {config.repeats} after "
         f"{config.warmup} warm-up; {machine_line(result)}[/dim]"
@@ -208,7 +226,6 @@ def _methods(value: str) -> tuple[str, ...]:
 def _speed_vllm(args: argparse.Namespace) -> int:
     if (status := vllm_missing("--engine vllm")) is not None:
         return status
-    from zooprune.errors import PruneError
     from zooprune.integrations.vllm.throughput import ServingConfig, run_serving_benchmark
     from zooprune.viz import plot_serving
 
