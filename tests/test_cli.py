@@ -69,7 +69,7 @@ def test_run_reports_bad_input(tmp_path, capsys):
     # written out: registering or dropping a method by accident shows here
     known = (
         "known methods: cdpruner, dart, divprune, fastv, grid, mmtok, pdrop, pool, random, "
-        "sensitivity, visionzip, vispruner, zoo, zoo-sum\n"
+        "sensitivity, sparsevlm, visionzip, vispruner, zoo, zoo-sum\n"
     )
     assert known in refused([*base, "--method", "nope"], capsys)
     assert main([*base[:4], str(tmp_path / "missing.png"), *base[5:]]) == 2

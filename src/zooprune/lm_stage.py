@@ -109,7 +109,14 @@ from zooprune.adapters.base import Adapter, padding_side
 from zooprune.capabilities import language_model, unsupported
 from zooprune.errors import PruneError
 from zooprune.handle import Positions, PruneHandle
-from zooprune.pipeline import EncodedImages, Kept, KeptImage, Selector, selection_record
+from zooprune.pipeline import (
+    ITEM_KINDS,
+    EncodedImages,
+    Kept,
+    KeptImage,
+    Selector,
+    selection_record,
+)
 from zooprune.select import METHODS
 from zooprune.select.fastv import query_attention, top_k_ascending
 from zooprune.select.ops import all_finite
@@ -142,12 +149,15 @@ class Plan:
         query: ``[B]`` the column of each row's ranking query (its last attended token).
         images: per image, ``(row, columns, keeps)``: its prompt row, ``[N]`` the columns
             of its visual tokens in token order, and how many it keeps at each stage.
+        raters: per image, the prompt columns of the text tokens whose attention ranks it
+            (averaged), or None: the row's query ranks it (as for every image if absent).
     """
 
     length: int
     mask: Tensor
     query: Tensor
     images: list[tuple[int, Tensor, tuple[int, ...]]]
+    raters: list[Tensor | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -315,10 +325,23 @@ class LMStage:
             )
         keep = call.keep
         picks = []
-        for row, columns, keeps in plan.images:
+        for image, (row, columns, keeps) in enumerate(plan.images):
             columns = columns.to(device)
             present = keep[row, columns].nonzero().flatten()  # indices into the image's N
-            scores = attention[row, slot[row, columns[present]]]
+            raters = None if plan.raters is None else plan.raters[image]
+            if raters is None or raters.numel() == 0:
+                scores = attention[row, slot[row, columns[present]]]
+            else:  # the raters' attention, averaged
+                with torch.no_grad():
+                    rated = _rater_attention(
+                        layer,
+                        hidden[row],
+                        kwargs["position_embeddings"],
+                        mask[row],
+                        row,
+                        slot[row, raters.to(device)],
+                    )
+                scores = rated[slot[row, columns[present]]]
             if not all_finite(scores):
                 raise PruneError(
                     f"{self.method}'s attention scores of prompt {row}'s image are NaN or "
@@ -463,6 +486,38 @@ def _query_row_attention(
     k = _rotate(k, cos[:, None], sin[:, None])
     seen = torch.arange(length, device=device)[None] <= query[:, None]
     return query_attention(q, k, mask.to(device).bool() & seen, attention.scaling)
+
+
+def _rater_attention(
+    layer: nn.Module,
+    hidden: Tensor,
+    position_embeddings: tuple[Tensor, Tensor],
+    mask: Tensor,
+    row: int,
+    raters: Tensor,
+) -> Tensor:
+    """``[L]`` the attention the tokens at slots ``raters [R]`` of one prompt row pay each
+    slot in ``layer``, averaged over heads and raters (each rater's softmax over the
+    keys it sees: causal and unmasked), from the layer's own norm, projections and RoPE.
+
+    Args:
+        hidden: ``[L, d]`` the row's hidden states entering the layer.
+        mask: ``[L]`` the row's 2-D attention mask.
+    """
+    attention = layer.self_attn
+    length = hidden.shape[0]
+    dim = attention.head_dim
+    cos, sin = position_embeddings
+    cos, sin = cos[min(row, cos.shape[0] - 1)], sin[min(row, sin.shape[0] - 1)]  # [L, dim]
+    normed = layer.input_layernorm(hidden)
+    q = attention.q_proj(normed[raters]).view(raters.numel(), -1, dim)  # [R, H, d]
+    k = attention.k_proj(normed).view(length, -1, dim).transpose(0, 1)  # [H_kv, L, d]
+    q = _rotate(q, cos[raters][:, None], sin[raters][:, None])
+    k = _rotate(k, cos[None], sin[None])
+    keys = k[None].expand(raters.numel(), -1, -1, -1)
+    seen = torch.arange(length, device=hidden.device)[None] <= raters[:, None]
+    allowed = mask.bool()[None] & seen
+    return query_attention(q, keys, allowed, attention.scaling).mean(dim=0)
 
 
 def _shorten(keep: Tensor, mask: Tensor) -> _Shortened:
@@ -662,6 +717,10 @@ class LMStageHandle(PruneHandle):
                 # per stage, each image's token indices still held after it
                 "stages": [[kept.tolist() for kept in stage] for stage in ranking.stages],
             }
+        if pending.plan.raters is not None:  # each image's raters, as prompt columns
+            details["raters"] = [
+                None if raters is None else raters.tolist() for raters in pending.plan.raters
+            ]
         kept = Kept(images, details)
         return selection_record(
             kept,
@@ -728,9 +787,43 @@ class LMStageHandle(PruneHandle):
             )
             for i, ((row, col), layout) in enumerate(zip(located, encoded.layouts, strict=True))
         ]
-        plan = Plan(input_ids.shape[1], mask, self._query_columns(mask), images)
+        raters = None
+        rate = self.method.stages.raters
+        if rate is not None:
+            raters = self._raters(rate, encoded, located, input_ids, mask)
+        plan = Plan(input_ids.shape[1], mask, self._query_columns(mask), images, raters)
         self._pending = _Pending(plan, everything, encoded.projected, located)
         return everything
+
+    def _raters(
+        self,
+        rate: Any,
+        encoded: EncodedImages,
+        located: list[Tensor],
+        input_ids: Tensor,
+        mask: Tensor,
+    ) -> list[Tensor | None]:
+        """Per image, the prompt columns of its raters among the text after it (None where
+        no text follows: the row's query ranks it)."""
+        text = mask != 0
+        for kind in ITEM_KINDS:
+            token = self.adapter.placeholder_id(self.model, kind)
+            if token is not None:
+                text &= input_ids != token
+        embed = self.model.get_input_embeddings()
+        raters: list[Tensor | None] = []
+        for projected, (row, col) in zip(encoded.projected, located, strict=True):
+            prompt = int(row[0])
+            after = text[prompt].clone()
+            after[: int(col.max()) + 1] = False
+            columns = after.nonzero().flatten()
+            if columns.numel() == 0:
+                raters.append(None)
+                continue
+            with torch.no_grad():  # only ranked
+                chosen = rate(projected.detach(), embed(input_ids[prompt, columns]))
+            raters.append(columns[chosen.to(columns.device)])
+        return raters
 
     def _keeps(self, n: int, image: int) -> tuple[int, ...]:
         """How many of an image's ``n`` tokens each stage keeps (the last: the budget's)."""

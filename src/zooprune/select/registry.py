@@ -84,10 +84,14 @@ class InLM:
             ``K_s - 1``'s attention.
         keeps: ``(options, n, k, stages) -> [k_1 >= k_2 >= ... = k]``: of an image's ``n``
             visual tokens, how many each stage keeps (the last keeps the budget's ``k``).
+        raters: ``(visual [N, d], text [T, d]) -> [T] bool``: which text tokens after the
+            image rank it (their attention, averaged), from its projected tokens and the
+            text's input embeddings; None: the last prompt token ranks (FastV's query).
     """
 
     layers: Callable[[dict[str, Any], int], list[int]]
     keeps: Callable[[dict[str, Any], int, int, int], list[int]]
+    raters: Callable[[Tensor, Tensor], Tensor] | None = None
 
 
 #: ``validate(options, keep)``: the full option dict (defaults filled) and the budget's
