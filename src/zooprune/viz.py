@@ -401,6 +401,36 @@ def plot_accuracy(summary: dict[str, Any], path: str | Path, ylabel: str = "accu
     return _save(fig, path, dpi=100)
 
 
+def flops_points(summary: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
+    """Per method, ``(LM prefill FLOPs % of unpruned, overall accuracy %)`` of each of its
+    conditions that has a FLOP count, by increasing FLOPs."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    for c in summary["conditions"][1:]:
+        if c.get("lm_flops") is not None:
+            point = (100 * c["lm_flops"], 100 * c["overall"]["accuracy"])
+            points.setdefault(c["method"], []).append(point)
+    return {method: sorted(values) for method, values in sorted(points.items())}
+
+
+def plot_accuracy_flops(summary: dict[str, Any], path: str | Path) -> Path:
+    """Overall accuracy against the LM prefill FLOPs each condition leaves (% of
+    unpruned), per method: equal compute on the x axis, whatever the kept tokens."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for method, points in flops_points(summary).items():
+        xs, ys = zip(*points, strict=True)
+        style = {"lw": 2.4, "zorder": 3} if method == "zoo" else {"lw": 1.2}
+        ax.plot(xs, ys, marker="o", ms=3, label=method, **style)
+    base = summary["conditions"][0]["overall"]["accuracy"]
+    ax.axhline(100 * base, color="k", ls="--", lw=1, label=UNPRUNED)
+    ax.set_xlabel("LM prefill FLOPs, % of unpruned", fontsize=9)
+    ax.set_ylabel("accuracy %", fontsize=9)
+    ax.set_ylim(0, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"accuracy vs compute: {summary.get('model', '')}", fontsize=10)
+    return _save(fig, path, dpi=100)
+
+
 def _save(fig: Any, path: str | Path, dpi: int = 110) -> Path:
     fig.tight_layout()
     path = Path(path)

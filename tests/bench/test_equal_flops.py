@@ -128,3 +128,30 @@ def test_run_accuracy_runs_fastv_at_the_matched_budget_and_records_its_flops(tmp
     ]
     with pytest.raises(ValueError, match="match_flops needs cost"):
         run_accuracy(tmp_path, None, items, tmp_path, ["grid"], [0.5], match_flops=True)
+
+
+def test_the_compute_plot_places_each_condition_at_its_flops(tmp_path):
+    from zooprune.viz import flops_points, plot_accuracy_flops
+
+    items = [Item(Image.new("RGB", (4, 4)), f"q{i}", "yes", "f") for i in range(3)]
+    cost = cost_of(flops.language_model(64, 8, 128, 64, 100), (10, 12, 14), (64, 64, 64))
+    summary = run_accuracy(
+        tmp_path,
+        None,
+        items,
+        tmp_path,
+        ["grid", ("fastv", {"layer": 1})],
+        [0.5, 0.25],
+        answerer=Answerer(),
+        cost=cost,
+        reps=10,
+    )
+    points = flops_points(summary)
+    by_key = {(c["method"], c["ratio"]): c for c in summary["conditions"]}
+    assert points["grid"] == sorted(
+        (100 * by_key[("grid", r)]["lm_flops"], 100.0) for r in (0.5, 0.25)
+    )
+    assert [x for x, _ in points["fastv[layer=1]"]] == sorted(
+        100 * by_key[("fastv[layer=1]", r)]["lm_flops"] for r in (0.5, 0.25)
+    )
+    assert plot_accuracy_flops(summary, tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"

@@ -86,7 +86,7 @@ def _bench(args: argparse.Namespace) -> int:
     )
     from zooprune.bench.timing import machine
     from zooprune.select import METHODS
-    from zooprune.viz import plot_accuracy
+    from zooprune.viz import plot_accuracy, plot_accuracy_flops
 
     if args.data is not None and args.model is None:
         return fail("--data needs --model (the test bed answers its own questions)")
@@ -196,6 +196,8 @@ def _bench(args: argparse.Namespace) -> int:
         answerer.close()
     _print_accuracy(summary)
     plot = plot_accuracy(summary, out / "accuracy.png")
+    if any(c.get("lm_flops") is not None for c in summary["conditions"][1:]):
+        plot = f"{plot}, {plot_accuracy_flops(summary, out / 'accuracy-flops.png')}"
     m = machine()
     console.print(
         f"[dim]{len(items)} questions, {args.engine} engine, greedy, seed {args.seed}, {m['cpu']}, "
