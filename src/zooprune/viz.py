@@ -416,9 +416,11 @@ def plot_accuracy_flops(summary: dict[str, Any], path: str | Path) -> Path:
     """Overall accuracy against the LM prefill FLOPs each condition leaves (% of
     unpruned), per method: equal compute on the x axis, whatever the kept tokens."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for method, points in flops_points(summary).items():
+    for i, (method, points) in enumerate(flops_points(summary).items()):
         xs, ys = zip(*points, strict=True)
         style = {"lw": 2.4, "zorder": 3} if method == "zoo" else {"lw": 1.2}
+        # ten colours, then the next ten dashed, dotted: every line its own look
+        style["ls"] = ("-", "--", ":")[i // 10 % 3]
         ax.plot(xs, ys, marker="o", ms=3, label=method, **style)
     base = summary["conditions"][0]["overall"]["accuracy"]
     ax.axhline(100 * base, color="k", ls="--", lw=1, label=UNPRUNED)
