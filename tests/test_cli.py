@@ -123,10 +123,11 @@ def test_bench_runs_by_default_the_methods_the_model_can(tmp_path, capsys):
     args = ["bench", "--model", model, "--data", str(tmp_path / "data.jsonl")]
     out_dir = tmp_path / "bench"
     assert main([*args, "--ratios", "1/4", "--out", str(out_dir)]) == 0
-    assert "skipped fastv: this model cannot run them" in capsys.readouterr().out
+    skipped = "skipped fastv, pdrop, sparsevlm: this model cannot run them"
+    assert skipped in capsys.readouterr().out
     summary = json.loads((out_dir / "accuracy.json").read_text())
     ran = [c["method"] for c in summary["conditions"]]
-    assert ran == ["unpruned", *sorted(set(METHODS) - {"fastv"})]
+    assert ran == ["unpruned", *sorted(set(METHODS) - {"fastv", "pdrop", "sparsevlm"})]
     # asked for by name, it is refused with the reason
     assert main([*args, "--methods", "fastv", "--out", str(tmp_path / "other")]) == 2
     assert "its language model has sliding_attention layers" in capsys.readouterr().out

@@ -30,6 +30,10 @@ family, vlm = test_fastv.family, test_fastv.vlm
 def test_stages_split_the_lm_evenly_and_keep_a_geometric_series():
     assert pdrop_layers({"stages": 3}, 32) == [8, 16, 24]  # the authors' LLaVA-1.5 cuts
     assert pdrop_layers({"stages": 3}, 4) == [1, 2, 3]
+    # unset: 3 stages, or one per layer after the first where the LM is shallower
+    assert pdrop_layers({"stages": None}, 32) == [8, 16, 24]
+    assert pdrop_layers({"stages": None}, 3) == [1, 2]
+    assert pdrop_layers({"stages": None}, 2) == [1]
     assert pdrop_keeps({}, 576, 72, 3) == [288, 144, 72]  # lambda = 0.5
     assert pdrop_keeps({}, 576, 64, 1) == [64]
     keeps = pdrop_keeps({}, 576, 7, 4)

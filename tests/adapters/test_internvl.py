@@ -167,8 +167,9 @@ class TestInternVL(UnsplitConformance, AdapterConformance):
         with pytest.raises(PruneError, match="cls_attention") as error:
             zooprune.prune(model, "visionzip", keep=4)
         usable = str(error.value).split("methods that apply: ")[1].split(", ")
-        # fastv: no in-LM stage; vispruner reads the same CLS attention
-        assert usable == sorted(set(METHODS) - {"visionzip", "vispruner", "fastv"})
+        # no in-LM stage for fastv, pdrop, sparsevlm; vispruner reads the same CLS attention
+        in_lm = {"fastv", "pdrop", "sparsevlm"}
+        assert usable == sorted(set(METHODS) - {"visionzip", "vispruner"} - in_lm)
         assert "forward" not in model.__dict__
 
     def test_gradients_reach_the_projector_and_tower(self, vlm, proc, pictures):

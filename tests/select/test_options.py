@@ -28,7 +28,7 @@ DOCUMENTED = {
     "cdpruner": {"theta": None, "center": False},
     "dart": {"pivots": 8, "pivot_norm": "l2"},
     "fastv": {"layer": 2},
-    "pdrop": {"stages": 3},
+    "pdrop": {"stages": None},
     "sparsevlm": {},
     "vispruner": {"important_ratio": 0.5},
     "mmtok": {"alpha": 0.5, "text_temperature": 0.02, "vision_temperature": 0.2},

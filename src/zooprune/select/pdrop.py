@@ -29,8 +29,12 @@ DEFAULT_STAGES = 3
 
 
 def pdrop_layers(options: dict[str, Any], depth: int) -> list[int]:
-    """The first layer of each later part: ``round(depth * s / (stages + 1))``."""
+    """The first layer of each later part: ``round(depth * s / (stages + 1))``. Unset,
+    ``stages`` is :data:`DEFAULT_STAGES`, or ``depth - 1`` for a shallower LM (each stage
+    needs a layer of its own)."""
     stages = options["stages"]
+    if stages is None:
+        stages = max(1, min(DEFAULT_STAGES, depth - 1))
     return [round(depth * s / (stages + 1)) for s in range(1, stages + 1)]
 
 
@@ -42,7 +46,8 @@ def pdrop_keeps(options: dict[str, Any], n: int, k: int, stages: int) -> list[in
 
 def check_pdrop_options(options: dict[str, Any], keep: int | None) -> dict[str, Any]:
     # Whether the language model is deep enough is checked by prune() on the model.
-    return options | {"stages": check_int("stages", options["stages"], low=1)}
+    stages = options["stages"]
+    return options | {"stages": None if stages is None else check_int("stages", stages, low=1)}
 
 
 @register_method(
@@ -52,7 +57,7 @@ def check_pdrop_options(options: dict[str, Any], keep: int | None) -> dict[str, 
     validate=check_pdrop_options,
     stages=InLM(pdrop_layers, pdrop_keeps),
 )
-def pdrop(tokens: TokenSet, k: int, *, stages: int = DEFAULT_STAGES) -> MethodResult:
+def pdrop(tokens: TokenSet, k: int, *, stages: int | None = None) -> MethodResult:
     """PyramidDrop ranks inside the language model; ``zooprune.prune(model, "pdrop",
     ...)`` runs it there (``zooprune.lm_stage``)."""
     raise PruneError(
