@@ -158,22 +158,56 @@ def test_generate_with_cache_equals_the_uncached_loop(family, vlm):
     assert torch.equal(generated, ids)
 
 
-def test_a_batch_equals_its_prompts_one_by_one(family, vlm, monkeypatch):
-    # Left padding, prompts of different lengths, one with two images: each stage leaves
-    # the rows different lengths. Every stage's scores are compared, not only the picks.
-    ranked = []
+def record_rankings(monkeypatch) -> list[torch.Tensor]:
+    """Every score vector the stage ranks, in order (its top-k, wrapped)."""
+    ranked: list[torch.Tensor] = []
 
     def top_k(scores, k):
         ranked.append(scores)
         return top_k_ascending(scores, k)
 
     monkeypatch.setattr(lm_stage, "top_k_ascending", top_k)
+    return ranked
+
+
+def three_prompts(family):
+    """Prompts of different lengths, one with two images, left-padded into one batch:
+    ``(prompts, images per prompt, batch)``."""
     tester, _, proc, pictures = family
     image = tester.image_text
     prompts = [tester.prompts[0], f"{tester.prompts[1]} {image} and this ?", tester.prompts[2]]
     per_prompt = [pictures[:1], pictures[1:3], pictures[3:4]]
     batch = tester.inputs(proc, per_prompt, prompts)
     assert bool((batch["attention_mask"][:, 0] == 0).any())
+    return prompts, per_prompt, batch
+
+
+def assert_ranked_alike(ranked, per_prompt, stages: int) -> None:
+    """``ranked``: the batch's scores (stage by stage, image by image), then each prompt's
+    alone (likewise): each image's scores at each stage equal (1e-6)."""
+    images = sum(len(group) for group in per_prompt)
+    together, start, first = ranked[: images * stages], images * stages, 0
+    for group in per_prompt:
+        alone = ranked[start : start + len(group) * stages]
+        start += len(group) * stages
+        for stage in range(stages):
+            for i in range(len(group)):
+                torch.testing.assert_close(
+                    together[stage * images + first + i],
+                    alone[stage * len(group) + i],
+                    rtol=0,
+                    atol=1e-6,
+                )
+        first += len(group)
+    assert start == len(ranked)
+
+
+def test_a_batch_equals_its_prompts_one_by_one(family, vlm, monkeypatch):
+    # Each stage leaves the rows different lengths. Every stage's scores are compared, not
+    # only the picks.
+    ranked = record_rankings(monkeypatch)
+    tester, _, proc, _ = family
+    prompts, per_prompt, batch = three_prompts(family)
     scored = {"output_scores": True, "return_dict_in_generate": True}
     with zooprune.prune(vlm, "pdrop", keep=tester.keep) as handle:
         together = greedy(vlm, tester, batch, 4, **scored)
@@ -189,24 +223,7 @@ def test_a_batch_equals_its_prompts_one_by_one(family, vlm, monkeypatch):
                     together.scores[step][row], alone.scores[step][0], rtol=0, atol=1e-4
                 )
     assert stages == alone_stages
-    images, count = len(per_prompt[0]) + len(per_prompt[1]) + len(per_prompt[2]), len(stages)
-    together_scores = ranked[: images * count]  # stage by stage, image by image
-    alone_scores = []
-    start = images * count
-    for group in per_prompt:  # then each prompt alone: stage by stage, its images
-        alone_scores.append(ranked[start : start + len(group) * count])
-        start += len(group) * count
-    first = 0
-    for group, alone in zip(per_prompt, alone_scores, strict=True):
-        for stage in range(count):
-            for i in range(len(group)):
-                torch.testing.assert_close(
-                    together_scores[stage * images + first + i],
-                    alone[stage * len(group) + i],
-                    rtol=0,
-                    atol=1e-6,
-                )
-        first += len(group)
+    assert_ranked_alike(ranked, per_prompt, len(stages))
 
 
 def test_more_stages_than_the_lm_can_hold_are_refused(family, vlm):

@@ -17,10 +17,15 @@ import torch
 import zooprune
 from tests import test_fastv
 from tests.test_fastv import one_prompt
-from tests.test_pdrop import masked_by_stage, stage_drops
-from zooprune import METHODS, lm_stage
+from tests.test_pdrop import (
+    assert_ranked_alike,
+    masked_by_stage,
+    record_rankings,
+    stage_drops,
+    three_prompts,
+)
+from zooprune import METHODS
 from zooprune.adapters import adapter_for
-from zooprune.select.fastv import top_k_ascending
 from zooprune.select.pdrop import pdrop_keeps
 from zooprune.select.sparsevlm import select_raters, sparsevlm_layers
 
@@ -74,13 +79,7 @@ def test_each_stage_ranks_by_its_raters_attention(family, monkeypatch):
     tester, path, _, _ = family
     eager = tester.load(path, attn_implementation="eager")
     batch = one_prompt(family)
-    ranked = []
-
-    def top_k(scores, k):
-        ranked.append(scores)
-        return top_k_ascending(scores, k)
-
-    monkeypatch.setattr(lm_stage, "top_k_ascending", top_k)
+    ranked = record_rankings(monkeypatch)
     with zooprune.prune(eager, "sparsevlm", keep=tester.keep) as handle:
         pruned = eager(**batch).logits
     details = handle.selection.details
@@ -111,42 +110,16 @@ def test_each_stage_ranks_by_its_raters_attention(family, monkeypatch):
 
 
 def test_a_batch_ranks_as_its_prompts_one_by_one(family, vlm, monkeypatch):
-    tester, _, proc, pictures = family
-    image = tester.image_text
-    prompts = [tester.prompts[0], f"{tester.prompts[1]} {image} and this ?", tester.prompts[2]]
-    per_prompt = [pictures[:1], pictures[1:3], pictures[3:4]]
-    batch = tester.inputs(proc, per_prompt, prompts)
-    assert bool((batch["attention_mask"][:, 0] == 0).any())
-    ranked = []
-
-    def top_k(scores, k):
-        ranked.append(scores)
-        return top_k_ascending(scores, k)
-
-    monkeypatch.setattr(lm_stage, "top_k_ascending", top_k)
+    ranked = record_rankings(monkeypatch)
+    tester, _, proc, _ = family
+    prompts, per_prompt, batch = three_prompts(family)
     with zooprune.prune(vlm, "sparsevlm", keep=tester.keep) as handle:
-        together = vlm(**batch).logits
+        vlm(**batch)
         stages = handle.selection.details["stages"]
-        images = sum(len(group) for group in per_prompt)
-        together_scores, alone_stages = ranked[:], [[] for _ in stages]
-        alone_scores = []
+        alone_stages = [[] for _ in stages]
         for prompt, group in zip(prompts, per_prompt, strict=True):
-            ranked.clear()
-            single = tester.inputs(proc, [group], [prompt])
-            vlm(**single)
-            alone_scores.append(ranked[:])
+            vlm(**tester.inputs(proc, [group], [prompt]))
             for stage, kept in enumerate(handle.selection.details["stages"]):
                 alone_stages[stage] += kept
     assert stages == alone_stages
-    first = 0
-    for group, alone in zip(per_prompt, alone_scores, strict=True):
-        for stage in range(len(stages)):
-            for i in range(len(group)):
-                torch.testing.assert_close(
-                    together_scores[stage * images + first + i],
-                    alone[stage * len(group) + i],
-                    rtol=0,
-                    atol=1e-6,
-                )
-        first += len(group)
-    assert together.shape[0] == 3
+    assert_ranked_alike(ranked, per_prompt, len(stages))

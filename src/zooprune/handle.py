@@ -384,16 +384,21 @@ class PruneHandle:
         """Per item, the model's input embeddings of the text tokens of the prompt that
         holds it: every attended token that is no image or video placeholder (template,
         special and marker tokens included; the whole prompt as the call passes it)."""
-        text = mask != 0
-        for kind in ITEM_KINDS:
-            token = self.adapter.placeholder_id(self.model, kind)
-            if token is not None:
-                text &= input_ids != token
+        text = self._text_tokens(input_ids, mask)
         embed = self.model.get_input_embeddings()
         prompts = {int(row[0]) for row, _ in located}
         with torch.no_grad():  # only ranked: no graph to keep
             embedded = {p: embed(input_ids[p][text[p]]) for p in prompts}
         return [embedded[int(row[0])] for row, _ in located]
+
+    def _text_tokens(self, input_ids: Tensor, mask: Tensor) -> Tensor:
+        """``[B, L]`` True at every attended token that is no image or video placeholder."""
+        text = mask != 0
+        for kind in ITEM_KINDS:
+            token = self.adapter.placeholder_id(self.model, kind)
+            if token is not None:
+                text &= input_ids != token
+        return text
 
     def _encode(self, input_ids: Tensor, image_inputs: dict[str, Any]) -> EncodedImages:
         # The caller's grad mode: training through a pruned model reaches the vision side.

@@ -109,14 +109,7 @@ from zooprune.adapters.base import Adapter, padding_side
 from zooprune.capabilities import language_model, unsupported
 from zooprune.errors import PruneError
 from zooprune.handle import Positions, PruneHandle
-from zooprune.pipeline import (
-    ITEM_KINDS,
-    EncodedImages,
-    Kept,
-    KeptImage,
-    Selector,
-    selection_record,
-)
+from zooprune.pipeline import EncodedImages, Kept, KeptImage, Selector, selection_record
 from zooprune.select import METHODS
 from zooprune.select.fastv import query_attention, top_k_ascending
 from zooprune.select.ops import all_finite
@@ -805,11 +798,7 @@ class LMStageHandle(PruneHandle):
     ) -> list[Tensor | None]:
         """Per image, the prompt columns of its raters among the text after it (None where
         no text follows: the row's query ranks it)."""
-        text = mask != 0
-        for kind in ITEM_KINDS:
-            token = self.adapter.placeholder_id(self.model, kind)
-            if token is not None:
-                text &= input_ids != token
+        text = self._text_tokens(input_ids, mask)
         embed = self.model.get_input_embeddings()
         raters: list[Tensor | None] = []
         for projected, (row, col) in zip(encoded.projected, located, strict=True):
