@@ -51,12 +51,22 @@ def test_raters_are_the_text_tokens_of_above_mean_relevance(seed):
     g = torch.Generator().manual_seed(seed)
     visual, text = torch.randn(30, 8, generator=g), torch.randn(9, 8, generator=g)
     assert select_raters(visual, text).tolist() == reference_raters(visual, text)
-    assert select_raters(visual, text[:0]).numel() == 0
+    none = select_raters(visual, text[:0])
+    assert none.numel() == 0 and none.dtype == torch.bool
+
+
+def test_equally_relevant_text_has_no_rater():
+    # every token at the mean: none above it
+    g = torch.Generator().manual_seed(4)
+    visual, word = torch.randn(30, 8, generator=g), torch.randn(1, 8, generator=g)
+    assert not select_raters(visual, word.expand(5, -1)).any()
+    assert not select_raters(visual, word).any()  # one token is its own mean
 
 
 def test_the_authors_layers_scale_with_depth():
     assert sparsevlm_layers({}, 32) == [3, 7, 16]  # rank at 2, 6, 15; fewer tokens after
     assert sparsevlm_layers({}, 4) == [1, 2]
+    assert sparsevlm_layers({}, 1) == [1]  # a one-layer LM: only the outputs are dropped
     spec = METHODS["sparsevlm"]
     # 576 (1/9)^(1/3) = 276.9, 576 (1/9)^(2/3) = 133.1
     assert spec.layer_tokens({}, 576, 64, 32) == [576] * 3 + [276] * 4 + [133] * 9 + [64] * 16

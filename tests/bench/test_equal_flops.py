@@ -1,6 +1,7 @@
 """Equal compute: FLOPs per condition and the budget that matches them, against brute force."""
 
 import pytest
+import torch
 from PIL import Image
 
 from zooprune.bench import flops
@@ -55,7 +56,8 @@ def test_the_matched_budget_is_the_largest_that_costs_no_more(visual, ratio):
 def test_a_method_before_the_lm_matches_at_its_own_ratio_and_costs_the_same():
     cost = cost_of(SEVEN_B_LM, (40, 55), (576, 576))
     grid = METHODS["grid"]
-    assert cost.matching_ratio(grid, {}, 1 / 9) == 1 / 9
+    assert cost.flops(grid, {}, cost.kept_at(1 / 9)) == cost.flops_before_lm(1 / 9)
+    assert cost.matching_ratio(grid, {}, 1 / 9) == 1 / 9  # its own cost: no bisection
     assert cost.relative(grid, {}, cost.kept_at(1 / 9)) == cost.relative_before_lm(1 / 9)
     assert cost.relative(None, {}, []) == 1.0
 
@@ -72,14 +74,37 @@ def test_no_budget_matches_where_the_unpruned_layers_alone_cost_more():
     assert cost.kept_at(matched) == brute_force_best(cost, fastv, {"layer": 1}, 0.5)[1][1]
 
 
+def test_a_match_may_keep_a_single_token():
+    # layer 1 of 4: the first layer on all 256 tokens, then 1 kept, costs just under the
+    # pre-LLM prefill at 31.3% (80 of 256; at 31.2% nothing fits): the smallest budget
+    cost = cost_of(flops.language_model(64, 4, 128, 64, 100), (12, 12), (256, 256))
+    fastv = METHODS["fastv"]
+    matched = cost.matching_ratio(fastv, {"layer": 1}, 0.313)
+    assert cost.kept_at(matched) == [1, 1]
+    assert brute_force_best(cost, fastv, {"layer": 1}, 0.313)[1][1] == [1, 1]
+    assert cost.matching_ratio(fastv, {"layer": 1}, 0.312) is None
+
+
 def test_prompt_sizes_count_the_processors_placeholders():
     processor = tiny_llava_processor()
     image = Image.new("RGB", (48, 48))
-    sizes = prompt_sizes(
-        processor, ["<image> a b", "<image> a b c d"], [image, image], processor.image_token_id
-    )
-    assert sizes.visual == (64, 64)  # 8 x 8 patches
-    assert sizes.text[1] - sizes.text[0] == 2
+    prompts = ["<image> a b", "<image> a b c d"]
+    for batch_size in (1, 2):  # batches are concatenated
+        sizes = prompt_sizes(
+            processor, prompts, [image, image], processor.image_token_id, batch_size
+        )
+        assert sizes.visual == (64, 64)  # 8 x 8 patches
+        lengths = [len(processor(images=image, text=p)["input_ids"][0]) for p in prompts]
+        assert sizes.text == (lengths[0] - 64, lengths[1] - 64)
+
+
+def test_prompt_sizes_without_an_attention_mask_count_every_token():
+    class Bare:  # a processor that returns input_ids alone
+        def __call__(self, images, text, padding, return_tensors):
+            return {"input_ids": torch.tensor([[5, 9, 9, 9, 7], [9, 9, 4, 4, 4]])}
+
+    sizes = prompt_sizes(Bare(), ["x", "y"], [None, None], image_token_id=9)
+    assert sizes.visual == (3, 2) and sizes.text == (2, 3)
 
 
 class Answerer:

@@ -135,6 +135,43 @@ def test_mmtok_is_the_greedy_of_the_coverage_function(seed, alpha, tau_t, tau_v)
         assert got[b].tolist() == reference_mmtok(rows, n, k), b
 
 
+def test_the_coverage_matrix_is_the_definition(seed=5):
+    # one image with a single real instruction token, one with 4: each text row shares 1/m
+    from zooprune.select.mmtok import coverage_matrix
+
+    t = token_set(seed, 12, text=4)
+    mask = torch.tensor([[True, False, False, False], [True, True, True, True]])
+    got = coverage_matrix(
+        t.projected,
+        t.features,
+        t.instruction,
+        mask,
+        alpha=0.7,
+        text_temperature=0.1,
+        vision_temperature=0.3,
+    )
+    for b in range(2):
+        text = t.instruction[b][mask[b]].double()
+        rows = reference_coverage(
+            t.projected[b].double(), t.features[b].double(), text, 0.7, 0.1, 0.3
+        )
+        real = got[b][torch.cat([mask[b], torch.ones(12, dtype=torch.bool)])]
+        expected = torch.tensor(rows, dtype=torch.float64)
+        torch.testing.assert_close(real.double(), expected, rtol=1e-5, atol=1e-7)
+        assert bool((got[b][:4][~mask[b]] == 0).all())  # padding covers nothing
+
+
+def test_mmtok_keeps_one_token_if_asked():
+    t = token_set(6, 10)
+    got = METHODS["mmtok"](t, 1).indices
+    for b in range(2):
+        text = t.instruction[b][t.instruction_mask[b]].double()
+        rows = reference_coverage(
+            t.projected[b].double(), t.features[b].double(), text, 0.5, 0.02, 0.2
+        )
+        assert got[b].tolist() == reference_mmtok(rows, 10, 1)
+
+
 def test_mmtok_without_an_instruction_covers_the_image_alone():
     t = token_set(3, 16)
     empty = TokenSet(

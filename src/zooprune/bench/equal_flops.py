@@ -101,7 +101,7 @@ class PrefillCost:
     ) -> float | None:
         """The largest ratio at which ``spec`` costs no more than a method before the LM at
         ``ratio``; None where one kept token per image already costs more."""
-        target = self.flops(None, {}, []) * self.relative_before_lm(ratio)
+        target = self.flops_before_lm(ratio)
 
         def cost(r: float) -> float:
             return self.flops(spec, options, self.kept_at(r))
@@ -123,12 +123,16 @@ class PrefillCost:
                 high = middle
         return low
 
-    def relative_before_lm(self, ratio: float) -> float:
-        """The relative prefill of any method before the LM at ``ratio``."""
+    def flops_before_lm(self, ratio: float) -> float:
+        """The prefill of any method before the LM at ``ratio``, summed as :meth:`flops`
+        sums (a pre-LLM method's own count equals it exactly)."""
         kept = self.kept_at(ratio)
         layers = self.shapes.text_layers
-        total = sum(
+        return sum(
             lm_prefill(self.shapes, text, [k] * layers)
-            for text, n, k in zip(self.sizes.text, self.sizes.visual, kept, strict=True)
+            for text, k in zip(self.sizes.text, kept, strict=True)
         )
-        return total / self.flops(None, {}, [])
+
+    def relative_before_lm(self, ratio: float) -> float:
+        """:meth:`flops_before_lm` as a fraction of the unpruned prefill."""
+        return self.flops_before_lm(ratio) / self.flops(None, {}, [])

@@ -41,6 +41,8 @@ from zooprune.select.registry import InLM, MethodResult, TokenSet, register_meth
 AUTHORS_LAYERS = (3, 7, 16)
 #: the depth they are for (LLaVA-1.5-7B's language model)
 AUTHORS_DEPTH = 32
+#: how far above the mean relevance (relatively) a rater must be: past float rounding
+RATER_MARGIN = 1e-5
 
 
 def sparsevlm_layers(options: dict[str, Any], depth: int) -> list[int]:
@@ -60,7 +62,9 @@ def select_raters(visual: Tensor, text: Tensor) -> Tensor:
         return torch.zeros(0, dtype=torch.bool, device=text.device)
     v = at_least_float32(visual)
     relevance = (v @ text.to(v.dtype).T).softmax(dim=-1).mean(dim=0)  # [T]
-    return relevance > relevance.mean()
+    # The relevances sum to 1, so their mean is 1/T; a token at it up to rounding (equally
+    # relevant text) is not above it.
+    return relevance > (1 + RATER_MARGIN) / text.shape[0]
 
 
 @register_method(
