@@ -303,7 +303,6 @@ class LMStage:
                 _check_cache(cache, self.layers[0] - 1, self.method)
             call.keep = torch.ones(plan.mask.shape, dtype=torch.bool, device=device)
         start = time.perf_counter()
-        rows = torch.arange(hidden.shape[0], device=device)
         # where each prompt column sits in the rows now held (-1: dropped)
         if stage == 0:
             slot = torch.arange(plan.length, device=device).expand(hidden.shape[0], -1)
@@ -311,30 +310,29 @@ class LMStage:
         else:
             held = call.shortened[-1]
             slot, mask = held.slots, held.mask
-        with torch.no_grad():  # scores are only ranked
-            query = slot[rows, plan.query.to(device)]
-            attention = _query_row_attention(
-                layer, hidden, kwargs["position_embeddings"], mask, query
-            )
-        keep = call.keep
-        picks = []
-        for image, (row, columns, keeps) in enumerate(plan.images):
-            columns = columns.to(device)
-            present = keep[row, columns].nonzero().flatten()  # indices into the image's N
+        # Each image's ranking queries: its raters, or its row's query; one pass for all.
+        queries = []
+        for image, (row, _, _) in enumerate(plan.images):
             raters = None if plan.raters is None else plan.raters[image]
             if raters is None or raters.numel() == 0:
-                scores = attention[row, slot[row, columns[present]]]
-            else:  # the raters' attention, averaged
-                with torch.no_grad():
-                    rated = _rater_attention(
-                        layer,
-                        hidden[row],
-                        kwargs["position_embeddings"],
-                        mask[row],
-                        row,
-                        slot[row, raters.to(device)],
-                    )
-                scores = rated[slot[row, columns[present]]]
+                queries.append(slot[row, plan.query[row].to(device)].reshape(1))
+            else:
+                queries.append(slot[row, raters.to(device)])
+        rows = torch.cat(
+            [torch.full_like(q, row) for q, (row, _, _) in zip(queries, plan.images, strict=True)]
+        )
+        with torch.no_grad():  # scores are only ranked
+            attention = _query_attention(
+                layer, hidden, kwargs["position_embeddings"], mask, rows, torch.cat(queries)
+            )
+        per_image = attention.split([q.numel() for q in queries])
+        keep = call.keep
+        picks = []
+        for (row, columns, keeps), rated in zip(plan.images, per_image, strict=True):
+            columns = columns.to(device)
+            present = keep[row, columns].nonzero().flatten()  # indices into the image's N
+            # a single query's row, or the raters' rows averaged
+            scores = rated.mean(dim=0)[slot[row, columns[present]]]
             if not all_finite(scores):
                 raise PruneError(
                     f"{self.method}'s attention scores of prompt {row}'s image are NaN or "
@@ -448,69 +446,42 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-def _query_row_attention(
+def _query_attention(
     layer: nn.Module,
     hidden: Tensor,
     position_embeddings: tuple[Tensor, Tensor],
     mask: Tensor,
-    query: Tensor,
+    rows: Tensor,
+    slots: Tensor,
 ) -> Tensor:
-    """``[B, L]`` the head-averaged attention of each row's query token (at slot
-    ``query [B]`` of rows whose 2-D mask is ``mask``) in ``layer``, from the layer's own
-    norm, projections and RoPE (what its attention computes)."""
+    """``[Q, L]`` the head-averaged attention of Q query tokens, the one at slot
+    ``slots[i]`` of prompt row ``rows[i]``, to every slot of its row (softmax over the
+    keys it sees: causal and ``mask``ed), in ``layer``, from the layer's own norm,
+    projections and RoPE (what its attention computes). Keys are computed once per row."""
     attention = layer.self_attn
     batch, length, _ = hidden.shape
     device = hidden.device
-    rows = torch.arange(batch, device=device)
-    query = query.to(device)
+    rows, slots = rows.to(device), slots.to(device)
     cos, sin = position_embeddings
     if cos.ndim != 3:
-        raise PruneError(f"fastv expects [B, L, d] rotary embeddings, got {tuple(cos.shape)}")
+        raise PruneError(
+            f"the in-LM stage expects [B, L, d] rotary embeddings, got {tuple(cos.shape)}"
+        )
     dim = attention.head_dim
     if cos.shape[-1] != dim:  # prune() refuses partial rotary; this guards the math
         raise PruneError(
-            f"fastv rotates whole heads of {dim}, but the rotary embedding covers {cos.shape[-1]}"
+            f"the in-LM stage rotates whole heads of {dim}, but the rotary embedding covers "
+            f"{cos.shape[-1]}"
         )
     cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
     normed = layer.input_layernorm(hidden)
-    q = attention.q_proj(normed[rows, query]).view(batch, -1, dim)
+    q = attention.q_proj(normed[rows, slots]).view(slots.numel(), -1, dim)
     k = attention.k_proj(normed).view(batch, length, -1, dim).transpose(1, 2)
-    q = _rotate(q, cos[rows, query][:, None], sin[rows, query][:, None])
+    q = _rotate(q, cos[rows, slots][:, None], sin[rows, slots][:, None])
     k = _rotate(k, cos[:, None], sin[:, None])
-    seen = torch.arange(length, device=device)[None] <= query[:, None]
-    return query_attention(q, k, mask.to(device).bool() & seen, attention.scaling)
-
-
-def _rater_attention(
-    layer: nn.Module,
-    hidden: Tensor,
-    position_embeddings: tuple[Tensor, Tensor],
-    mask: Tensor,
-    row: int,
-    raters: Tensor,
-) -> Tensor:
-    """``[L]`` the attention the tokens at slots ``raters [R]`` of one prompt row pay each
-    slot in ``layer``, averaged over heads and raters (each rater's softmax over the
-    keys it sees: causal and unmasked), from the layer's own norm, projections and RoPE.
-
-    Args:
-        hidden: ``[L, d]`` the row's hidden states entering the layer.
-        mask: ``[L]`` the row's 2-D attention mask.
-    """
-    attention = layer.self_attn
-    length = hidden.shape[0]
-    dim = attention.head_dim
-    cos, sin = position_embeddings
-    cos, sin = cos[min(row, cos.shape[0] - 1)], sin[min(row, sin.shape[0] - 1)]  # [L, dim]
-    normed = layer.input_layernorm(hidden)
-    q = attention.q_proj(normed[raters]).view(raters.numel(), -1, dim)  # [R, H, d]
-    k = attention.k_proj(normed).view(length, -1, dim).transpose(0, 1)  # [H_kv, L, d]
-    q = _rotate(q, cos[raters][:, None], sin[raters][:, None])
-    k = _rotate(k, cos[None], sin[None])
-    keys = k[None].expand(raters.numel(), -1, -1, -1)
-    seen = torch.arange(length, device=hidden.device)[None] <= raters[:, None]
-    allowed = mask.bool()[None] & seen
-    return query_attention(q, keys, allowed, attention.scaling).mean(dim=0)
+    seen = torch.arange(length, device=device)[None] <= slots[:, None]
+    allowed = mask.to(device).bool()[rows] & seen
+    return query_attention(q, k[rows], allowed, attention.scaling)
 
 
 def _shorten(keep: Tensor, mask: Tensor) -> _Shortened:
