@@ -280,9 +280,9 @@ def run_speed_benchmark(
                 lm_tokens = [length - text_length] * shapes.text_layers
                 row_encode_s = encode_s
                 if handle is not None and method.in_lm:
-                    # Timed with the encoder inside: its median comes off, the ranking stays
-                    # (it is part of the in-LM prefill; scoring shows it alone).
-                    # the encoder's median timed again beside them
+                    # Timed with the encoder inside: its median, timed again beside them,
+                    # comes off; the ranking stays (part of the in-LM prefill; scoring shows
+                    # it alone).
                     row_encode_s = measure(encode)
                     prefill_s -= row_encode_s
                     generate_s -= row_encode_s
