@@ -68,8 +68,8 @@ def test_run_reports_bad_input(tmp_path, capsys):
     base = ["run", "--model", str(tmp_path / "model"), "--image", str(image), "--prompt", "hi"]
     # written out: registering or dropping a method by accident shows here
     known = (
-        "known methods: cdpruner, dart, divprune, fastv, grid, mmtok, pdrop, pool, random, "
-        "sensitivity, sparsevlm, visionzip, vispruner, zoo, zoo-sum\n"
+        "known methods: cdpruner, dart, divprune, fastv, grid, holitom, mmtok, pdrop, pool, "
+        "random, sensitivity, sparsevlm, visionzip, vispruner, zoo, zoo-sum\n"
     )
     assert known in refused([*base, "--method", "nope"], capsys)
     assert main([*base[:4], str(tmp_path / "missing.png"), *base[5:]]) == 2
@@ -123,14 +123,17 @@ def test_bench_runs_by_default_the_methods_the_model_can(tmp_path, capsys):
     args = ["bench", "--model", model, "--data", str(tmp_path / "data.jsonl")]
     out_dir = tmp_path / "bench"
     assert main([*args, "--ratios", "1/4", "--out", str(out_dir)]) == 0
-    skipped = "skipped fastv, pdrop, sparsevlm: this model cannot run them"
+    skipped = "skipped fastv, holitom, pdrop, sparsevlm: this model cannot run them"
     assert skipped in capsys.readouterr().out
     summary = json.loads((out_dir / "accuracy.json").read_text())
     ran = [c["method"] for c in summary["conditions"]]
-    assert ran == ["unpruned", *sorted(set(METHODS) - {"fastv", "pdrop", "sparsevlm"})]
+    skips = {"fastv", "holitom", "pdrop", "sparsevlm"}
+    assert ran == ["unpruned", *sorted(set(METHODS) - skips)]
     # asked for by name, it is refused with the reason
     assert main([*args, "--methods", "fastv", "--out", str(tmp_path / "other")]) == 2
     assert "its language model has sliding_attention layers" in capsys.readouterr().out
+    assert main([*args, "--methods", "holitom", "--out", str(tmp_path / "other")]) == 2
+    assert "prunes videos only; the bench's questions are images" in capsys.readouterr().out
 
 
 def test_cli_families_match_the_generator():
@@ -308,13 +311,16 @@ def test_bench_quick_on_the_bundled_test_bed(tmp_path, capsys):
     assert "paired differences on the same questions" in text
     for pair in ("zoo - divprune", "zoo - fastv", "divprune - cdpruner", "divprune - dart"):
         assert pair in text
+    # every method but the one for videos: the test bed asks about images
+    assert "skipped holitom: this model cannot run them" in text
+    runs = set(METHODS) - {"holitom"}
     summary = json.loads((out_dir / "accuracy.json").read_text())
     pairs = {(c["a"], c["b"]) for c in summary["comparisons"]}
-    others = set(METHODS) - {"zoo", "divprune"}
+    others = runs - {"zoo", "divprune"}
     assert pairs == {("zoo", "divprune")} | {(a, b) for a in ("zoo", "divprune") for b in others}
     methods = {c["method"] for c in summary["conditions"]}
-    assert methods == {"unpruned", *METHODS}
-    assert len(summary["conditions"]) == 1 + 4 * len(METHODS)
+    assert methods == {"unpruned", *runs}
+    assert len(summary["conditions"]) == 1 + 4 * len(runs)
     assert {c["kept_mean"] for c in summary["conditions"][1:]} == {85, 56, 28, 14}
 
 

@@ -91,8 +91,8 @@ def test_options_that_do_not_fit_an_image_under_ratio_name_it(model, processor, 
 
 def test_unknown_method_lists_the_known_ones(model):
     known = (
-        "cdpruner, dart, divprune, fastv, grid, mmtok, pdrop, pool, random, sensitivity, "
-        "sparsevlm, visionzip, vispruner, zoo"
+        "cdpruner, dart, divprune, fastv, grid, holitom, mmtok, pdrop, pool, random, "
+        "sensitivity, sparsevlm, visionzip, vispruner, zoo"
     )
     with pytest.raises(UnknownMethodError, match=f"known methods: {known}, zoo-sum$"):
         zooprune.prune(model, "fastest", keep=3)

@@ -318,6 +318,14 @@ class PruneHandle:
         mask = call.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(input_ids)
+        if self.method.videos_only:  # refused before the vision side runs
+            image = self.adapter.image_token_id(self.model)
+            if bool(((input_ids == image) & (mask != 0)).any()):
+                raise PruneError(
+                    f"method {self.method.name!r} merges tokens across a video's frames: it "
+                    "prunes videos only, and this call has images; prune images with another "
+                    "method"
+                )
         start = time.perf_counter()
         encoded = self._encode(input_ids, image_inputs)
         _sync(input_ids.device)

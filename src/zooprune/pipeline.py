@@ -242,6 +242,9 @@ class EncodedImages:
         instruction: per image ``[T_i, d_l]``, the input embeddings of the text tokens of
             the prompt that holds it, when asked for (``"instruction"``; the engine fills
             it in, not the adapter).
+        tower_attention: per item ``[N_i]``, the attention each token receives in the
+            tower's feature layer, when asked for (``"tower_attention"``); None for an
+            item the adapter gives none (an image, where only videos have it).
     """
 
     features: list[Tensor]
@@ -253,13 +256,15 @@ class EncodedImages:
     layouts: list[ImageLayout] | None = None
     cls_features: list[Tensor] | None = None
     instruction: list[Tensor] | None = None
+    tower_attention: list[Tensor | None] | None = None
 
     @classmethod
     def joined(cls, parts: list[EncodedImages], encoder_output: Any) -> EncodedImages:
         """One call's items from its parts (e.g. its images, then its videos), in order.
 
-        For families whose parts carry no extras (CLS attention, keys, CLS features);
-        ``encoder_output`` is the model's own output for the whole call.
+        For families whose parts carry no extras but the tower's attention (CLS
+        attention, keys, CLS features); ``encoder_output`` is the model's own output for
+        the whole call.
         """
         if any(p.cls_attention or p.keys or p.cls_features for p in parts):
             raise ValueError("joining encoded parts drops no extras: these parts carry some")
@@ -271,6 +276,11 @@ class EncodedImages:
             keys=None,
             encoder_output=encoder_output,
             layouts=[layout for part in parts for layout in part.layouts],
+            tower_attention=None
+            if all(part.tower_attention is None for part in parts)
+            else [
+                a for part in parts for a in (part.tower_attention or [None] * len(part.projected))
+            ],
         )
 
     def item(self, i: int, finite: bool = False) -> EncodedImages:
@@ -286,7 +296,9 @@ class EncodedImages:
             if per_item is None:
                 return None
             values = [per_item[i] for i in indices]
-            return [v.nan_to_num(0.0, 0.0, 0.0) for v in values] if finite else values
+            if not finite:
+                return values
+            return [None if v is None else v.nan_to_num(0.0, 0.0, 0.0) for v in values]
 
         return EncodedImages(
             features=some(self.features),
@@ -298,6 +310,7 @@ class EncodedImages:
             layouts=[self.layouts[i] for i in indices],
             cls_features=some(self.cls_features),
             instruction=some(self.instruction),
+            tower_attention=some(self.tower_attention),
         )
 
     def __post_init__(self) -> None:
@@ -352,6 +365,7 @@ class _Unit:
     share: int
     kind: str  # "image" or "video"
     index: int  # among the call's items of that kind
+    frames: int = 1  # a whole video's frames (its grid is one frame's)
 
     @property
     def name(self) -> str:
@@ -416,6 +430,11 @@ class Selector:
             PruneError subclasses naming the bad value and what is accepted.
         """
         spec = get_method(method)
+        if spec.videos_only and "video_budget" in (options or {}):
+            raise PruneError(
+                f"method {spec.name!r} shares a video's budget itself (over its temporal "
+                "segments): it takes no video_budget"
+            )
         rest = dict(options or {})
         layout = take_layout_options(rest, layout_options or {})
         stray = [name for name in rest if name in LAYOUT_OPTIONS]
@@ -469,11 +488,11 @@ class Selector:
         units = self._units(encoded, layouts)
         groups: dict[tuple, list[_Unit]] = defaultdict(list)
         for unit in units:
-            groups[(unit.indices.numel(), unit.grid, unit.share)].append(unit)
+            groups[(unit.indices.numel(), unit.grid, unit.share, unit.frames)].append(unit)
         picked: dict[int, list[tuple[Tensor, Tensor]]] = defaultdict(list)
         scores: list[Tensor | None] = [None] * len(layouts)
         details: dict[str, Any] = {}
-        for (_, grid, k), members in groups.items():
+        for (_, grid, k, frames), members in groups.items():
             text, text_mask = _padded(encoded.instruction, members, encoded.projected)
             token_set = TokenSet(
                 features=_gather(encoded.features, members),
@@ -487,6 +506,8 @@ class Selector:
                 else torch.stack([encoded.cls_features[u.image] for u in members]),
                 instruction=text,
                 instruction_mask=text_mask,
+                frames=frames,
+                tower_attention=_gather(encoded.tower_attention, members),
             )
             try:
                 result = self.method(token_set, k, **self.options)
@@ -530,10 +551,21 @@ class Selector:
         units = []
         for i, (layout, (kind, index)) in enumerate(zip(layouts, item_keys(layouts), strict=True)):
             name = f"{kind} {index}"
+            if self.method.videos_only and kind != "video":
+                raise PruneError(
+                    f"method {self.method.name!r} merges tokens across a video's frames: it "
+                    f"prunes videos only, and {name} is an image; prune images with another "
+                    "method"
+                )
             for what, t in (("features", encoded.features[i]), ("tokens", encoded.projected[i])):
                 if not all_finite(t):
                     raise NonFiniteFeaturesError(f"{name}'s visual {what} contain NaN or inf")
             k = self.budget.tokens_for(encoded.features[i].shape[0], name)
+            if self.method.videos_only:  # the whole video, one frame's grid
+                frames = len(layout.crop_grids)
+                idx = torch.arange(encoded.features[i].shape[0], device=layout.crop.device)
+                units.append(_Unit(i, None, idx, layout.crop_grids[0], k, kind, index, frames))
+                continue
             parts = layout.units(policy[layout.kind])
             shares = split_evenly(k, [idx.numel() for idx, _ in parts])
             for (idx, grid), share in zip(parts, shares, strict=True):

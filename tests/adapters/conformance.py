@@ -355,6 +355,18 @@ class AdapterConformance:
             assert untouched(vlm)
             return
         batch = self.batch(proc, pictures, 0, 1)
+        if METHODS[method].videos_only:  # images refused before the tower runs, named
+            projected = []
+            projector = adapter_for(vlm).projector(vlm)
+            with zooprune.prune(vlm, method, ratio=1.0) as handle:
+                hook = projector.register_forward_hook(lambda *args: projected.append(1))
+                try:
+                    with pytest.raises(PruneError, match="prunes videos only, and this call"):
+                        vlm(**batch)
+                finally:
+                    hook.remove()
+            assert not projected and handle.selection is None and untouched(vlm)
+            return
         tokens = self.greedy(vlm, batch)
         logits = vlm(**batch).logits
         options = self.tester.options_for(method)

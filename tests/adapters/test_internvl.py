@@ -167,9 +167,10 @@ class TestInternVL(UnsplitConformance, AdapterConformance):
         with pytest.raises(PruneError, match="cls_attention") as error:
             zooprune.prune(model, "visionzip", keep=4)
         usable = str(error.value).split("methods that apply: ")[1].split(", ")
-        # no in-LM stage for fastv, pdrop, sparsevlm; vispruner reads the same CLS attention
+        # no in-LM stage for fastv, pdrop, sparsevlm; vispruner reads the same CLS attention;
+        # no video tower attention for holitom
         in_lm = {"fastv", "pdrop", "sparsevlm"}
-        assert usable == sorted(set(METHODS) - {"visionzip", "vispruner"} - in_lm)
+        assert usable == sorted(set(METHODS) - {"visionzip", "vispruner", "holitom"} - in_lm)
         assert "forward" not in model.__dict__
 
     def test_gradients_reach_the_projector_and_tower(self, vlm, proc, pictures):

@@ -396,3 +396,89 @@ class TestOnevision(AnyResSpecifics, VideoConformance):
 
 class TestOnevisionShrunk(AnyResSpecifics):
     tester = AnyResTester("onevision-shrunk")
+
+
+class TestOnevisionHolitom:
+    """HoliTom on OneVision's videos: the tower's attention it ranks by is the model's own
+    (``output_attentions``), and the pruned call is the unpruned model given the merged
+    run, the other placeholders masked out."""
+
+    tester = OnevisionTester("onevision")
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def vlm(cls, tmp_path_factory):
+        torch.manual_seed(0)
+        return cls.tester.load(cls.tester.build(tmp_path_factory.mktemp("onevision-holitom")))
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def proc(cls):
+        return cls.tester.processor()
+
+    def reference(self, vlm, videos):
+        """The unpruned video run and each token's attention received, from the model's
+        own attention maps (mean over heads and queries), pooled as the model pools."""
+        layer = vlm.config.vision_feature_layer
+        with torch.no_grad():
+            run = vlm.model.get_video_features(
+                videos,
+                vision_feature_layer=layer,
+                vision_feature_select_strategy=vlm.config.vision_feature_select_strategy,
+                return_dict=True,
+            ).pooler_output[0]
+            tower = vlm.model.vision_tower
+            tower.set_attn_implementation("eager")
+            try:
+                maps = tower(videos.flatten(0, 1), output_attentions=True).attentions
+            finally:
+                tower.set_attn_implementation("sdpa")
+        received = maps[layer].mean(dim=(1, 2))  # [frames, T]
+        return run, vlm.model.apply_pooling(received[..., None])[..., 0]
+
+    @pytest.mark.parametrize(("keep", "options"), [(5, {}), (7, {"tau": 0.0}), (12, {})])
+    def test_the_pruned_call_is_the_unpruned_model_given_the_merged_run(
+        self, vlm, proc, keep, options
+    ):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        from zooprune.select.holitom import holitom_select
+
+        batch = self.tester.video_inputs(proc, [[]], [[(3, 4)]], ["<s> user <video> describe"])
+        run, attention = self.reference(vlm, batch["pixel_values_videos"])
+        frames, per_frame = 3, POOLED * POOLED
+        with zooprune.prune(vlm, "holitom", keep=keep, positions="original", **options) as handle:
+            pruned = vlm(**batch).logits
+        (video,) = handle.selection.videos
+        assert (video.kind, video.num_tokens, video.kept) == ("video", frames * per_frame, keep)
+        tokens = run[: frames * per_frame].reshape(frames, per_frame, -1)
+        indices, merged, _ = holitom_select(
+            tokens, attention.reshape(frames, per_frame), keep, **options
+        )
+        assert torch.equal(video.indices, indices)
+        filled = run.clone()
+        filled[indices] = merged
+        ids = batch["input_ids"][0]
+        slots = (ids == VIDEO).nonzero().flatten()
+        mask = batch["attention_mask"].clone()
+        mask[0, slots] = 0
+        mask[0, slots[indices]] = 1
+        mask[0, slots[-1]] = 1  # the closing newline stays
+        given = {k: v for k, v in batch.items() if k != "pixel_values_videos"}
+        outputs = {"video": BaseModelOutputWithPooling(pooler_output=filled[None])}
+        place = torch.arange(ids.shape[0])[None]  # positions="original"
+        reference = vlm(
+            **given | {"attention_mask": mask, "position_ids": place, "mm_encoder_outputs": outputs}
+        ).logits
+        torch.testing.assert_close(pruned[0], reference[0, mask[0].bool()], rtol=0, atol=1e-5)
+
+    def test_video_budget_and_images_are_refused_and_the_model_is_untouched(self, vlm, proc):
+        with pytest.raises(PruneError, match="it takes no video_budget"):
+            zooprune.prune(vlm, "holitom", keep=4, video_budget="global")
+        pictures = random_pictures(1, [(36, 36)])
+        batch = self.tester.video_inputs(
+            proc, [pictures], [[(3, 4)]], ["<s> user <image> <video> describe"]
+        )
+        with zooprune.prune(vlm, "holitom", keep=4):
+            with pytest.raises(PruneError, match="prunes videos only, and this call has images"):
+                vlm(**batch)

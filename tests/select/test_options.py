@@ -32,6 +32,7 @@ DOCUMENTED = {
     "sparsevlm": {},
     "vispruner": {"important_ratio": 0.5},
     "mmtok": {"alpha": 0.5, "text_temperature": 0.02, "vision_temperature": 0.2},
+    "holitom": {"tau": 0.8, "beta": 0.6, "knn": 7},
 }
 
 
@@ -72,6 +73,11 @@ def test_the_defaults_are_the_documented_ones():
             {"alpha": 2.0, "text_temperature": 1.0, "vision_temperature": 3.0},
         ),
         ("zoo", {"center": True}, {"center": True}),
+        (
+            "holitom",
+            {"tau": np.float32(0.5), "beta": 1, "knn": np.int64(3)},
+            {"tau": 0.5, "beta": 1.0, "knn": 3},
+        ),
     ],
 )
 def test_checked_options_keep_their_names_and_become_plain_values(method, given, checked):
@@ -105,6 +111,12 @@ def test_checked_options_keep_their_names_and_become_plain_values(method, given,
         ("mmtok", {"vision_temperature": float("inf")}, "vision_temperature must be finite"),
         ("cdpruner", {"center": "yes"}, "center must be True or False"),
         ("zoo-sum", {"center": 0}, "center must be True or False"),
+        ("holitom", {"tau": 1.5}, r"tau must be a number in \[-1, 1\]"),
+        ("holitom", {"tau": float("nan")}, r"tau must be a number in \[-1, 1\]"),
+        ("holitom", {"beta": -0.1}, r"beta must be a number in \[0, 1\]"),
+        ("holitom", {"beta": False}, "beta must be a number"),
+        ("holitom", {"knn": 0}, "knn must be an int >= 1"),
+        ("holitom", {"video_budget": "global"}, "it takes no video_budget"),
     ],
 )
 def test_out_of_range_options_are_refused(method, bad, message):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from transformers import LlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -36,6 +37,24 @@ def _cls_attention_and_keys(attention: nn.Module, hidden: Tensor) -> tuple[Tenso
     k = attention.k_proj(hidden).view(batch, length, heads, head_dim).transpose(1, 2)
     logits = (q.float() @ k.float().transpose(-1, -2)) * attention.scale  # [B, H, 1, T]
     return logits.softmax(dim=-1).sum(dim=1)[:, 0], k.float().mean(dim=1)
+
+
+def attention_received(attention: nn.Module, hidden: Tensor) -> Tensor:
+    """``[B, T]`` the attention each token receives in a CLIP or SigLIP attention layer,
+    averaged over heads and queries (from the layer's own projections, one crop or frame
+    at a time: a ``[H, T, T]`` map per crop, not per call).
+
+    Args:
+        hidden: ``[B, T, D]`` the layer's (normalised) input.
+    """
+    heads, head_dim = attention.num_heads, attention.head_dim
+    received = []
+    for one in hidden:
+        q = attention.q_proj(one).view(-1, heads, head_dim).transpose(0, 1).float()
+        k = attention.k_proj(one).view(-1, heads, head_dim).transpose(0, 1).float()
+        weights = ((q @ k.transpose(-1, -2)) * attention.scale).softmax(dim=-1)  # [H, T, T]
+        received.append(weights.mean(dim=(0, 1)))
+    return torch.stack(received)
 
 
 _TOWERS = ("clip_vision_model", "siglip_vision_model")

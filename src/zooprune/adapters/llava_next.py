@@ -24,7 +24,7 @@ from zooprune.adapters.base import (
     KeptImage,
     run_capturing,
 )
-from zooprune.adapters.llava import LlavaAdapter
+from zooprune.adapters.llava import LlavaAdapter, attention_received
 from zooprune.errors import PruneError
 from zooprune.families import anyres
 
@@ -134,7 +134,12 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     options = {**LlavaNextAdapter.options, "video_budget": VIDEO_BUDGETS}
     pixel_input_names = ("pixel_values", "pixel_values_videos")
     # OneVision's SigLIP tower has no CLS token whose attention VisionZip could rank by.
-    extras = {"cls_attention": "", "cls_token": ""}
+    extras = {
+        "cls_attention": "",
+        "cls_token": "",
+        # holitom's: every video frame's attention in the feature layer
+        "tower_attention": "videos (its images are refused), one feature layer",
+    }
     image_input_names = (
         *LlavaNextAdapter.image_input_names,
         "vision_aspect_ratio",
@@ -144,7 +149,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     )
 
     def provides(self, model: nn.Module) -> frozenset[str]:
-        return frozenset()
+        single_layer = isinstance(model.config.vision_feature_layer, int)
+        return frozenset({"tower_attention"}) if single_layer else frozenset()
 
     def video_token_id(self, model: nn.Module) -> int:
         return model.config.video_token_id
@@ -157,13 +163,20 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         if image_inputs.get("pixel_values") is not None:
             parts.append(super().encode(model, image_inputs, needs))
         if image_inputs.get("pixel_values_videos") is not None:
-            parts.append(self._encode_videos(model, image_inputs))
+            parts.append(self._encode_videos(model, image_inputs, needs))
         return EncodedImages.joined(parts, [part.encoder_output for part in parts])
 
-    def _encode_videos(self, model: nn.Module, inputs: dict[str, Any]) -> EncodedImages:
-        """Every video of the call: ``pixel_values_videos [V, F, 3, H, W]``."""
+    def _encode_videos(
+        self, model: nn.Module, inputs: dict[str, Any], needs: frozenset[str]
+    ) -> EncodedImages:
+        """Every video of the call: ``pixel_values_videos [V, F, 3, H, W]``; with
+        ``"tower_attention"`` needed, the attention each frame's tokens receive in the
+        feature layer, pooled as the tokens are."""
         layer, strategy = self._feature_choice(model, inputs)
         videos = inputs["pixel_values_videos"]
+        attention = (
+            self._feature_layer(model, layer).self_attn if "tower_attention" in needs else None
+        )
         output, captured = run_capturing(
             lambda: model.model.get_video_features(
                 videos,
@@ -172,12 +185,21 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 return_dict=True,
             ),
             self.projector(model),
+            attention=attention,
         )
         count, frames = videos.shape[:2]
         # The model's own pooling, on the projector inputs: the candidates' features.
         pooled = model.model.apply_pooling(captured["features"])  # [V*F, T', d_v]
+        received = None
+        if attention is not None:
+            received = attention_received(attention, captured["attention_input"])
+            # Aligned with the features: without the CLS token under "default".
+            received = received[:, 1:] if strategy == "default" else received
+            received = model.model.apply_pooling(received[..., None])[..., 0]  # [V*F, T']
         runs = list(output.pooler_output)  # per video [F*T' + 1, d_l]
-        return anyres.onevision_videos(pooled, runs, [frames] * count, encoder_output=output)
+        return anyres.onevision_videos(
+            pooled, runs, [frames] * count, encoder_output=output, attention=received
+        )
 
     def kind_encoder_output(self, encoded: EncodedImages, kind: str, kept: list[KeptImage]) -> Any:
         if kind != "video":

@@ -211,7 +211,8 @@ def runnable_methods(model: object, specs: list) -> tuple[list, dict[str, str]]:
     """The methods of ``specs`` (names, or ``(name, options)``) that ``zooprune.prune``
     accepts on ``model``, and why it refuses each other one, by label (e.g. ``visionzip``
     without the tower's CLS attention, ``fastv`` outside the models with an in-LM stage, an
-    unknown option). Each is tried: attached and removed at once, the model left as it was."""
+    unknown option, a method for videos only). Each is tried: attached and removed at once,
+    the model left as it was."""
     import zooprune
     from zooprune.bench.accuracy import method_label, method_parts
 
@@ -219,6 +220,10 @@ def runnable_methods(model: object, specs: list) -> tuple[list, dict[str, str]]:
     for spec in specs:
         name, options = method_parts(spec)
         try:
+            if name in zooprune.METHODS and zooprune.METHODS[name].videos_only:
+                raise zooprune.PruneError(
+                    f"method {name!r} prunes videos only; the bench's questions are images"
+                )
             zooprune.prune(model, name, ratio=0.5, **options).remove()
         except zooprune.PruneError as error:
             refused[method_label(name, options)] = str(error)

@@ -315,7 +315,12 @@ def _image_grid(layout: ImageLayout) -> tuple[int, int]:
 
 
 def onevision_videos(
-    pooled: Tensor, runs: list[Tensor], frames: list[int], *, encoder_output: Any = None
+    pooled: Tensor,
+    runs: list[Tensor],
+    frames: list[int],
+    *,
+    encoder_output: Any = None,
+    attention: Tensor | None = None,
 ) -> EncodedImages:
     """OneVision's videos as items: each frame is one crop, its projected tokens pooled
     bilinearly to half the side (the model's ``apply_pooling``), and one ``image_newline``
@@ -331,6 +336,8 @@ def onevision_videos(
         runs: per video ``[frames_i * T' + 1, d_l]`` the run the model fills: its pooled
             tokens, frame after frame, then the newline.
         frames: each video's frame count.
+        attention: ``[sum(frames), T']`` the attention each token receives in the tower,
+            pooled as the tokens are, or None.
     """
     per_frame = pooled.shape[1]
     grid = square_grid(per_frame)
@@ -346,4 +353,7 @@ def onevision_videos(
             ImageLayout.frames(run, grid, f, closing=True)
             for run, f in zip(runs, frames, strict=True)
         ],
+        tower_attention=None
+        if attention is None
+        else [v.reshape(-1) for v in attention.split(frames)],
     )

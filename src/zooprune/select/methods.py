@@ -15,6 +15,7 @@ from zooprune.select.cdpruner import conditional_kernel, greedy_dpp_map, instruc
 from zooprune.select.centering import centred, distinctiveness
 from zooprune.select.dart import PIVOT_NORMS, dart_select
 from zooprune.select.greedy import maxmin_select
+from zooprune.select.holitom import holitom_select
 from zooprune.select.mlp import as_mlp, exact_sensitivity, low_rank_projector
 from zooprune.select.mmtok import coverage_matrix, greedy_coverage
 from zooprune.select.registry import (
@@ -118,6 +119,19 @@ def check_mmtok_options(options: dict[str, Any], keep: int | None) -> dict[str, 
         "vision_temperature": check_positive_real(
             "vision_temperature", options["vision_temperature"]
         ),
+    }
+
+
+def check_holitom_options(options: dict[str, Any], keep: int | None) -> dict[str, Any]:
+    tau, beta = options["tau"], options["beta"]
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not -1 <= tau <= 1:
+        raise PruneError(f"tau must be a number in [-1, 1] (a cosine), got {tau!r}")
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta <= 1:
+        raise PruneError(f"beta must be a number in [0, 1], got {beta!r}")
+    return options | {
+        "tau": float(tau),
+        "beta": float(beta),
+        "knn": check_int("knn", options["knn"], low=1),
     }
 
 
@@ -461,3 +475,36 @@ def mmtok(
     with stage("greedy"):
         picks = greedy_coverage(cover, k)
     return MethodResult(_sorted(picks))
+
+
+@register_method(
+    "holitom",
+    "HoliTom: a video's static tokens merged over time, then each frame's by attention",
+    needs=("tower_attention",),
+    validate=check_holitom_options,
+    videos_only=True,
+)
+def holitom(
+    tokens: TokenSet, k: int, *, tau: float = 0.8, beta: float = 0.6, knn: int = 7
+) -> MethodResult:
+    """HoliTom before the language model: temporal segments whose static tokens merge
+    into their first frame, then the dynamic tokens kept by the tower's attention and the
+    static ones merged by DPC-kNN, at one ratio: :mod:`zooprune.select.holitom`."""
+    if tokens.tower_attention is None:
+        raise ValueError("holitom needs the attention each token receives in the tower")
+    frames = tokens.frames
+    batch, n, dim = tokens.projected.shape
+    per_frame = n // frames
+    kept, made = [], []
+    for b in range(batch):
+        indices, merged, _ = holitom_select(
+            tokens.projected[b].reshape(frames, per_frame, dim),
+            tokens.tower_attention[b].reshape(frames, per_frame),
+            k,
+            tau=tau,
+            beta=beta,
+            knn=knn,
+        )
+        kept.append(indices)
+        made.append(merged)
+    return MethodResult(torch.stack(kept), tokens=torch.stack(made))

@@ -2,7 +2,8 @@
 
 A method is a function ``fn(tokens: TokenSet, k: int, **options) -> MethodResult`` whose
 keyword-only parameters are its options. It sees a batch of images that all have the
-same number of tokens N, and keeps exactly k of them per image. Registering one is a
+same number of tokens N, and keeps exactly k of them per image (a method registered
+``videos_only`` sees whole videos instead: ``TokenSet.frames`` grids each). Registering one is a
 decorator on one function (see ``zooprune.select.methods``), with a validator that checks
 and normalises its option values before any call.
 """
@@ -42,6 +43,9 @@ class TokenSet:
             not an image or video placeholder), padded to the longest; present only for
             methods that need it.
         instruction_mask: ``[B, T]`` True where ``instruction`` holds a real token.
+        tower_attention: ``[B, N]`` the attention each token receives in the vision
+            tower's feature layer, averaged over heads and queries (pooled or merged as
+            the tokens are); present only for methods that need it.
     """
 
     features: Tensor
@@ -53,6 +57,8 @@ class TokenSet:
     cls_features: Tensor | None = None
     instruction: Tensor | None = None
     instruction_mask: Tensor | None = None
+    frames: int = 1
+    tower_attention: Tensor | None = None
 
 
 @dataclass
@@ -110,6 +116,9 @@ class MethodSpec:
     option_needs: dict[str, str] = field(default_factory=dict)
     #: a method that drops tokens inside the language model: its stages
     stages: InLM | None = None
+    #: a method that merges across a video's frames: it sees each video whole (its
+    #: ``frames``) and prunes no image
+    videos_only: bool = False
 
     @property
     def in_lm(self) -> bool:
@@ -205,6 +214,7 @@ def register_method(
     validate: Validator | None = None,
     option_needs: dict[str, str] | None = None,
     stages: InLM | None = None,
+    videos_only: bool = False,
 ) -> Callable[[Callable[..., MethodResult]], Callable[..., MethodResult]]:
     """Add a method to the registry under ``name``."""
 
@@ -212,7 +222,14 @@ def register_method(
         if name in METHODS:
             raise ValueError(f"method {name!r} is already registered")
         METHODS[name] = MethodSpec(
-            name, summary, fn, frozenset(needs), validate, dict(option_needs or {}), stages
+            name,
+            summary,
+            fn,
+            frozenset(needs),
+            validate,
+            dict(option_needs or {}),
+            stages,
+            videos_only,
         )
         return fn
 
