@@ -102,6 +102,30 @@ def test_dpc_knn_centres_are_the_point_by_point_ones(m, count, knn):
     assert torch.allclose(distance, torch.cdist(points, points) / math.sqrt(6))
 
 
+def clumps(seed: int, m: int = 20) -> torch.Tensor:
+    """``m`` points around three centres: densities that squared and plain distances rank
+    apart."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(3, 6, generator=g) * 3
+    return centres[torch.randint(0, 3, (m,), generator=g)] + torch.randn(m, 6, generator=g)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 3])
+def test_dpc_knn_centres_of_clumped_points_are_the_point_by_point_ones(seed):
+    points = clumps(seed)
+    assert dpc_knn_centres(points, 4, 7)[0].tolist() == reference_centres(points, 4, 7)
+
+
+def test_equal_scores_go_to_the_lower_index():
+    # Ten places, each held by six copies: a copy after the first scores 0 (its nearest
+    # denser point is its twin), so the centres past the ten are the lowest-index copies.
+    places = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
+    points = places.repeat(6, 1)
+    centres, _ = dpc_knn_centres(points, 24, 7)
+    assert centres.tolist() == reference_centres(points, 24, 7)
+    assert centres.tolist() == list(range(24))
+
+
 def test_a_tie_in_density_goes_to_the_lower_index():
     # Two identical pairs: equal densities; the lower index of the denser pair leads.
     points = torch.tensor([[0.0, 0.0], [5.0, 5.0], [0.0, 0.0], [5.0, 5.0], [0.1, 0.0]])
@@ -129,7 +153,8 @@ def test_merging_averages_each_centres_members_beside_it():
 
 
 @pytest.mark.parametrize(
-    ("total", "sizes"), [(7, [3, 3, 3]), (10, [1, 5, 9, 2]), (0, [4, 4]), (12, [3, 4, 5]), (5, [9])]
+    ("total", "sizes"),
+    [(7, [3, 3, 3]), (10, [1, 5, 9, 2]), (0, [4, 4]), (12, [3, 4, 5]), (5, [9]), (5, [1, 2, 4])],
 )
 def test_largest_remainder_sums_to_the_total_with_each_part_within_one_of_its_share(total, sizes):
     parts = largest_remainder(total, sizes)
@@ -140,6 +165,8 @@ def test_largest_remainder_sums_to_the_total_with_each_part_within_one_of_its_sh
     up = [x - math.floor(x) for p, x in zip(parts, shares, strict=True) if p > math.floor(x)]
     down = [x - math.floor(x) for p, x in zip(parts, shares, strict=True) if p == math.floor(x)]
     assert not up or not down or min(up) >= max(down)
+    if (total, sizes) == (5, [1, 2, 4]):  # shares 0.71, 1.43, 2.86: the last, then the first
+        assert parts == [1, 1, 3]
 
 
 def reference_holitom(tokens, attention, k, tau, beta, knn):
@@ -238,6 +265,37 @@ def test_a_still_video_keeps_its_first_frame_merged_and_a_changing_one_each_fram
     torch.testing.assert_close(merged, changing.reshape(27, 4)[indices])
 
 
+def test_a_cosine_equal_to_tau_is_not_similar():
+    # Each position turns by a right angle between frames: a cosine of exactly 0.
+    first = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [0.0, 1.0]])
+    turned = first.flip(-1)
+    tokens = torch.stack([first, turned, first])
+    assert bool((frame_similarity(tokens) == 0).all())
+    assert static_segments(frame_similarity(tokens), 0.0) == [(0, 0), (1, 1), (2, 2)]
+    _, _, segments = holitom_select(tokens, torch.rand(3, 4), 6, tau=0.0)
+    assert segments == [(0, 0), (1, 1), (2, 2)]
+    _, _, segments = holitom_select(tokens, torch.rand(3, 4), 6, tau=-0.5)
+    assert segments == [(0, 2)]
+
+
+def test_a_position_at_tau_stays_dynamic_in_a_segment_others_make():
+    # Position 0 stays put (cosine 1), position 1 turns by a right angle (cosine 0 = tau):
+    # the frames form one segment, position 0 merges, position 1 keeps its own tokens.
+    tokens = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]])
+    indices, merged, segments = holitom_select(tokens, torch.ones(2, 2), 2, tau=0.0)
+    assert segments == [(0, 1)]
+    assert indices.tolist() == [0, 1]
+    torch.testing.assert_close(merged, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+
+
+def test_equal_attention_goes_to_the_lower_position():
+    attention = torch.randint(0, 3, (1, 400), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randn(1, 400, 3, generator=torch.Generator().manual_seed(1))
+    indices, _, _ = holitom_select(tokens, attention.float(), 150)
+    ranked = sorted(range(400), key=lambda p: (-int(attention[0, p]), p))
+    assert indices.tolist() == sorted(ranked[:150])
+
+
 def test_a_budget_above_what_the_merge_leaves_keeps_the_least_static_per_frame():
     # Two identical frames: merging leaves 9 tokens; keep=12 puts back the 3 positions
     # whose tokens changed the most (the least similar), one token per frame each.
@@ -246,6 +304,14 @@ def test_a_budget_above_what_the_merge_leaves_keeps_the_least_static_per_frame()
     second[[2, 5, 7]] += 0.05 * torch.randn(3, 4, generator=torch.Generator().manual_seed(5))
     indices, _, _ = holitom_select(torch.stack([first, second]), torch.rand(2, 9), 12, tau=0.5)
     assert indices.tolist() == sorted([*range(9), 9 + 2, 9 + 5, 9 + 7])
+
+    # The same two frames after a frame unlike them: the segment starts at frame 1, and
+    # each position put back adds one token (its segment's length less one).
+    other = torch.randn(9, 4, generator=torch.Generator().manual_seed(6))
+    three = torch.stack([other, first, second])
+    indices, _, segments = holitom_select(three, torch.rand(3, 9), 21, tau=0.5)
+    assert segments == [(0, 0), (1, 2)]
+    assert indices.tolist() == sorted([*range(18), 18 + 2, 18 + 5, 18 + 7])
 
 
 def tokens_of(tokens: torch.Tensor, attention: torch.Tensor) -> TokenSet:
@@ -314,3 +380,11 @@ def test_the_pipeline_hands_holitom_whole_videos_and_refuses_images():
     )
     with pytest.raises(PruneError, match="prunes videos only, and image 0 is an image"):
         selector.select(image, torch.nn.Identity())
+
+
+def test_holitoms_own_defaults_are_the_registered_methods():
+    import inspect
+
+    own = inspect.signature(holitom_select).parameters
+    defaults = {name: own[name].default for name in ("tau", "beta", "knn")}
+    assert defaults == get_method("holitom").options

@@ -78,6 +78,8 @@ def test_the_defaults_are_the_documented_ones():
             {"tau": np.float32(0.5), "beta": 1, "knn": np.int64(3)},
             {"tau": 0.5, "beta": 1.0, "knn": 3},
         ),
+        ("holitom", {"tau": -1, "beta": 0}, {"tau": -1.0, "beta": 0.0}),
+        ("holitom", {"tau": 1}, {"tau": 1.0}),
     ],
 )
 def test_checked_options_keep_their_names_and_become_plain_values(method, given, checked):
@@ -116,6 +118,9 @@ def test_checked_options_keep_their_names_and_become_plain_values(method, given,
         ("holitom", {"beta": -0.1}, r"beta must be a number in \[0, 1\]"),
         ("holitom", {"beta": False}, "beta must be a number"),
         ("holitom", {"knn": 0}, "knn must be an int >= 1"),
+        ("holitom", {"tau": -1.5}, r"tau must be a number in \[-1, 1\]"),
+        ("holitom", {"tau": True}, r"tau must be a number in \[-1, 1\]"),
+        ("holitom", {"beta": 1.5}, r"beta must be a number in \[0, 1\]"),
         ("holitom", {"video_budget": "global"}, "it takes no video_budget"),
     ],
 )

@@ -201,8 +201,9 @@ def holitom_select(
         groups.extend(_Group(f, dynamic, static=False) for f in range(first, last + 1))
     counts = largest_remainder(k, [g.positions.numel() for g in groups])
 
+    owners = _segment_of(groups, segments)
     kept, made = [], []
-    for group, count, segment in zip(groups, counts, _segment_of(groups, segments), strict=True):
+    for group, count, segment in zip(groups, counts, owners, strict=True):
         if count == 0:
             continue
         if group.static:
