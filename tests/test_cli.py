@@ -20,6 +20,19 @@ def refused(argv, capsys) -> str:
     return capsys.readouterr().err
 
 
+def test_version_is_the_packages(capsys):
+    import importlib.metadata
+
+    import zooprune
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"zooprune {zooprune.__version__}\n"
+    # the installed distribution's version is read from the same place
+    assert importlib.metadata.version("zooprune") == zooprune.__version__
+
+
 def test_methods_lists_every_method(capsys):
     from zooprune import METHODS
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from zooprune import __version__
 from zooprune.cli import bench, demo, load, methods, report, run, serve, speed, testbed
 
 
@@ -12,6 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zooprune", description="Training-free visual-token pruning for VLMs."
     )
+    parser.add_argument("--version", action="version", version=f"zooprune {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for group in (run, methods, serve, load, speed, testbed, bench, demo, report):
         group.register(commands)
