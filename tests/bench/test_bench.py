@@ -136,3 +136,23 @@ def test_an_in_lm_method_is_timed_through_its_handle(tiny_llava_dir):
     assert fastv["kv_cache_bytes"] == per_layer_token * (2 * base["sequence_length"] - 56)
     assert fastv["scoring_s"] > 0 and fastv["select_s"] == 0  # the ranking, inside the LM
     assert fastv["prefill_s"] > 0 and fastv["decode_per_token_s"] > 0
+
+
+def test_an_in_lm_calls_own_encoder_time_comes_off_that_call(monkeypatch):
+    # Each call through the handle records its own encoder time: the median is taken over
+    # the calls' differences, so noise in a separately timed encoder cannot make it negative.
+    from types import SimpleNamespace
+
+    from zooprune.bench import speed
+
+    handle = SimpleNamespace(selection=SimpleNamespace(encode_seconds=0.0))
+    encoder = iter([0.9, 0.3, 0.5, 0.2])  # the warm-up call's, then three timed calls'
+    elapsed = iter([1.0, 1.0, 0.6])
+
+    def call():
+        handle.selection.encode_seconds = next(encoder)
+
+    monkeypatch.setattr(speed, "timed", lambda fn, device: (fn(), next(elapsed))[1:] + (None,))
+    config = SpeedConfig(repeats=3, warmup=1)
+    # timed calls: 1.0 - 0.3, 1.0 - 0.5, 0.6 - 0.2 -> median of 0.7, 0.5, 0.4
+    assert speed._median_less_encoder(handle, config, call) == pytest.approx(0.5)
