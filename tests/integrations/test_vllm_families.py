@@ -23,8 +23,8 @@ from tests.integrations.vllm_parity import (  # noqa: E402
 )
 
 
-# Two tensor-parallel ranks are a minute of CI each: one family per projector kind. LLaVA's
-# MLP is not among them: Qwen3-VL's patch merger is a Linear -> GELU -> Linear too.
+# Two tensor-parallel ranks are a minute of CI each: one family, Qwen3-VL, whose patch
+# merger is a Linear -> GELU -> Linear like LLaVA's projector (column- then row-sharded).
 class TestLlavaOnVllm(VllmParity):
     tester = LlavaTester()
 
@@ -45,7 +45,7 @@ class TestQwen2_5VLOnVllm(VllmVideoParity):
     tester = QwenTester("qwen2.5-vl")
 
 
-class TestGemma3OnVllm(VllmParity, VllmTensorParallel):  # a pooling projector
+class TestGemma3OnVllm(VllmParity):  # a pooling projector
     tester = Gemma3Tester()
 
 
